@@ -1,0 +1,528 @@
+//! The inference engine a node calls: load a module once, then run requests that stream
+//! text deltas and end with a [`Completion`] carrying usage, timings and the transcript
+//! commitment. [`Model`] is the synchronous core; [`Engine`] owns one on a dedicated thread
+//! and serves requests from cloneable [`EngineHandle`]s over bounded channels, stopping a
+//! request's generation as soon as its receiver is dropped.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::{quantized_gemma3, quantized_llama};
+use serde::{Deserialize, Serialize};
+use tessera_protocol::{
+    FinishReason, Fingerprint, ModuleId, SamplingParams, SamplingParamsError, TokenRecord,
+    TranscriptCommitment,
+};
+
+use crate::chat::{ChatError, ChatMessage, ChatTemplate};
+use crate::gguf::{Architecture, LoadError, ModelFile};
+use crate::sampler::Sampler;
+use crate::text::{Push, TextStream};
+use crate::tokenizer::Tokenizer;
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    /// Raw text, tokenized as is (special tokens in it are parsed, BOS added per the model).
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Pre-tokenized input, used as is.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The input.
+    pub prompt: Prompt,
+    /// Sampler settings and seed.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (fewer if the context fills up first).
+    pub max_tokens: u32,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// For chat prompts on a model without a template: use the documented fallback format
+    /// (Gemma turns for gemma models) instead of failing.
+    pub chat_fallback: bool,
+    /// Keep generating through end-of-text tokens (benchmarks, like llama.cpp's `ignore_eos`).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `prompt` with `max_tokens`.
+    pub fn new(prompt: Prompt, max_tokens: u32) -> Self {
+        Self { prompt, sampling: SamplingParams::greedy(), max_tokens, stop: Vec::new(), chat_fallback: false, ignore_eos: false }
+    }
+}
+
+/// How long each phase took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Time to process the prompt and produce the first token's logits.
+    pub prefill: Duration,
+    /// Time for the remaining tokens.
+    pub decode: Duration,
+    /// Number of prompt tokens processed.
+    pub prefill_tokens: u32,
+    /// Number of forward passes after the prefill.
+    pub decode_tokens: u32,
+}
+
+impl Timings {
+    /// Prompt tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        rate(self.prefill_tokens, self.prefill)
+    }
+    /// Generated tokens per second after the first.
+    pub fn decode_tps(&self) -> f64 {
+        rate(self.decode_tokens, self.decode)
+    }
+}
+
+fn rate(n: u32, d: Duration) -> f64 {
+    if d.is_zero() {
+        0.0
+    } else {
+        f64::from(n) / d.as_secs_f64()
+    }
+}
+
+/// The end of a request: why it stopped, what it used, and what it committed to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Completion {
+    /// `stop` or `length`.
+    pub finish_reason: FinishReason,
+    /// Tokens in the prompt (after templating, BOS included).
+    pub prompt_tokens: u32,
+    /// Tokens generated (an end-of-text token counts: it was computed).
+    pub completion_tokens: u32,
+    /// The full answer text (what the deltas add up to).
+    pub text: String,
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Per-position records, kept for verification.
+    pub transcript: Vec<TokenRecord>,
+    /// Merkle root over `transcript`.
+    pub commitment: TranscriptCommitment,
+    /// Prefill and decode times.
+    pub timings: Timings,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The prompt does not fit the context.
+    #[error("prompt is {prompt_tokens} tokens but the model's context is {context} tokens (leave room for at least one generated token)")]
+    PromptTooLong {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Context length served.
+        context: u32,
+    },
+    /// Nothing to continue from.
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    /// A pre-tokenized prompt holds an id outside the vocabulary.
+    #[error("token id {0} is outside the vocabulary of {1} tokens")]
+    BadToken(u32, usize),
+    /// A sampling parameter is out of range.
+    #[error(transparent)]
+    Sampling(#[from] SamplingParamsError),
+    /// The chat prompt could not be rendered.
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    /// The consumer went away; generation stopped.
+    #[error("request cancelled")]
+    Cancelled,
+    /// The engine thread is gone.
+    #[error("inference engine has shut down")]
+    EngineGone,
+    /// The tensor library failed.
+    #[error("inference failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Gemma3(quantized_gemma3::ModelWeights),
+}
+
+/// Control tokens that end a turn in common chat formats (llama.cpp's end-of-generation list).
+const END_OF_TURN_PIECES: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>"];
+
+/// A loaded module: weights, tokenizer and chat template, ready to generate.
+pub struct Model {
+    name: String,
+    module_id: ModuleId,
+    arch: Architecture,
+    context_length: u32,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    end_tokens: Vec<u32>,
+    weights: Weights,
+    device: Device,
+    load_time: Duration,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("name", &self.name).field("module_id", &self.module_id.to_string()).finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Opens, hashes and loads the GGUF at `path` on the CPU; `name` is used in messages.
+    pub fn load(path: &Path, name: &str) -> Result<Self, LoadError> {
+        Self::load_checked(path, name, None)
+    }
+
+    /// Like [`Model::load`], also checking the blake3 against `expected_blake3` (catalogue
+    /// files), so a corrupted cache is reported as such rather than producing garbage.
+    pub fn load_checked(path: &Path, name: &str, expected: Option<&'static crate::catalog::CatalogEntry>) -> Result<Self, LoadError> {
+        let start = Instant::now();
+        let file = ModelFile::open(path)?;
+        let weights_hash = file.weights_hash();
+        if let Some(entry) = expected {
+            if weights_hash.to_hex() != entry.blake3 {
+                return Err(LoadError::Corrupt { path: path.to_owned(), alias: entry.alias, got: weights_hash.to_hex(), expected: entry.blake3 });
+            }
+        }
+        let module_id = file.module_id(weights_hash);
+        let tokenizer = Tokenizer::from_gguf(&file.content).map_err(|source| LoadError::Tokenizer { path: path.to_owned(), source })?;
+        let template = ChatTemplate::for_model(file.metadata_str("tokenizer.chat_template"), file.arch);
+        let mut end_tokens: Vec<u32> = tokenizer.eos_id().into_iter().collect();
+        for piece in END_OF_TURN_PIECES {
+            if let Some(id) = tokenizer.token_id(piece).filter(|&id| tokenizer.is_control(id)) {
+                end_tokens.push(id);
+            }
+        }
+        end_tokens.sort_unstable();
+        end_tokens.dedup();
+        let device = Device::Cpu;
+        let (arch, context_length) = (file.arch, file.context_length);
+        let ModelFile { content, mmap, .. } = file;
+        let mut reader = std::io::Cursor::new(&mmap[..]);
+        let weights_err = |source| LoadError::Weights { path: path.to_owned(), source };
+        let weights = match arch {
+            Architecture::Llama => Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, &device).map_err(weights_err)?),
+            Architecture::Gemma3 => Weights::Gemma3(quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &device).map_err(weights_err)?),
+        };
+        let model = Self {
+            name: name.to_owned(),
+            module_id,
+            arch,
+            context_length,
+            tokenizer,
+            template,
+            end_tokens,
+            weights,
+            device,
+            load_time: start.elapsed(),
+        };
+        tracing::info!(model = %model.name, module = %model.module_id, load_ms = model.load_time.as_millis() as u64, "model loaded");
+        Ok(model)
+    }
+
+    /// The module this model serves.
+    pub fn module_id(&self) -> &ModuleId {
+        &self.module_id
+    }
+    /// The name it was loaded under (alias or path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Its architecture.
+    pub fn architecture(&self) -> Architecture {
+        self.arch
+    }
+    /// Context length served, in tokens.
+    pub fn context_length(&self) -> u32 {
+        self.context_length
+    }
+    /// Its tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    /// Whether the GGUF carries its own chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_native()
+    }
+    /// Time `load` took, hashing included.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Turns a prompt into token ids, exactly as `generate` will.
+    pub fn tokenize_prompt(&self, prompt: &Prompt, chat_fallback: bool) -> Result<Vec<u32>, GenerateError> {
+        let ids = match prompt {
+            Prompt::Tokens(ids) => {
+                let n = self.tokenizer.vocab_size();
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= n) {
+                    return Err(GenerateError::BadToken(bad, n));
+                }
+                ids.clone()
+            }
+            Prompt::Text(text) => self.tokenizer.encode(text, self.tokenizer.add_bos(), true),
+            Prompt::Chat(messages) => {
+                let piece = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_str(i)).unwrap_or("").to_owned();
+                let rendered = self.template.render(&self.name, messages, &piece(self.tokenizer.bos_id()), &piece(self.tokenizer.eos_id()), chat_fallback)?;
+                let mut ids = self.tokenizer.encode(&rendered, self.tokenizer.add_bos(), true);
+                // Templates that print the BOS themselves would otherwise get it twice.
+                if let (Some(bos), true) = (self.tokenizer.bos_id(), self.tokenizer.add_bos()) {
+                    if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                        ids.remove(0);
+                    }
+                }
+                ids
+            }
+        };
+        if ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if ids.len() >= self.context_length as usize {
+            return Err(GenerateError::PromptTooLong { prompt_tokens: ids.len(), context: self.context_length });
+        }
+        Ok(ids)
+    }
+
+    /// Logits of the last position after running `tokens` at positions `pos..`.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, candle_core::Error> {
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let logits = match &mut self.weights {
+            Weights::Llama(m) => m.forward(&input, pos)?,
+            Weights::Gemma3(m) => m.forward(&input, pos)?,
+        };
+        logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()
+    }
+
+    /// Runs the prompt through the model, filling the KV cache; returns the last logits.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, candle_core::Error> {
+        self.forward(prompt, 0)
+    }
+
+    /// Generates for `req`, calling `on_text` with each text delta; returning
+    /// `ControlFlow::Break` from it cancels the request.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Completion, GenerateError> {
+        req.sampling.validate()?;
+        let prompt = self.tokenize_prompt(&req.prompt, req.chat_fallback)?;
+        let room = self.context_length as usize - prompt.len();
+        let budget = (req.max_tokens as usize).min(room);
+        let mut timings = Timings { prefill_tokens: prompt.len() as u32, ..Timings::default() };
+        let mut history = prompt.clone();
+        let mut tokens = Vec::with_capacity(budget);
+        let mut transcript = Vec::with_capacity(budget);
+        let mut stream = TextStream::new(req.stop.clone());
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut finish = FinishReason::Length;
+        let mut text_out = String::new();
+        let mut stream_stopped = false;
+        if budget > 0 {
+            let t0 = Instant::now();
+            let mut logits = self.prefill(&prompt)?;
+            timings.prefill = t0.elapsed();
+            let t1 = Instant::now();
+            loop {
+                let position = history.len() as u32;
+                let fingerprint = Fingerprint::from_logits(&logits);
+                let token = sampler.sample(&mut logits, &history);
+                transcript.push(TokenRecord { position, token, fingerprint });
+                tokens.push(token);
+                history.push(token);
+                if !req.ignore_eos && self.end_tokens.contains(&token) {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                let (piece, stopped) = match stream.push(self.tokenizer.token_bytes(token)) {
+                    Push::Text(t) => (t, false),
+                    Push::Stopped(t) => (t, true),
+                };
+                if !piece.is_empty() {
+                    text_out.push_str(piece);
+                    if on_text(piece).is_break() {
+                        return Err(GenerateError::Cancelled);
+                    }
+                }
+                if stopped {
+                    stream_stopped = true;
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                if tokens.len() >= budget {
+                    break;
+                }
+                logits = self.forward(&[token], position as usize)?;
+                timings.decode_tokens += 1;
+            }
+            timings.decode = t1.elapsed();
+        }
+        // A stop sequence already cut the text; otherwise release what was held back.
+        if !stream_stopped {
+            let rest = stream.finish();
+            if !rest.is_empty() {
+                text_out.push_str(&rest);
+                if on_text(&rest).is_break() {
+                    return Err(GenerateError::Cancelled);
+                }
+            }
+        }
+        Ok(Completion {
+            finish_reason: finish,
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: tokens.len() as u32,
+            text: text_out,
+            commitment: TranscriptCommitment::from_records(&transcript),
+            tokens,
+            transcript,
+            timings,
+        })
+    }
+}
+
+/// One item of a request's event stream.
+#[derive(Debug)]
+pub enum GenerateEvent {
+    /// The next piece of answer text (complete UTF-8, never part of a stop sequence).
+    Delta(String),
+    /// The request finished; always the last event.
+    Done(Box<Completion>),
+}
+
+/// Events of one request; an `Err` is always the last item.
+pub type EventStream = tokio::sync::mpsc::Receiver<Result<GenerateEvent, GenerateError>>;
+
+/// Deltas buffered per request before generation waits for the consumer (back-pressure).
+const EVENT_BUFFER: usize = 64;
+
+enum Command {
+    Generate { req: Box<GenerateRequest>, events: tokio::sync::mpsc::Sender<Result<GenerateEvent, GenerateError>> },
+    Shutdown,
+}
+
+/// What handles can know about the engine's model without asking its thread.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Name it was loaded under.
+    pub name: String,
+    /// Module served.
+    pub module_id: ModuleId,
+    /// Context length served.
+    pub context_length: u32,
+    /// Whether the GGUF has a chat template.
+    pub has_chat_template: bool,
+}
+
+/// Owner of the model thread. Dropping it (or `shutdown`) stops the thread after the
+/// request in progress.
+#[derive(Debug)]
+pub struct Engine {
+    handle: EngineHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Cheap, cloneable way to submit requests to an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: tokio::sync::mpsc::Sender<Command>,
+    info: std::sync::Arc<ModelInfo>,
+}
+
+impl Engine {
+    /// Moves `model` onto its own thread; at most `queue` requests wait behind the running one.
+    pub fn spawn(mut model: Model, queue: usize) -> std::io::Result<Self> {
+        let info = std::sync::Arc::new(ModelInfo {
+            name: model.name.clone(),
+            module_id: model.module_id.clone(),
+            context_length: model.context_length,
+            has_chat_template: model.has_chat_template(),
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Command>(queue.max(1));
+        let thread = std::thread::Builder::new().name(format!("engine-{}", model.name)).spawn(move || {
+            while let Some(cmd) = rx.blocking_recv() {
+                let Command::Generate { req, events } = cmd else { break };
+                if events.is_closed() {
+                    continue;
+                }
+                let result = model.generate(&req, |text| {
+                    if events.blocking_send(Ok(GenerateEvent::Delta(text.to_owned()))).is_err() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
+                let last = match result {
+                    Ok(done) => Ok(GenerateEvent::Done(Box::new(done))),
+                    Err(GenerateError::Cancelled) => {
+                        tracing::debug!("request cancelled by its consumer");
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = events.blocking_send(last);
+            }
+        })?;
+        Ok(Self { handle: EngineHandle { tx, info }, thread: Some(thread) })
+    }
+
+    /// A handle for submitting requests.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the thread after the running request and waits for it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // With a full queue the thread still ends once every handle is dropped; then it
+            // is detached rather than waited for, so shutdown never blocks on callers.
+            if self.handle.tx.try_send(Command::Shutdown).is_ok() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl EngineHandle {
+    /// The engine's model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Queues `req`, waiting for room in the queue; events arrive on the returned stream.
+    /// Dropping the stream cancels the request.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<EventStream, GenerateError> {
+        let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        self.tx
+            .send(Command::Generate { req: Box::new(req), events })
+            .await
+            .map_err(|_| GenerateError::EngineGone)?;
+        Ok(rx)
+    }
+
+    /// Queues `req` only if there is room now; `Ok(None)` means busy.
+    pub fn try_generate(&self, req: GenerateRequest) -> Result<Option<EventStream>, GenerateError> {
+        let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        match self.tx.try_send(Command::Generate { req: Box::new(req), events }) {
+            Ok(()) => Ok(Some(rx)),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Ok(None),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(GenerateError::EngineGone),
+        }
+    }
+}

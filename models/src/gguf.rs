@@ -1,0 +1,272 @@
+//! Opening model files: check that a path is a complete GGUF of an architecture we serve,
+//! hash it (the module id carries its blake3), and read the metadata the engine needs.
+//! Every failure is one clear line naming the file and what is wrong with it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use tessera_protocol::{ModuleId, Quantization, WeightsHash};
+
+use crate::catalog;
+
+/// Why a model file could not be opened or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The name is neither a catalogue alias nor an existing file.
+    #[error("unknown model {0:?}: not a catalogue alias ({aliases}) nor a GGUF file; try \"tessera models list\"", aliases = catalog::aliases())]
+    UnknownModel(String),
+    /// A catalogue model that has not been fetched.
+    #[error("model {alias} is not downloaded yet: run \"tessera models fetch {alias}\"")]
+    NotFetched {
+        /// The alias.
+        alias: String,
+    },
+    /// The file cannot be opened.
+    #[error("cannot open model file {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a readable GGUF.
+    #[error("{path} is not a valid GGUF model file: {reason}")]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The header promises more tensor data than the file holds.
+    #[error("{path} is truncated: tensor {tensor} ends at byte {needed} but the file has {len} bytes")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// First tensor that does not fit.
+        tensor: String,
+        /// Bytes the file should have at least.
+        needed: u64,
+        /// Bytes it has.
+        len: u64,
+    },
+    /// A cached catalogue file whose bytes differ from the published hash.
+    #[error("{path} is corrupt (blake3 {got}, expected {expected}): run \"tessera models fetch --force {alias}\"")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The alias it should hold.
+        alias: &'static str,
+        /// Hash found.
+        got: String,
+        /// Hash expected.
+        expected: &'static str,
+    },
+    /// A GGUF of an architecture Tessera cannot run.
+    #[error("{path}: unsupported model architecture {arch:?} (supported: llama, gemma3)")]
+    UnsupportedArchitecture {
+        /// The file.
+        path: PathBuf,
+        /// `general.architecture`.
+        arch: String,
+    },
+    /// Metadata the loader needs is missing or has the wrong type.
+    #[error("{path}: bad metadata: {reason}")]
+    BadMetadata {
+        /// The file.
+        path: PathBuf,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// The tokenizer could not be built from the metadata.
+    #[error("{path}: {source}")]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// The tokenizer's error.
+        source: crate::tokenizer::TokenizerError,
+    },
+    /// candle failed to build the model from valid-looking tensors.
+    #[error("{path}: cannot load weights: {source}")]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+}
+
+/// Model architectures the engine can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// llama-family (SmolLM2, Llama, Mistral-style) via candle's `quantized_llama`.
+    Llama,
+    /// Gemma 3 via candle's `quantized_gemma3`.
+    Gemma3,
+}
+
+impl Architecture {
+    /// Longest context candle's stock model can serve (its rope tables have this many rows).
+    pub fn max_context(self) -> u32 {
+        match self {
+            Self::Llama => candle_transformers::models::quantized_llama::MAX_SEQ_LEN as u32,
+            Self::Gemma3 => candle_transformers::models::quantized_gemma3::MAX_SEQ_LEN as u32,
+        }
+    }
+
+    /// The name GGUF uses in `general.architecture`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Where a model name pointed.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    /// The file to load.
+    pub path: PathBuf,
+    /// The catalogue entry, when the name was an alias or the file is a catalogue file.
+    pub entry: Option<&'static catalog::CatalogEntry>,
+}
+
+/// Turns a user's model name (catalogue alias or GGUF path) into a file, without fetching.
+pub fn resolve(name: &str, home: &Path) -> Result<ResolvedModel, LoadError> {
+    if let Some(entry) = catalog::find(name) {
+        let path = entry.cache_path(home);
+        if !path.exists() {
+            return Err(LoadError::NotFetched { alias: entry.alias.to_owned() });
+        }
+        return Ok(ResolvedModel { path, entry: Some(entry) });
+    }
+    let path = PathBuf::from(name);
+    if path.is_file() {
+        let entry = catalog::CATALOG.iter().find(|e| e.cache_path(home) == path);
+        return Ok(ResolvedModel { path, entry });
+    }
+    if path.exists() || name.ends_with(".gguf") || name.contains(std::path::MAIN_SEPARATOR) {
+        return Err(LoadError::Open {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    Err(LoadError::UnknownModel(name.to_owned()))
+}
+
+/// A model file that parsed, fits its size, and has a known architecture.
+#[derive(Debug)]
+pub struct ModelFile {
+    /// The file.
+    pub path: PathBuf,
+    /// The GGUF header and metadata.
+    pub content: gguf_file::Content,
+    /// Its architecture.
+    pub arch: Architecture,
+    /// Its quantization (`general.file_type`).
+    pub quantization: Quantization,
+    /// Context length the engine serves: the smaller of the model's and the engine's.
+    pub context_length: u32,
+    /// The memory-mapped file.
+    pub(crate) mmap: memmap2::Mmap,
+}
+
+impl ModelFile {
+    /// Opens, parses and size-checks `path` (no hashing, no weights loaded).
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        let file = File::open(path).map_err(|source| LoadError::Open { path: path.to_owned(), source })?;
+        let len = file.metadata().map_err(|source| LoadError::Open { path: path.to_owned(), source })?.len();
+        let mmap = map(&file).map_err(|source| LoadError::Open { path: path.to_owned(), source })?;
+        let not_gguf = |reason: String| LoadError::NotGguf { path: path.to_owned(), reason };
+        if len < 4 || &mmap[..4] != b"GGUF" {
+            return Err(not_gguf("missing GGUF magic".into()));
+        }
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+            .map_err(|e| not_gguf(first_line(&e.to_string())))?;
+        for (name, t) in &content.tensor_infos {
+            let elems = t.shape.elem_count() as u64;
+            let bs = t.ggml_dtype.block_size() as u64;
+            let bytes = elems / bs * t.ggml_dtype.type_size() as u64;
+            let needed = content.tensor_data_offset + t.offset + bytes;
+            if needed > len {
+                return Err(LoadError::Truncated { path: path.to_owned(), tensor: name.clone(), needed, len });
+            }
+        }
+        let bad = |reason: String| LoadError::BadMetadata { path: path.to_owned(), reason };
+        let arch_name = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| bad("no general.architecture".into()))?
+            .clone();
+        let arch = match arch_name.as_str() {
+            "llama" => Architecture::Llama,
+            "gemma3" => Architecture::Gemma3,
+            _ => return Err(LoadError::UnsupportedArchitecture { path: path.to_owned(), arch: arch_name }),
+        };
+        let md_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+        let model_ctx = md_u32(&format!("{arch_name}.context_length"))
+            .ok_or_else(|| bad(format!("no {arch_name}.context_length")))?;
+        let quantization = match md_u32("general.file_type") {
+            Some(ft) => Quantization::from_gguf_file_type(ft),
+            None => guess_quantization(&content),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            arch,
+            quantization,
+            context_length: model_ctx.min(arch.max_context()),
+            content,
+            mmap,
+        })
+    }
+
+    /// blake3 of the whole file: the weights hash of its module id.
+    pub fn weights_hash(&self) -> WeightsHash {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.mmap);
+        h.finalize().into()
+    }
+
+    /// The module id this file is served as, given its weights hash.
+    pub fn module_id(&self, weights: WeightsHash) -> ModuleId {
+        ModuleId::new(self.arch.as_str(), self.quantization.clone(), self.context_length, weights)
+            .expect("architecture names are valid module families")
+    }
+
+    /// The raw bytes of the file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// Reads a string metadata value.
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    }
+}
+
+#[allow(unsafe_code)]
+fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the mapping is read-only and model files are never modified in place (the
+    // fetcher writes a temporary file and renames it); a concurrent writer outside Tessera
+    // could change bytes under us, which would corrupt outputs but not memory safety of the
+    // Rust code beyond what reading a changing `&[u8]` implies.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+fn guess_quantization(content: &gguf_file::Content) -> Quantization {
+    // The most common dtype among 2-D weights names the file's quantization.
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for t in content.tensor_infos.values() {
+        if t.shape.rank() == 2 {
+            *counts.entry(format!("{:?}", t.ggml_dtype).to_lowercase()).or_default() += 1;
+        }
+    }
+    let name = counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k).unwrap_or_else(|| "unknown".into());
+    Quantization::try_from(name).unwrap_or_else(|_| Quantization::from_gguf_file_type(u32::MAX))
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).to_owned()
+}

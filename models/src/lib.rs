@@ -1,0 +1,33 @@
+//! Quantized LLM inference for Tessera nodes, on candle: the model catalogue and its
+//! fetcher, GGUF loading, tokenizers and chat templates rebuilt from GGUF metadata, the
+//! sampler, and an engine that streams text and commits to its transcript.
+
+pub mod bench;
+pub mod catalog;
+pub mod chat;
+pub mod engine;
+pub mod fetch;
+pub mod gguf;
+pub mod sampler;
+#[doc(hidden)]
+pub mod test_support;
+pub mod text;
+pub mod tokenizer;
+
+pub use catalog::{CatalogEntry, CATALOG};
+pub use chat::{ChatError, ChatMessage, ChatTemplate};
+pub use engine::{
+    Completion, Engine, EngineHandle, EventStream, GenerateError, GenerateEvent, GenerateRequest,
+    Model, ModelInfo, Prompt, Timings,
+};
+pub use fetch::{fetch, FetchError, FetchOptions, FetchProgress};
+pub use gguf::{resolve, Architecture, LoadError, ModelFile, ResolvedModel};
+pub use tokenizer::{Tokenizer, TokenizerError};
+
+use std::path::Path;
+
+/// Resolves a model name (alias or path) and loads it, checking catalogue files' hashes.
+pub fn load(name: &str, home: &Path) -> Result<Model, LoadError> {
+    let resolved = resolve(name, home)?;
+    Model::load_checked(&resolved.path, name, resolved.entry)
+}

