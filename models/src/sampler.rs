@@ -26,7 +26,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self { s: [next(), next(), next(), next()] }
+        Self {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// Next 64 random bits.
@@ -61,7 +63,12 @@ impl Sampler {
     /// A sampler for one request; `params` must have passed `validate()`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed);
-        Self { params, rng, scratch: Vec::new(), seen: Vec::new() }
+        Self {
+            params,
+            rng,
+            scratch: Vec::new(),
+            seen: Vec::new(),
+        }
     }
 
     /// Chooses the next token from `logits` (modified in place by the penalty), given the
@@ -73,8 +80,14 @@ impl Sampler {
         }
         let cands = &mut self.scratch;
         cands.clear();
-        cands.extend(logits.iter().enumerate().map(|(i, &l)| (if l.is_nan() { f32::NEG_INFINITY } else { l }, i as u32)));
-        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (if l.is_nan() { f32::NEG_INFINITY } else { l }, i as u32)),
+        );
+        let by_logit_desc =
+            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let k = self.params.top_k as usize;
         if k > 0 && k < cands.len() {
             cands.select_nth_unstable_by(k - 1, by_logit_desc);
@@ -84,7 +97,10 @@ impl Sampler {
         // Softmax with temperature, in f64 so the cumulative sums are stable.
         let t = f64::from(self.params.temperature);
         let max = f64::from(cands[0].0);
-        let mut probs: Vec<f64> = cands.iter().map(|c| ((f64::from(c.0) - max) / t).exp()).collect();
+        let mut probs: Vec<f64> = cands
+            .iter()
+            .map(|c| ((f64::from(c.0) - max) / t).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         let mut n = probs.len();
@@ -115,7 +131,9 @@ impl Sampler {
         if penalty == 1.0 || self.params.repeat_last_n == 0 {
             return;
         }
-        let start = history.len().saturating_sub(self.params.repeat_last_n as usize);
+        let start = history
+            .len()
+            .saturating_sub(self.params.repeat_last_n as usize);
         self.seen.clear();
         self.seen.extend_from_slice(&history[start..]);
         self.seen.sort_unstable();
@@ -146,7 +164,11 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, seed, ..SamplingParams::default() }
+        SamplingParams {
+            temperature,
+            seed,
+            ..SamplingParams::default()
+        }
     }
 
     #[test]
@@ -156,7 +178,14 @@ mod tests {
         let mut r = Rng::new(0);
         assert_eq!(r.s[0], 0xE220_A839_7B1D_CDAF, "splitmix64(0) first output");
         let first: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
-        assert_eq!(first, vec![0x99ec_5f36_cb75_f2b4, 0xbf6e_1f78_4956_452a, 0x1a5f_849d_4933_e6e0]);
+        assert_eq!(
+            first,
+            vec![
+                0x99ec_5f36_cb75_f2b4,
+                0xbf6e_1f78_4956_452a,
+                0x1a5f_849d_4933_e6e0
+            ]
+        );
         assert_ne!(Rng::new(1).next_u64(), Rng::new(0).next_u64());
     }
 
@@ -164,7 +193,10 @@ mod tests {
     fn greedy_takes_argmax_and_ignores_seed() {
         let logits = vec![0.1, 3.0, 2.9, -1.0];
         for seed in 0..5 {
-            assert_eq!(Sampler::new(params(0.0, seed)).sample(&mut logits.clone(), &[]), 1);
+            assert_eq!(
+                Sampler::new(params(0.0, seed)).sample(&mut logits.clone(), &[]),
+                1
+            );
         }
     }
 
@@ -173,7 +205,9 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| (i % 10) as f32 * 0.1).collect();
         let run = |seed| {
             let mut s = Sampler::new(params(1.0, seed));
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -182,7 +216,10 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy() {
         let logits = vec![0.0, 1.0, 5.0, 2.0];
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(1.5, 3) });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..params(1.5, 3)
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 2);
         }
@@ -192,7 +229,10 @@ mod tests {
     fn top_p_excludes_the_tail() {
         // Probabilities ~0.88, 0.12, ~0: top_p 0.5 keeps only the first.
         let logits = vec![2.0, 0.0, -30.0];
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0, 11) });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..params(1.0, 11)
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
         }
@@ -201,7 +241,10 @@ mod tests {
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
         let mut logits = vec![2.0, 1.9, -1.0];
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..params(0.0, 0) });
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 1.5,
+            ..params(0.0, 0)
+        });
         assert_eq!(s.sample(&mut logits, &[0, 2]), 1);
         assert_eq!(logits, vec![2.0 / 1.5, 1.9, -1.5]);
     }
@@ -210,7 +253,12 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let logits = vec![0.0f32, (3.0f32).ln()];
         let mut s = Sampler::new(params(1.0, 42));
-        let ones = (0..4000).filter(|_| s.sample(&mut logits.clone(), &[]) == 1).count();
-        assert!((2800..3200).contains(&ones), "expected ~75% ones, got {ones}/4000");
+        let ones = (0..4000)
+            .filter(|_| s.sample(&mut logits.clone(), &[]) == 1)
+            .count();
+        assert!(
+            (2800..3200).contains(&ones),
+            "expected ~75% ones, got {ones}/4000"
+        );
     }
 }

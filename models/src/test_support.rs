@@ -43,14 +43,26 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self { arch: "llama".into(), context_length: 64, seed: 1, chat_template: true }
+        Self {
+            arch: "llama".into(),
+            context_length: 64,
+            seed: 1,
+            chat_template: true,
+        }
     }
 }
 
 /// The tiny vocabulary: 256 byte tokens (GPT-2 byte-to-unicode mapping), a few merges,
 /// then three control tokens.
 pub const TINY_SPECIAL: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-const TINY_MERGES: [(&str, &str); 6] = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("Ġw", "o")];
+const TINY_MERGES: [(&str, &str); 6] = [
+    ("h", "e"),
+    ("l", "l"),
+    ("he", "ll"),
+    ("hell", "o"),
+    ("Ġ", "w"),
+    ("Ġw", "o"),
+];
 
 fn byte_to_unicode(b: u8) -> char {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
@@ -65,14 +77,18 @@ fn byte_to_unicode(b: u8) -> char {
 /// Writes a tiny, valid llama GGUF with random Q4_1 weights to `path`.
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
     let (dim, ffn, heads, kv_heads, layers) = (64usize, 128usize, 4u32, 2u32, 2u32);
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_to_unicode(b).to_string()).collect();
+    let mut tokens: Vec<String> = (0..=255u8)
+        .map(|b| byte_to_unicode(b).to_string())
+        .collect();
     for (a, b) in TINY_MERGES {
         tokens.push(format!("{a}{b}"));
     }
     let first_special = tokens.len() as u32;
     tokens.extend(TINY_SPECIAL.iter().map(|s| s.to_string()));
     let vocab = tokens.len();
-    let types: Vec<gguf_file::Value> = (0..vocab).map(|i| gguf_file::Value::I32(if i as u32 >= first_special { 3 } else { 1 })).collect();
+    let types: Vec<gguf_file::Value> = (0..vocab)
+        .map(|i| gguf_file::Value::I32(if i as u32 >= first_special { 3 } else { 1 }))
+        .collect();
 
     let dev = Device::Cpu;
     let mut state = spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -88,20 +104,43 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
         Tensor::from_vec(data, (rows, cols), &dev)
     };
     let q = |t: Tensor, dt: GgmlDType| QTensor::quantize(&t, dt);
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev)?, GgmlDType::F32);
+    let ones = |n: usize| {
+        QTensor::quantize(
+            &Tensor::ones(n, candle_core::DType::F32, &dev)?,
+            GgmlDType::F32,
+        )
+    };
     let head_dim = dim / heads as usize;
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(rand(vocab, dim, 2.0)?, GgmlDType::Q8_0)?),
+        (
+            "token_embd.weight".into(),
+            q(rand(vocab, dim, 2.0)?, GgmlDType::Q8_0)?,
+        ),
         ("output_norm.weight".into(), ones(dim)?),
-        ("output.weight".into(), q(rand(vocab, dim, 0.5)?, GgmlDType::Q8_0)?),
+        (
+            "output.weight".into(),
+            q(rand(vocab, dim, 0.5)?, GgmlDType::Q8_0)?,
+        ),
     ];
     for l in 0..layers {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
         tensors.push((p("attn_norm"), ones(dim)?));
         tensors.push((p("ffn_norm"), ones(dim)?));
         tensors.push((p("attn_q"), q(rand(dim, dim, 0.5)?, GgmlDType::Q4_1)?));
-        tensors.push((p("attn_k"), q(rand(kv_heads as usize * head_dim, dim, 0.5)?, GgmlDType::Q4_1)?));
-        tensors.push((p("attn_v"), q(rand(kv_heads as usize * head_dim, dim, 0.5)?, GgmlDType::Q4_1)?));
+        tensors.push((
+            p("attn_k"),
+            q(
+                rand(kv_heads as usize * head_dim, dim, 0.5)?,
+                GgmlDType::Q4_1,
+            )?,
+        ));
+        tensors.push((
+            p("attn_v"),
+            q(
+                rand(kv_heads as usize * head_dim, dim, 0.5)?,
+                GgmlDType::Q4_1,
+            )?,
+        ));
         tensors.push((p("attn_output"), q(rand(dim, dim, 0.5)?, GgmlDType::Q4_1)?));
         tensors.push((p("ffn_gate"), q(rand(ffn, dim, 0.5)?, GgmlDType::Q4_1)?));
         tensors.push((p("ffn_up"), q(rand(ffn, dim, 0.5)?, GgmlDType::Q4_1)?));
@@ -122,13 +161,30 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
         (format!("{a}.attention.head_count_kv"), V::U32(kv_heads)),
         (format!("{a}.rope.dimension_count"), V::U32(head_dim as u32)),
         (format!("{a}.rope.freq_base"), V::F32(10000.0)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), V::F32(1e-5)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            V::F32(1e-5),
+        ),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), V::Array(tokens.into_iter().map(V::String).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(tokens.into_iter().map(V::String).collect()),
+        ),
         ("tokenizer.ggml.token_type".into(), V::Array(types)),
-        ("tokenizer.ggml.merges".into(), V::Array(TINY_MERGES.iter().map(|(a, b)| V::String(format!("{a} {b}"))).collect())),
-        ("tokenizer.ggml.bos_token_id".into(), V::U32(first_special + 1)),
+        (
+            "tokenizer.ggml.merges".into(),
+            V::Array(
+                TINY_MERGES
+                    .iter()
+                    .map(|(a, b)| V::String(format!("{a} {b}")))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            V::U32(first_special + 1),
+        ),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(first_special)),
         ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
     ];

@@ -24,7 +24,10 @@ impl TextStream {
     /// A stream that finishes at the first occurrence of any of `stops` (empty ones ignored).
     pub fn new(stops: Vec<String>) -> Self {
         let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops, ..Self::default() }
+        Self {
+            stops,
+            ..Self::default()
+        }
     }
 
     /// Adds one token's bytes; returns what may be sent now.

