@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tessera_models::{
-    catalog, ChatMessage, FetchOptions, FetchProgress, GenerateRequest, Model, Prompt,
+    catalog, Backend, ChatMessage, FetchOptions, FetchProgress, GenerateRequest, Model, Prompt,
 };
 use tessera_protocol::SamplingParams;
 
@@ -72,6 +72,10 @@ struct ModelArg {
         default_value = "smollm2-135m-instruct"
     )]
     model: String,
+    /// Implementation: "tessera" (our serving model and kernels where we have them) or
+    /// "candle" (candle-transformers' stock models, the numerics reference).
+    #[arg(long, env = "TESSERA_BACKEND", default_value = "tessera")]
+    backend: Backend,
 }
 
 #[derive(Args, Debug)]
@@ -201,7 +205,7 @@ fn run() -> Result<()> {
         }
         Command::Generate(args) => generate(&home, args),
         Command::Tokenize(args) => {
-            let model = load(&home, &args.model.model)?;
+            let model = load(&home, &args.model)?;
             let ids = model
                 .tokenizer()
                 .encode(&args.text, args.bos, !args.no_parse_special);
@@ -209,7 +213,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            let mut model = load(&home, &args.model.model)?;
+            let mut model = load(&home, &args.model)?;
             let result = tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
@@ -323,14 +327,15 @@ fn fetch_with_progress(
 }
 
 /// Loads a model by alias or path, fetching a catalogue model on first use.
-fn load(home: &Path, name: &str) -> Result<Model> {
+fn load(home: &Path, arg: &ModelArg) -> Result<Model> {
+    let name = arg.model.as_str();
     if let Some(entry) = catalog::find(name) {
         if !entry.is_cached(home) {
             eprintln!("{name} is not in the model cache yet; fetching it (once)");
             fetch_with_progress(entry, home, &FetchOptions::default())?;
         }
     }
-    Ok(tessera_models::load(name, home)?)
+    Ok(tessera_models::load_with(name, home, arg.backend)?)
 }
 
 fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
@@ -343,7 +348,7 @@ fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
         ..SamplingParams::default()
     };
     sampling.validate()?;
-    let mut model = load(home, &args.model.model)?;
+    let mut model = load(home, &args.model)?;
     let use_chat = !args.raw && (model.has_chat_template() || args.chat_format.is_some());
     if !args.raw && !use_chat {
         eprintln!(

@@ -156,6 +156,7 @@ pub enum GenerateError {
 
 enum Weights {
     Tessera(crate::llama::Llama),
+    TesseraGemma3(crate::gemma3::Gemma3),
     Llama(quantized_llama::ModelWeights),
     Gemma3(quantized_gemma3::ModelWeights),
 }
@@ -265,7 +266,11 @@ impl Model {
                 quantized_llama::ModelWeights::from_gguf(content, &mut reader, &device)
                     .map_err(weights_err)?,
             ),
-            (Architecture::Gemma3, _) => Weights::Gemma3(
+            (Architecture::Gemma3, Backend::Tessera) => Weights::TesseraGemma3(
+                crate::gemma3::Gemma3::load(&content, mmap.clone(), context_length as usize)
+                    .map_err(weights_err)?,
+            ),
+            (Architecture::Gemma3, Backend::Candle) => Weights::Gemma3(
                 quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &device)
                     .map_err(weights_err)?,
             ),
@@ -372,6 +377,7 @@ impl Model {
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let logits = match &mut self.weights {
             Weights::Tessera(m) => return m.forward(tokens, pos),
+            Weights::TesseraGemma3(m) => return m.forward(tokens, pos),
             Weights::Llama(m) => m.forward(&input, pos)?,
             Weights::Gemma3(m) => m.forward(&input, pos)?,
         };
@@ -384,8 +390,10 @@ impl Model {
     /// Runs the prompt through the model, filling the KV cache (reserved for `capacity`
     /// positions); returns the last logits.
     fn prefill(&mut self, prompt: &[u32], capacity: usize) -> Result<Vec<f32>, candle_core::Error> {
-        if let Weights::Tessera(m) = &mut self.weights {
-            m.reset(capacity);
+        match &mut self.weights {
+            Weights::Tessera(m) => m.reset(capacity),
+            Weights::TesseraGemma3(m) => m.reset(capacity),
+            Weights::Llama(_) | Weights::Gemma3(_) => {}
         }
         self.forward(prompt, 0)
     }

@@ -51,6 +51,8 @@ pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8]) {
 
 /// Bytes of one GGUF Q8_0 block: f16 d, 32 signed bytes.
 pub const Q8_0_BLOCK_BYTES: usize = 34;
+/// Bytes of one GGUF Q5_0 block: f16 d, 32 high bits, 16 bytes of low nibbles.
+pub const Q5_0_BLOCK_BYTES: usize = 22;
 
 /// Weight formats with a kernel here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +61,8 @@ pub enum Format {
     Q4_1,
     /// 8-bit with scale per 32 values.
     Q8_0,
+    /// 5-bit with scale per 32 values (values q − 16).
+    Q5_0,
 }
 
 impl Format {
@@ -67,6 +71,7 @@ impl Format {
         match self {
             Self::Q4_1 => Q4_1_BLOCK_BYTES,
             Self::Q8_0 => Q8_0_BLOCK_BYTES,
+            Self::Q5_0 => Q5_0_BLOCK_BYTES,
         }
     }
 }
@@ -142,6 +147,7 @@ impl<'a> QMatrix<'a> {
         match self.format {
             Format::Q4_1 => dot_q4_1(path, self.row(r), x),
             Format::Q8_0 => dot_q8_0(path, self.row(r), x),
+            Format::Q5_0 => dot_q5_0(path, self.row(r), x),
         }
     }
 }
@@ -205,6 +211,35 @@ pub fn dot_q8_0_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
             .zip(&xb.qs)
             .map(|(&a, &b)| i32::from(a as i8) * i32::from(b))
             .sum();
+        sum += sumi as f32 * d * xb.d;
+    }
+    sum
+}
+
+/// Dot product of one Q5_0 weight row with one quantized activation row
+/// (`ggml_vec_dot_q5_0_q8_0`; the activation's `s` is unused).
+pub fn dot_q5_0(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
+    debug_assert_eq!(w.len(), x.len() * Q5_0_BLOCK_BYTES);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for `dot_q4_1`.
+        Path::Avx2 => unsafe { avx2::dot_q5_0(w, x) },
+        _ => dot_q5_0_scalar(w, x),
+    }
+}
+
+/// The reference Q5_0 dot product: value j is ((nibble | high bit << 4) − 16) · d.
+pub fn dot_q5_0_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.chunks_exact(Q5_0_BLOCK_BYTES).zip(x) {
+        let d = f16::from_le_bytes([wb[0], wb[1]]).to_f32();
+        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = i32::from(wb[6 + j] & 0x0F) | (((qh >> j) & 1) << 4) as i32;
+            let hi = i32::from(wb[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
+            sumi += (lo - 16) * i32::from(xb.qs[j]) + (hi - 16) * i32::from(xb.qs[j + QK / 2]);
+        }
         sum += sumi as f32 * d * xb.d;
     }
     sum
@@ -306,6 +341,59 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s) + summ
+    }
+
+    /// AVX2 dot product of a Q5_0 row and a Q8 activation row (llama.cpp's
+    /// `bytes_from_bits_32`: the high bits become 0x00/0xF0 bytes that, OR-ed into the
+    /// nibbles, give q − 16 as a signed byte).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w.len() == x.len() * 22`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q5_0(w: &[u8], x: &[BlockQ8]) -> f32 {
+        use super::Q5_0_BLOCK_BYTES;
+        let nb = x.len().min(w.len() / Q5_0_BLOCK_BYTES);
+        let ones = _mm256_set1_epi16(1);
+        let mask = _mm_set1_epi8(0x0F);
+        let shuf = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let all = _mm256_set1_epi64x(-1);
+        let f0 = _mm256_set1_epi8(0xF0u8 as i8);
+        let mut acc = _mm256_setzero_ps();
+        let wp = w.as_ptr();
+        for (i, xb) in x.iter().enumerate().take(nb) {
+            // SAFETY: block i lies within `w`; unaligned loads are used.
+            let b = wp.add(i * Q5_0_BLOCK_BYTES);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                std::ptr::read_unaligned(b as *const u16),
+            ))));
+            let qh = std::ptr::read_unaligned(b.add(2) as *const i32);
+            let bits = _mm256_cmpeq_epi8(
+                _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit_mask),
+                all,
+            );
+            let qs = _mm_loadu_si128(b.add(6) as *const __m128i);
+            let nib = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(qs, 4), mask),
+                _mm_and_si128(qs, mask),
+            );
+            let qw = _mm256_or_si256(nib, _mm256_andnot_si256(bits, f0));
+            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let p = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+                ones,
+            );
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc);
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
     }
 
     /// AVX2 dot product of a Q8_0 row and a Q8 activation row (llama.cpp's sign trick:
@@ -444,6 +532,20 @@ mod tests {
         }
 
         #[test]
+        fn q5_0_avx2_path_equals_the_scalar_reference(raw in proptest::collection::vec(any::<u8>(), 20 * 6), d in 0.001f32..2.0, xs in proptest::collection::vec(-4.0f32..4.0, 32 * 6)) {
+            prop_assume!(best_path() == Path::Avx2);
+            let mut w = Vec::new();
+            for b in raw.chunks(20) {
+                w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                w.extend_from_slice(b);
+            }
+            let q = quantized(&xs);
+            let (a, s) = (dot_q5_0(Path::Avx2, &w, &q), dot_q5_0_scalar(&w, &q));
+            let magnitude: f32 = q.iter().map(|xb| 32.0 * 16.0 * 127.0 * d * xb.d).sum();
+            prop_assert!((a - s).abs() <= 1e-6 * magnitude + 1e-6, "avx2 {a} scalar {s}");
+        }
+
+        #[test]
         fn matmul_equals_row_by_row_dots(rows in 1usize..70, nb in 1usize..6, m in 1usize..5, seed in 1u64..1000) {
             let cols = nb * QK;
             let bytes: Vec<u8> = (0..rows).flat_map(|r| q4_1_row(seed + r as u64, cols)).collect();
@@ -459,6 +561,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn q5_0_scalar_decodes_values_as_llama_cpp_does() {
+        // d = 1; high bits set for elements 0 and 17; nibbles: lo = 3, hi = 9 everywhere.
+        let mut w = f16::from_f32(1.0).to_le_bytes().to_vec();
+        w.extend_from_slice(&(1u32 | 1 << 17).to_le_bytes());
+        w.extend_from_slice(&[0x93; 16]);
+        let mut onehot = |j: usize| {
+            let mut x = [BlockQ8 {
+                d: 1.0,
+                s: 0.0,
+                qs: [0; 32],
+            }];
+            x[0].qs[j] = 1;
+            dot_q5_0_scalar(&w, &x)
+        };
+        assert_eq!(onehot(0), (3 + 16 - 16) as f32);
+        assert_eq!(onehot(1), (3 - 16) as f32);
+        assert_eq!(onehot(16), (9 - 16) as f32);
+        assert_eq!(onehot(17), (9 + 16 - 16) as f32);
     }
 
     #[test]

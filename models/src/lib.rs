@@ -7,10 +7,12 @@ pub mod catalog;
 pub mod chat;
 pub mod engine;
 pub mod fetch;
+pub mod gemma3;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
 pub mod sampler;
+mod serving;
 #[doc(hidden)]
 pub mod test_support;
 pub mod text;

@@ -39,13 +39,25 @@ fn answers(alias: &str) -> Answers {
         .expect("parse answers")
 }
 
-/// Length of the common prefix of two token sequences.
-fn agree(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+/// Largest logit gap at which a greedy choice may differ from llama.cpp's: our own AVX2 and
+/// scalar kernels (same math, different summation order) differ by up to ~1 logit on these
+/// models, so two faithful engines can disagree only where two tokens are about this close.
+const NEAR_TIE: f32 = 1.0;
+
+/// One reference prompt: our answer, llama.cpp's, and where and how they part.
+struct Row {
+    question: String,
+    ours: String,
+    theirs: String,
+    agree: usize,
+    len: usize,
+    /// At the first divergence: our logit gap between our token and llama.cpp's.
+    gap: Option<f32>,
 }
 
-/// Runs every reference prompt greedily and returns (question, ours, llama.cpp's, agreement).
-fn compare(alias: &str, model: &mut Model) -> Vec<(String, String, String, usize, usize)> {
+/// Runs every reference prompt greedily; at the first token that differs from llama.cpp,
+/// replays llama.cpp's prefix (teacher forcing) and measures the gap between the two tokens.
+fn compare(alias: &str, model: &mut Model) -> Vec<Row> {
     let refs = answers(alias);
     let mut rows = Vec::new();
     for case in refs.cases {
@@ -63,41 +75,62 @@ fn compare(alias: &str, model: &mut Model) -> Vec<(String, String, String, usize
         let done = model
             .generate(&req, |_| ControlFlow::Continue(()))
             .expect("generate");
-        let n = agree(&done.tokens, &case.output_ids);
-        rows.push((
-            case.question,
-            done.text,
-            case.output_text,
-            n,
-            case.output_ids.len(),
-        ));
+        let agree = done
+            .tokens
+            .iter()
+            .zip(&case.output_ids)
+            .take_while(|(x, y)| x == y)
+            .count();
+        let gap = (agree < case.output_ids.len().min(done.tokens.len())).then(|| {
+            let mut context = ids.clone();
+            context.extend_from_slice(&case.output_ids[..agree]);
+            let logits = model.logits(&context).expect("logits");
+            logits[done.tokens[agree] as usize] - logits[case.output_ids[agree] as usize]
+        });
+        rows.push(Row {
+            question: case.question,
+            ours: done.text,
+            theirs: case.output_text,
+            agree,
+            len: case.output_ids.len(),
+            gap,
+        });
+    }
+    for r in &rows {
+        eprintln!("{:?}: {}/{} tokens agree, gap at divergence {:?}\n  ours:      {:?}\n  llama.cpp: {:?}", r.question, r.agree, r.len, r.gap, r.ours, r.theirs);
     }
     rows
+}
+
+fn assert_faithful(rows: &[Row]) {
+    for r in rows {
+        if let Some(gap) = r.gap {
+            assert!(gap < NEAR_TIE, "{:?}: parted from llama.cpp after {} tokens where the logits are {gap:.3} apart (not a near-tie)\n ours: {:?}\n llama.cpp: {:?}", r.question, r.agree, r.ours, r.theirs);
+        }
+    }
+}
+
+fn answer<'a>(rows: &'a [Row], q: &str) -> &'a str {
+    &rows
+        .iter()
+        .find(|r| r.question == q)
+        .expect("question present")
+        .ours
 }
 
 #[test]
 fn smollm2_answers_like_llama_cpp() {
     let mut model = load("smollm2-135m-instruct");
     let rows = compare("smollm2-135m-instruct", &mut model);
-    for (q, ours, theirs, n, len) in &rows {
-        eprintln!("{q:?}: {n}/{len} tokens agree\n  ours:      {ours:?}\n  llama.cpp: {theirs:?}");
-    }
-    let by_q = |q: &str| rows.iter().find(|r| r.0 == q).expect("question present");
-    // The facts llama.cpp states must be in our answers too.
-    assert!(by_q("Name the capital of France.").1.contains("Paris"));
-    assert!(by_q("Which planet is known as the Red Planet?")
-        .1
-        .contains("Mars"));
-    assert!(by_q("What is 2 + 2?").1.contains('4'));
-    // Greedy decoding must follow llama.cpp token for token for at least the first 8 tokens
-    // of every answer (the file is a small model on a knife edge for some prompts; later
-    // tokens may diverge where two logits are within numeric noise).
-    for (q, ours, theirs, n, len) in &rows {
-        assert!(
-            *n >= 8.min(*len),
-            "{q:?}: only {n} tokens agree\n ours: {ours:?}\n llama.cpp: {theirs:?}"
-        );
-    }
+    assert_faithful(&rows);
+    assert!(answer(&rows, "Name the capital of France.").contains("Paris"));
+    assert!(answer(&rows, "Which planet is known as the Red Planet?").contains("Mars"));
+    assert!(answer(&rows, "What is 2 + 2?").contains('4'));
+    let colors = answer(&rows, "Name three colors.");
+    assert!(
+        ["Red", "Blue", "Green"].iter().all(|c| colors.contains(c)),
+        "{colors:?}"
+    );
 }
 
 #[test]
@@ -108,26 +141,15 @@ fn gemma3_continues_text_like_llama_cpp() {
         "the gemma3 file is a base model without a template"
     );
     let rows = compare("gemma3-270m", &mut model);
-    for (q, ours, theirs, n, len) in &rows {
-        eprintln!("{q:?}: {n}/{len} tokens agree\n  ours:      {ours:?}\n  llama.cpp: {theirs:?}");
-    }
-    let by_q = |q: &str| rows.iter().find(|r| r.0 == q).expect("question present");
-    assert!(by_q("The three primary colors are")
-        .1
-        .starts_with(" red, blue, and yellow"));
-    assert!(by_q("Water boils at a temperature of")
-        .1
-        .starts_with(" 100 degrees Celsius"));
-    assert!(by_q("The largest ocean on Earth is the")
-        .1
-        .starts_with(" Pacific Ocean"));
-    assert!(by_q("What is the capital of France?").1.contains("Paris"));
-    for (q, ours, theirs, n, len) in &rows {
-        assert!(
-            *n >= 8.min(*len),
-            "{q:?}: only {n} tokens agree\n ours: {ours:?}\n llama.cpp: {theirs:?}"
-        );
-    }
+    assert_faithful(&rows);
+    let colors = answer(&rows, "The three primary colors are");
+    assert!(
+        ["red", "blue", "yellow"].iter().all(|c| colors.contains(c)),
+        "{colors:?}"
+    );
+    assert!(answer(&rows, "Water boils at a temperature of").starts_with(" 100 degrees Celsius"));
+    assert!(answer(&rows, "The largest ocean on Earth is the").starts_with(" Pacific Ocean"));
+    assert!(answer(&rows, "What is the capital of France?").contains("Paris"));
 }
 
 #[test]

@@ -1,0 +1,283 @@
+//! Our own Gemma 3 model, written to llama.cpp's gemma3 graph (candle 0.11.1's stock
+//! `quantized_gemma3` uses SiLU in the feed-forward and drifts from llama.cpp within a few
+//! tokens): embeddings scaled by √d, RMSNorm before and after both attention and
+//! feed-forward, per-head RMSNorm of q and k, NEOX-style rope with a local base (10⁴) on
+//! sliding-window layers and a global base (10⁶) on every sixth layer, sliding window by
+//! llama.cpp's rule (query i sees key j when i − j < window), GELU(tanh) gating (rounded
+//! through f16 as ggml's table-driven GELU is), tied output. Same serving design as
+//! `llama.rs`: mmapped weights, quantized embedding rows, rope tables sized to the served
+//! context (not 131,072 positions per layer), KV cache read in place.
+
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use half::f16;
+
+use crate::kernels;
+use crate::serving::{
+    attention, quantize_rows, rms_norm, rms_norm_in_place, rope, rope_tables, AttnShape, Embedding,
+    KvCache, Linear, RopeStyle, Scratch, TensorSource,
+};
+
+const SLIDING_WINDOW_PATTERN: usize = 6;
+const LOCAL_ROPE_BASE: f32 = 10_000.0;
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    post_attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    post_ffn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    sliding: bool,
+}
+
+/// The Gemma 3 serving model with the KV cache of one sequence.
+pub struct Gemma3 {
+    mmap: Arc<memmap2::Mmap>,
+    dim: usize,
+    attn: AttnShape,
+    window: usize,
+    eps: f32,
+    context: usize,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: Linear,
+    local: (Vec<f32>, Vec<f32>),
+    global: (Vec<f32>, Vec<f32>),
+    path: kernels::Path,
+    cache: KvCache,
+    s: Scratch,
+}
+
+impl std::fmt::Debug for Gemma3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gemma3")
+            .field("dim", &self.dim)
+            .field("attn", &self.attn)
+            .field("layers", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// GELU with the tanh approximation, input and output rounded through f16 like ggml's table.
+fn gelu(x: f32) -> f32 {
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let x = f16::from_f32(x).to_f32();
+    let y = 0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044_715 * x * x)).tanh());
+    f16::from_f32(y).to_f32()
+}
+
+impl Gemma3 {
+    /// Builds the model over the mapped file; `context` is the number of positions served.
+    pub fn load(
+        ct: &gguf_file::Content,
+        mmap: Arc<memmap2::Mmap>,
+        context: usize,
+    ) -> candle_core::Result<Self> {
+        let u = |k: &str| -> candle_core::Result<usize> {
+            let key = format!("gemma3.{k}");
+            Ok(ct
+                .metadata
+                .get(&key)
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing {key}")))?
+                .to_u32()? as usize)
+        };
+        let f = |k: &str, default: f32| {
+            ct.metadata
+                .get(&format!("gemma3.{k}"))
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(default)
+        };
+        let dim = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_kv_head = u("attention.head_count_kv")?;
+        let head_dim = u("attention.key_length")?;
+        let n_layer = u("block_count")?;
+        let window = u("attention.sliding_window")?;
+        if n_kv_head == 0
+            || n_head % n_kv_head != 0
+            || head_dim % 2 != 0
+            || u("attention.value_length")? != head_dim
+        {
+            candle_core::bail!(
+                "unsupported gemma3 shape: heads {n_head}/{n_kv_head}, head_dim {head_dim}"
+            );
+        }
+        let eps = f("attention.layer_norm_rms_epsilon", 1e-6);
+        let src = TensorSource { ct, mmap: &mmap };
+        let mut layers = Vec::with_capacity(n_layer);
+        for l in 0..n_layer {
+            let p = |n: &str| format!("blk.{l}.{n}.weight");
+            layers.push(Layer {
+                attn_norm: src.f32_vec(&p("attn_norm"))?,
+                q_norm: src.f32_vec(&p("attn_q_norm"))?,
+                k_norm: src.f32_vec(&p("attn_k_norm"))?,
+                post_attn_norm: src.f32_vec(&p("post_attention_norm"))?,
+                ffn_norm: src.f32_vec(&p("ffn_norm"))?,
+                post_ffn_norm: src.f32_vec(&p("post_ffw_norm"))?,
+                wq: src.linear(&p("attn_q"))?,
+                wk: src.linear(&p("attn_k"))?,
+                wv: src.linear(&p("attn_v"))?,
+                wo: src.linear(&p("attn_output"))?,
+                gate: src.linear(&p("ffn_gate"))?,
+                up: src.linear(&p("ffn_up"))?,
+                down: src.linear(&p("ffn_down"))?,
+                sliding: (l + 1) % SLIDING_WINDOW_PATTERN != 0,
+            });
+        }
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            src.linear("output.weight")?
+        } else {
+            src.linear("token_embd.weight")?
+        };
+        Ok(Self {
+            dim,
+            attn: AttnShape {
+                n_head,
+                n_kv_head,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                window: None,
+            },
+            window,
+            eps,
+            context,
+            embed: src.embedding("token_embd.weight")?,
+            norm: src.f32_vec("output_norm.weight")?,
+            output,
+            local: rope_tables(
+                f("rope.local_freq_base", LOCAL_ROPE_BASE),
+                head_dim,
+                context,
+            ),
+            global: rope_tables(f("rope.freq_base", 1_000_000.0), head_dim, context),
+            path: kernels::best_path(),
+            cache: KvCache::new(n_layer),
+            s: Scratch::default(),
+            layers,
+            mmap,
+        })
+    }
+
+    /// Empties the KV cache and reserves room for `capacity` positions.
+    pub fn reset(&mut self, capacity: usize) {
+        self.cache.reset(
+            capacity.min(self.context),
+            self.attn.n_kv_head * self.attn.head_dim,
+        );
+    }
+
+    /// Runs `tokens` at positions `pos..` (which must equal the cached length) and returns
+    /// the logits of the last one, on a rayon worker like [`crate::llama::Llama::forward`].
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        rayon::scope(|_| self.forward_inner(tokens, pos))
+    }
+
+    fn forward_inner(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        if pos == 0 {
+            self.reset(tokens.len());
+        }
+        let n = tokens.len();
+        if pos != self.cache.len || n == 0 || pos + n > self.context {
+            candle_core::bail!("{n} tokens at position {pos} do not fit after {} cached positions in a context of {}", self.cache.len, self.context);
+        }
+        let (dim, eps, path) = (self.dim, self.eps, self.path);
+        let hd = self.attn.head_dim;
+        let qdim = self.attn.n_head * hd;
+        let kvdim = self.attn.n_kv_head * hd;
+        let file: &[u8] = &self.mmap;
+        let mut s = std::mem::take(&mut self.s);
+        s.x.resize(n * dim, 0.0);
+        let scale = (dim as f32).sqrt();
+        for (i, &t) in tokens.iter().enumerate() {
+            let row = &mut s.x[i * dim..(i + 1) * dim];
+            self.embed.row(file, t, row)?;
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x, &layer.attn_norm, eps, &mut s.h);
+            quantize_rows(&s.h, dim, &mut s.xq);
+            layer.wq.forward(file, path, &s.h, &s.xq, n, &mut s.q)?;
+            layer.wk.forward(file, path, &s.h, &s.xq, n, &mut s.k)?;
+            layer.wv.forward(file, path, &s.h, &s.xq, n, &mut s.v)?;
+            rms_norm_in_place(&mut s.q, &layer.q_norm, eps);
+            rms_norm_in_place(&mut s.k, &layer.k_norm, eps);
+            let (cos, sin) = if layer.sliding {
+                (&self.local.0, &self.local.1)
+            } else {
+                (&self.global.0, &self.global.1)
+            };
+            for i in 0..n {
+                rope(
+                    RopeStyle::Halves,
+                    &mut s.q[i * qdim..(i + 1) * qdim],
+                    hd,
+                    cos,
+                    sin,
+                    pos + i,
+                );
+                rope(
+                    RopeStyle::Halves,
+                    &mut s.k[i * kvdim..(i + 1) * kvdim],
+                    hd,
+                    cos,
+                    sin,
+                    pos + i,
+                );
+            }
+            self.cache.k[l].extend_from_slice(&s.k);
+            self.cache.v[l].extend_from_slice(&s.v);
+            let shape = AttnShape {
+                window: layer.sliding.then_some(self.window),
+                ..self.attn
+            };
+            attention(
+                shape,
+                &s.q,
+                &self.cache.k[l],
+                &self.cache.v[l],
+                pos,
+                n,
+                &mut s.att,
+                &mut s.scores,
+            );
+            quantize_rows(&s.att, qdim, &mut s.xq);
+            layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;
+            rms_norm_in_place(&mut s.o, &layer.post_attn_norm, eps);
+            s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
+            rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.h);
+            quantize_rows(&s.h, dim, &mut s.xq);
+            layer.gate.forward(file, path, &s.h, &s.xq, n, &mut s.g)?;
+            layer.up.forward(file, path, &s.h, &s.xq, n, &mut s.u)?;
+            s.g.iter_mut()
+                .zip(&s.u)
+                .for_each(|(g, u)| *g = gelu(*g) * u);
+            quantize_rows(&s.g, layer.gate.rows(), &mut s.xq);
+            layer.down.forward(file, path, &s.g, &s.xq, n, &mut s.o)?;
+            rms_norm_in_place(&mut s.o, &layer.post_ffn_norm, eps);
+            s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
+        }
+        self.cache.len += n;
+        rms_norm(&s.x[(n - 1) * dim..], &self.norm, eps, &mut s.h);
+        quantize_rows(&s.h, dim, &mut s.xq);
+        let mut logits = Vec::with_capacity(self.output.rows());
+        self.output
+            .forward(file, path, &s.h, &s.xq, 1, &mut logits)?;
+        self.s = s;
+        Ok(logits)
+    }
+}

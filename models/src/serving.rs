@@ -1,0 +1,393 @@
+//! Building blocks of our serving models (`llama.rs`, `gemma3.rs`): projections that run on
+//! our kernels straight from the memory-mapped GGUF (or through candle for formats we have
+//! no kernel for), quantized embedding rows, RMSNorm, rope tables, and grouped-query
+//! attention over a per-layer KV cache read in place. Plain slices, no tensor graph: the
+//! token loop allocates nothing it can reuse.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
+
+use crate::kernels::{self, BlockQ8, Format, QMatrix, QK};
+
+fn err(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+/// Reads tensors of a GGUF that is mapped in memory.
+pub(crate) struct TensorSource<'a> {
+    pub ct: &'a gguf_file::Content,
+    pub mmap: &'a Arc<memmap2::Mmap>,
+}
+
+impl TensorSource<'_> {
+    /// Byte range, dtype and (rows, cols …) dims of a tensor.
+    pub fn range(&self, name: &str) -> candle_core::Result<(Range<usize>, GgmlDType, Vec<usize>)> {
+        let t = self
+            .ct
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| err(format!("missing tensor {name}")))?;
+        let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+        let start = (self.ct.tensor_data_offset + t.offset) as usize;
+        Ok((start..start + bytes, t.ggml_dtype, t.shape.dims().to_vec()))
+    }
+
+    /// An F32 vector (norm weights).
+    pub fn f32_vec(&self, name: &str) -> candle_core::Result<Vec<f32>> {
+        let (r, dt, _) = self.range(name)?;
+        if dt != GgmlDType::F32 {
+            return Err(err(format!("{name}: expected F32, got {dt:?}")));
+        }
+        Ok(self.mmap[r]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// A projection matrix.
+    pub fn linear(&self, name: &str) -> candle_core::Result<Linear> {
+        let (r, dt, dims) = self.range(name)?;
+        let (rows, cols) = match dims[..] {
+            [rows, cols] => (rows, cols),
+            _ => return Err(err(format!("{name}: expected a matrix, got dims {dims:?}"))),
+        };
+        let format = match dt {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            GgmlDType::Q5_0 => Some(Format::Q5_0),
+            _ => None,
+        };
+        match format {
+            Some(format) => {
+                QMatrix::new(format, &self.mmap[r.clone()], rows, cols)
+                    .map_err(|e| err(format!("{name}: {e}")))?;
+                Ok(Linear::Own {
+                    format,
+                    bytes: r,
+                    rows,
+                    cols,
+                })
+            }
+            None => {
+                let qt = self.ct.tensor(
+                    &mut std::io::Cursor::new(&self.mmap[..]),
+                    name,
+                    &Device::Cpu,
+                )?;
+                Ok(Linear::Candle {
+                    mm: QMatMul::from_qtensor(qt)?,
+                    rows,
+                    cols,
+                })
+            }
+        }
+    }
+
+    /// The token embedding, kept quantized when it is Q8_0.
+    pub fn embedding(&self, name: &str) -> candle_core::Result<Embedding> {
+        let (r, dt, dims) = self.range(name)?;
+        let (vocab, dim) = (dims[0], dims[1]);
+        if dt == GgmlDType::Q8_0 && dim % QK == 0 {
+            return Ok(Embedding {
+                vocab,
+                dim,
+                table: EmbeddingTable::Q8_0(r),
+            });
+        }
+        let t = self
+            .ct
+            .tensor(
+                &mut std::io::Cursor::new(&self.mmap[..]),
+                name,
+                &Device::Cpu,
+            )?
+            .dequantize(&Device::Cpu)?;
+        Ok(Embedding {
+            vocab,
+            dim,
+            table: EmbeddingTable::F32(t.flatten_all()?.to_vec1()?),
+        })
+    }
+}
+
+/// A projection: our kernels straight from the mapping, or candle for other formats.
+pub(crate) enum Linear {
+    Own {
+        format: Format,
+        bytes: Range<usize>,
+        rows: usize,
+        cols: usize,
+    },
+    Candle {
+        mm: QMatMul,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl Linear {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Own { rows, .. } | Self::Candle { rows, .. } => *rows,
+        }
+    }
+
+    /// `out = x · Wᵀ` for `n` rows; `xq` is `x` quantized by [`quantize_rows`] (own kernels).
+    pub fn forward(
+        &self,
+        file: &[u8],
+        path: kernels::Path,
+        x: &[f32],
+        xq: &[BlockQ8],
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        match self {
+            Self::Own {
+                format,
+                bytes,
+                rows,
+                cols,
+            } => {
+                let m = QMatrix::new(*format, &file[bytes.clone()], *rows, *cols)
+                    .map_err(|e| err(e.to_string()))?;
+                out.resize(n * rows, 0.0);
+                kernels::matmul(path, &m, &xq[..n * cols / QK], n, out);
+            }
+            Self::Candle { mm, cols, .. } => {
+                let t = Tensor::from_slice(&x[..n * cols], (n, *cols), &Device::Cpu)?;
+                out.clear();
+                out.extend(mm.forward(&t)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Token embedding table.
+pub(crate) struct Embedding {
+    pub vocab: usize,
+    pub dim: usize,
+    table: EmbeddingTable,
+}
+
+enum EmbeddingTable {
+    Q8_0(Range<usize>),
+    F32(Vec<f32>),
+}
+
+impl Embedding {
+    /// Writes the row of `token` into `out`, dequantizing only that row.
+    pub fn row(&self, file: &[u8], token: u32, out: &mut [f32]) -> candle_core::Result<()> {
+        let t = token as usize;
+        if t >= self.vocab {
+            return Err(err(format!(
+                "token {token} outside the vocabulary of {}",
+                self.vocab
+            )));
+        }
+        match &self.table {
+            EmbeddingTable::Q8_0(r) => {
+                const BLOCK: usize = 34;
+                let row_bytes = self.dim / QK * BLOCK;
+                let row = &file[r.start + t * row_bytes..r.start + (t + 1) * row_bytes];
+                for (b, o) in row.chunks_exact(BLOCK).zip(out.chunks_exact_mut(QK)) {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    for (q, o) in b[2..].iter().zip(o) {
+                        *o = f32::from(*q as i8) * d;
+                    }
+                }
+            }
+            EmbeddingTable::F32(table) => {
+                out.copy_from_slice(&table[t * self.dim..(t + 1) * self.dim])
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Quantizes rows of width `cols` once, for every own-kernel projection that reads them.
+pub(crate) fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
+    if cols % QK != 0 {
+        return;
+    }
+    out.resize(x.len() / QK, BlockQ8::default());
+    for (row, q) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols / QK)) {
+        kernels::quantize_row_q8_1(row, q);
+    }
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` into `out`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    out.resize(x.len(), 0.0);
+    out.copy_from_slice(x);
+    rms_norm_in_place(out, w, eps);
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x`, in place.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let dim = w.len();
+    for row in x.chunks_exact_mut(dim) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let scale = 1.0 / (ms + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(v, g)| *v *= scale * g);
+    }
+}
+
+/// Rope angle tables (`cos`, `sin`), `positions × head_dim/2`, with θᵢ = base^(−2i/d).
+pub(crate) fn rope_tables(base: f32, head_dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; positions * half];
+    let mut sin = vec![0f32; positions * half];
+    for i in 0..half {
+        let theta = 1f32 / base.powf((2 * i) as f32 / head_dim as f32);
+        for p in 0..positions {
+            let a = p as f32 * theta;
+            cos[p * half + i] = a.cos();
+            sin[p * half + i] = a.sin();
+        }
+    }
+    (cos, sin)
+}
+
+/// How a model pairs dimensions for rope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RopeStyle {
+    /// Adjacent pairs (x₂ᵢ, x₂ᵢ₊₁): GGML's "normal" mode, llama.
+    Interleaved,
+    /// Halves (xᵢ, xᵢ₊d/2): GGML's NEOX mode, gemma.
+    Halves,
+}
+
+/// Applies rope at `pos` to every head of one position's vector.
+pub(crate) fn rope(
+    style: RopeStyle,
+    x: &mut [f32],
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    pos: usize,
+) {
+    let half = head_dim / 2;
+    let (cos, sin) = (
+        &cos[pos * half..(pos + 1) * half],
+        &sin[pos * half..(pos + 1) * half],
+    );
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (ia, ib) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + half),
+            };
+            let (a, b) = (head[ia], head[ib]);
+            head[ia] = a * cos[i] - b * sin[i];
+            head[ib] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+/// Shape of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnShape {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    /// Multiplier of q·k.
+    pub scale: f32,
+    /// Sliding window: a query at i sees keys j with i − j < window (llama.cpp's rule).
+    pub window: Option<usize>,
+}
+
+/// Causal grouped-query attention of `n` new positions starting at `pos`, reading the cache
+/// in place: query head h uses key/value head h / (n_head / n_kv_head).
+pub(crate) fn attention(
+    a: AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos: usize,
+    n: usize,
+    out: &mut Vec<f32>,
+    scores: &mut Vec<f32>,
+) {
+    let hd = a.head_dim;
+    let (qdim, kv) = (a.n_head * hd, a.n_kv_head * hd);
+    let group = a.n_head / a.n_kv_head;
+    out.clear();
+    out.resize(n * qdim, 0.0);
+    for i in 0..n {
+        let end = pos + i + 1;
+        let start = a.window.map_or(0, |w| end.saturating_sub(w));
+        for h in 0..a.n_head {
+            let g = h / group;
+            let qh = &q[i * qdim + h * hd..i * qdim + (h + 1) * hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for t in start..end {
+                let kt = &k[t * kv + g * hd..t * kv + (g + 1) * hd];
+                let sc = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * a.scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let oh = &mut out[i * qdim + h * hd..i * qdim + (h + 1) * hd];
+            for (t, p) in (start..end).zip(scores.iter()) {
+                let w = p / sum;
+                let vt = &v[t * kv + g * hd..t * kv + (g + 1) * hd];
+                oh.iter_mut().zip(vt).for_each(|(o, x)| *o += w * x);
+            }
+        }
+    }
+}
+
+/// Keys and values of one sequence, one growing buffer per layer.
+#[derive(Debug, Default)]
+pub(crate) struct KvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub len: usize,
+}
+
+impl KvCache {
+    /// A cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+        }
+    }
+
+    /// Empties it and reserves `positions × width` floats per layer.
+    pub fn reset(&mut self, positions: usize, width: usize) {
+        for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            c.clear();
+            c.reserve(positions * width);
+        }
+        self.len = 0;
+    }
+}
+
+/// Reusable buffers for one forward pass.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub x: Vec<f32>,
+    pub h: Vec<f32>,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub att: Vec<f32>,
+    pub o: Vec<f32>,
+    pub g: Vec<f32>,
+    pub u: Vec<f32>,
+    pub xq: Vec<BlockQ8>,
+    pub scores: Vec<f32>,
+}
