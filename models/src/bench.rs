@@ -23,9 +23,12 @@ pub struct BenchResult {
     pub load_ms: u128,
 }
 
-/// The anchor's prompt: `n` raw token ids.
-pub fn anchor_prompt(n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| 1000 + i * 7).collect()
+/// The anchor's prompt: `n` raw token ids (wrapped into the vocabulary for toy models; the
+/// real models' vocabularies hold every id unchanged).
+pub fn anchor_prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (1000 + i * 7) % vocab.max(1) as u32)
+        .collect()
 }
 
 /// Runs the anchor workload on a loaded model: `prompt_tokens` ids, then `gen_tokens`
@@ -35,8 +38,10 @@ pub fn run(
     prompt_tokens: usize,
     gen_tokens: u32,
 ) -> Result<BenchResult, GenerateError> {
-    let mut req =
-        GenerateRequest::new(Prompt::Tokens(anchor_prompt(prompt_tokens)), gen_tokens + 1);
+    let mut req = GenerateRequest::new(
+        Prompt::Tokens(anchor_prompt(prompt_tokens, model.tokenizer().vocab_size())),
+        gen_tokens + 1,
+    );
     req.ignore_eos = true;
     let done = model.generate(&req, |_| std::ops::ControlFlow::Continue(()))?;
     let round = |x: f64| (x * 10.0).round() / 10.0;

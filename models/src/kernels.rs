@@ -569,7 +569,7 @@ mod tests {
         let mut w = f16::from_f32(1.0).to_le_bytes().to_vec();
         w.extend_from_slice(&(1u32 | 1 << 17).to_le_bytes());
         w.extend_from_slice(&[0x93; 16]);
-        let mut onehot = |j: usize| {
+        let onehot = |j: usize| {
             let mut x = [BlockQ8 {
                 d: 1.0,
                 s: 0.0,

@@ -304,6 +304,7 @@ pub(crate) struct AttnShape {
 
 /// Causal grouped-query attention of `n` new positions starting at `pos`, reading the cache
 /// in place: query head h uses key/value head h / (n_head / n_kv_head).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     a: AttnShape,
     q: &[f32],

@@ -161,7 +161,7 @@ fn bad_requests_are_rejected_before_running() {
 #[test]
 fn chat_uses_the_gguf_template_and_base_models_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut m = model(dir.path());
+    let m = model(dir.path());
     let chat = Prompt::Chat(vec![ChatMessage::user("hello")]);
     let ids = m.tokenize_prompt(&chat, false).expect("renders");
     let expected = m.tokenizer().encode(
