@@ -15,12 +15,6 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
     exit 1
   fi
 fi
-for component in rustfmt clippy; do
-  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
-    rustup component add "$component"
-  fi
-done
-
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
