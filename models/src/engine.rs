@@ -154,11 +154,12 @@ pub enum GenerateError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The implementation running a model: ours, or candle's stock one (the reference).
 enum Weights {
-    Tessera(crate::llama::Llama),
-    TesseraGemma3(crate::gemma3::Gemma3),
-    Llama(quantized_llama::ModelWeights),
-    Gemma3(quantized_gemma3::ModelWeights),
+    OwnLlama(crate::llama::Llama),
+    OwnGemma3(crate::gemma3::Gemma3),
+    CandleLlama(quantized_llama::ModelWeights),
+    CandleGemma3(quantized_gemma3::ModelWeights),
 }
 
 /// Control tokens that end a turn in common chat formats (llama.cpp's end-of-generation list).
@@ -258,19 +259,19 @@ impl Model {
             source,
         };
         let weights = match (arch, backend) {
-            (Architecture::Llama, Backend::Tessera) => Weights::Tessera(
+            (Architecture::Llama, Backend::Tessera) => Weights::OwnLlama(
                 crate::llama::Llama::load(&content, mmap.clone(), context_length as usize)
                     .map_err(weights_err)?,
             ),
-            (Architecture::Llama, Backend::Candle) => Weights::Llama(
+            (Architecture::Llama, Backend::Candle) => Weights::CandleLlama(
                 quantized_llama::ModelWeights::from_gguf(content, &mut reader, &device)
                     .map_err(weights_err)?,
             ),
-            (Architecture::Gemma3, Backend::Tessera) => Weights::TesseraGemma3(
+            (Architecture::Gemma3, Backend::Tessera) => Weights::OwnGemma3(
                 crate::gemma3::Gemma3::load(&content, mmap.clone(), context_length as usize)
                     .map_err(weights_err)?,
             ),
-            (Architecture::Gemma3, Backend::Candle) => Weights::Gemma3(
+            (Architecture::Gemma3, Backend::Candle) => Weights::CandleGemma3(
                 quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &device)
                     .map_err(weights_err)?,
             ),
@@ -374,12 +375,12 @@ impl Model {
 
     /// Logits of the last position after running `tokens` at positions `pos..`.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, candle_core::Error> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let input = |device: &Device| Tensor::new(tokens, device)?.unsqueeze(0);
         let logits = match &mut self.weights {
-            Weights::Tessera(m) => return m.forward(tokens, pos),
-            Weights::TesseraGemma3(m) => return m.forward(tokens, pos),
-            Weights::Llama(m) => m.forward(&input, pos)?,
-            Weights::Gemma3(m) => m.forward(&input, pos)?,
+            Weights::OwnLlama(m) => return m.forward(tokens, pos),
+            Weights::OwnGemma3(m) => return m.forward(tokens, pos),
+            Weights::CandleLlama(m) => m.forward(&input(&self.device)?, pos)?,
+            Weights::CandleGemma3(m) => m.forward(&input(&self.device)?, pos)?,
         };
         logits
             .squeeze(0)?
@@ -391,9 +392,9 @@ impl Model {
     /// positions); returns the last logits.
     fn prefill(&mut self, prompt: &[u32], capacity: usize) -> Result<Vec<f32>, candle_core::Error> {
         match &mut self.weights {
-            Weights::Tessera(m) => m.reset(capacity),
-            Weights::TesseraGemma3(m) => m.reset(capacity),
-            Weights::Llama(_) | Weights::Gemma3(_) => {}
+            Weights::OwnLlama(m) => m.reset(capacity),
+            Weights::OwnGemma3(m) => m.reset(capacity),
+            Weights::CandleLlama(_) | Weights::CandleGemma3(_) => {}
         }
         self.forward(prompt, 0)
     }

@@ -9,6 +9,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::catalog;
+use crate::tokenizer::byte_to_char;
 
 static FETCH_LOCK: Mutex<()> = Mutex::new(());
 
@@ -64,22 +65,10 @@ const TINY_MERGES: [(&str, &str); 6] = [
     ("Ġw", "o"),
 ];
 
-fn byte_to_unicode(b: u8) -> char {
-    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
-    if printable(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !printable(x)).count() as u32;
-        char::from_u32(256 + n).expect("valid code point")
-    }
-}
-
 /// Writes a tiny, valid llama GGUF with random Q4_1 weights to `path`.
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
     let (dim, ffn, heads, kv_heads, layers) = (64usize, 128usize, 4u32, 2u32, 2u32);
-    let mut tokens: Vec<String> = (0..=255u8)
-        .map(|b| byte_to_unicode(b).to_string())
-        .collect();
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_to_char(b).to_string()).collect();
     for (a, b) in TINY_MERGES {
         tokens.push(format!("{a}{b}"));
     }
