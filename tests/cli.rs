@@ -158,6 +158,9 @@ fn user_errors_are_one_line_and_fail() {
             lines[0].starts_with("error: ") && lines[0].contains(want),
             "{args:?}: {err}"
         );
+        // A cause is said once: no clause repeats the one before it.
+        let clauses: Vec<&str> = lines[0].split(": ").collect();
+        assert!(clauses.windows(2).all(|w| w[0] != w[1]), "{args:?}: {err}");
     }
     // Nothing that looks like a model was left behind by the failed fetch.
     let models = dir.path().join("models");

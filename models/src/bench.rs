@@ -26,8 +26,8 @@ pub struct BenchResult {
 /// The anchor's prompt: `n` raw token ids (wrapped into the vocabulary for toy models; the
 /// real models' vocabularies hold every id unchanged).
 pub fn anchor_prompt(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (1000 + i * 7) % vocab.max(1) as u32)
+    (0..n as u64)
+        .map(|i| ((1000 + i * 7) % vocab.max(1) as u64) as u32)
         .collect()
 }
 
@@ -38,9 +38,15 @@ pub fn run(
     prompt_tokens: usize,
     gen_tokens: u32,
 ) -> Result<BenchResult, GenerateError> {
+    if prompt_tokens >= model.context_length() as usize {
+        return Err(GenerateError::PromptTooLong {
+            prompt_tokens,
+            context: model.context_length(),
+        });
+    }
     let mut req = GenerateRequest::new(
         Prompt::Tokens(anchor_prompt(prompt_tokens, model.tokenizer().vocab_size())),
-        gen_tokens + 1,
+        gen_tokens.saturating_add(1),
     );
     req.ignore_eos = true;
     let done = model.generate(&req, |_| std::ops::ControlFlow::Continue(()))?;

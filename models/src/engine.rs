@@ -34,6 +34,11 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// Most stop sequences a request may carry (OpenAI's limit).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence, in bytes: holding text back costs time in its length every token.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// One generation request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerateRequest {
@@ -140,6 +145,14 @@ pub enum GenerateError {
     /// A sampling parameter is out of range.
     #[error(transparent)]
     Sampling(#[from] SamplingParamsError),
+    /// Too many or too long stop sequences.
+    #[error("stop sequences: at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_BYTES} bytes (got {count}, longest {longest} bytes)")]
+    BadStop {
+        /// How many were given.
+        count: usize,
+        /// The longest, in bytes.
+        longest: usize,
+    },
     /// The chat prompt could not be rendered.
     #[error(transparent)]
     Chat(#[from] ChatError),
@@ -233,9 +246,9 @@ impl Model {
         }
         let module_id = file.module_id(weights_hash);
         let tokenizer =
-            Tokenizer::from_gguf(&file.content).map_err(|source| LoadError::Tokenizer {
+            Tokenizer::from_gguf(&file.content).map_err(|cause| LoadError::Tokenizer {
                 path: path.to_owned(),
-                source,
+                cause,
             })?;
         let template =
             ChatTemplate::for_model(file.metadata_str("tokenizer.chat_template"), file.arch);
@@ -254,9 +267,9 @@ impl Model {
         let (arch, context_length) = (file.arch, file.context_length);
         let ModelFile { content, mmap, .. } = file;
         let mut reader = std::io::Cursor::new(&mmap[..]);
-        let weights_err = |source| LoadError::Weights {
+        let weights_err = |cause: candle_core::Error| LoadError::Weights {
             path: path.to_owned(),
-            source,
+            cause: crate::gguf::first_line(&cause.to_string()),
         };
         let weights = match (arch, backend) {
             (Architecture::Llama, Backend::Tessera) => Weights::OwnLlama(
@@ -417,6 +430,13 @@ impl Model {
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
         req.sampling.validate()?;
+        let longest = req.stop.iter().map(String::len).max().unwrap_or(0);
+        if req.stop.len() > MAX_STOP_SEQUENCES || longest > MAX_STOP_BYTES {
+            return Err(GenerateError::BadStop {
+                count: req.stop.len(),
+                longest,
+            });
+        }
         let prompt = self.tokenize_prompt(&req.prompt, req.chat_fallback)?;
         let room = self.context_length as usize - prompt.len();
         let budget = (req.max_tokens as usize).min(room);

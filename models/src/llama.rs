@@ -14,17 +14,9 @@ use candle_core::quantized::gguf_file;
 
 use crate::kernels;
 use crate::serving::{
-    attention, quantize_rows, rms_norm, rope, rope_tables, AttnShape, Embedding, KvCache, Linear,
-    RopeStyle, Scratch, TensorSource,
+    attention, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rope, AttnShape,
+    Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch, TensorSource,
 };
-
-fn md_u32(ct: &gguf_file::Content, key: &str) -> candle_core::Result<usize> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| candle_core::Error::Msg(format!("missing {key}")))?
-        .to_u32()
-        .map(|v| v as usize)
-}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -49,8 +41,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    rope: RopeTable,
     path: kernels::Path,
     cache: KvCache,
     s: Scratch,
@@ -73,49 +64,45 @@ impl Llama {
         mmap: Arc<memmap2::Mmap>,
         context: usize,
     ) -> candle_core::Result<Self> {
-        let dim = md_u32(ct, "llama.embedding_length")?;
-        let n_head = md_u32(ct, "llama.attention.head_count")?;
-        let n_kv_head = md_u32(ct, "llama.attention.head_count_kv").unwrap_or(n_head);
-        let n_layer = md_u32(ct, "llama.block_count")?;
-        let head_dim = dim / n_head;
-        let rope_dim = md_u32(ct, "llama.rope.dimension_count").unwrap_or(head_dim);
-        if rope_dim != head_dim || n_kv_head == 0 || n_head % n_kv_head != 0 || head_dim % 2 != 0 {
-            candle_core::bail!("unsupported llama shape: head_dim {head_dim}, rope dims {rope_dim}, heads {n_head}/{n_kv_head}");
+        let dim = md_usize(ct, "llama.embedding_length")?;
+        let n_head = md_usize(ct, "llama.attention.head_count")?;
+        let n_kv_head = md_usize(ct, "llama.attention.head_count_kv").unwrap_or(n_head);
+        let n_layer = md_usize(ct, "llama.block_count")?;
+        let ffn = md_usize(ct, "llama.feed_forward_length")?;
+        let head_dim = dim.checked_div(n_head).unwrap_or(0);
+        let rope_dim = md_usize(ct, "llama.rope.dimension_count").unwrap_or(head_dim);
+        if head_dim == 0
+            || head_dim * n_head != dim
+            || rope_dim != head_dim
+            || n_kv_head == 0
+            || n_head % n_kv_head != 0
+            || head_dim % 2 != 0
+        {
+            candle_core::bail!("unsupported llama shape: width {dim}, heads {n_head}/{n_kv_head}, rope dims {rope_dim}");
         }
-        let eps = ct
-            .metadata
-            .get("llama.attention.layer_norm_rms_epsilon")
-            .and_then(|v| v.to_f32().ok())
-            .unwrap_or(1e-5);
-        let rope_base = ct
-            .metadata
-            .get("llama.rope.freq_base")
-            .and_then(|v| v.to_f32().ok())
-            .unwrap_or(10000.0);
+        refuse_rope_scaling(ct, "llama")?;
+        let eps = md_f32(ct, "llama.attention.layer_norm_rms_epsilon", 1e-5);
+        let rope_base = md_f32(ct, "llama.rope.freq_base", 10000.0);
+        let kv = n_kv_head * head_dim;
         let src = TensorSource { ct, mmap: &mmap };
         let mut layers = Vec::with_capacity(n_layer);
         for l in 0..n_layer {
             let p = |n: &str| format!("blk.{l}.{n}.weight");
             layers.push(Layer {
-                attn_norm: src.f32_vec(&p("attn_norm"))?,
-                ffn_norm: src.f32_vec(&p("ffn_norm"))?,
-                wq: src.linear(&p("attn_q"))?,
-                wk: src.linear(&p("attn_k"))?,
-                wv: src.linear(&p("attn_v"))?,
-                wo: src.linear(&p("attn_output"))?,
-                gate: src.linear(&p("ffn_gate"))?,
-                up: src.linear(&p("ffn_up"))?,
-                down: src.linear(&p("ffn_down"))?,
+                attn_norm: src.f32_vec(&p("attn_norm"), dim)?,
+                ffn_norm: src.f32_vec(&p("ffn_norm"), dim)?,
+                wq: src.linear(&p("attn_q"), dim, dim)?,
+                wk: src.linear(&p("attn_k"), kv, dim)?,
+                wv: src.linear(&p("attn_v"), kv, dim)?,
+                wo: src.linear(&p("attn_output"), dim, dim)?,
+                gate: src.linear(&p("ffn_gate"), ffn, dim)?,
+                up: src.linear(&p("ffn_up"), ffn, dim)?,
+                down: src.linear(&p("ffn_down"), dim, ffn)?,
             });
         }
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            src.linear("output.weight")?
-        } else {
-            src.linear("token_embd.weight")?
-        };
-        let embed = src.embedding("token_embd.weight")?;
-        let norm = src.f32_vec("output_norm.weight")?;
-        let (cos, sin) = rope_tables(rope_base, head_dim, context);
+        let embed = src.embedding("token_embd.weight", dim)?;
+        let output = src.output(embed.vocab, dim)?;
+        let norm = src.f32_vec("output_norm.weight", dim)?;
         let attn = AttnShape {
             n_head,
             n_kv_head,
@@ -133,8 +120,7 @@ impl Llama {
             layers,
             norm,
             output,
-            cos,
-            sin,
+            rope: RopeTable::new(rope_base, head_dim),
             path: kernels::best_path(),
             cache: KvCache::new(n_layer),
             s: Scratch::default(),
@@ -143,10 +129,10 @@ impl Llama {
 
     /// Empties the KV cache and reserves room for `capacity` positions.
     pub fn reset(&mut self, capacity: usize) {
-        self.cache.reset(
-            capacity.min(self.context),
-            self.attn.n_kv_head * self.attn.head_dim,
-        );
+        let capacity = capacity.min(self.context);
+        self.cache
+            .reset(capacity, self.attn.n_kv_head * self.attn.head_dim);
+        self.rope.ensure(capacity);
     }
 
     /// Runs `tokens` at positions `pos..` (which must equal the cached length) and returns
@@ -164,6 +150,7 @@ impl Llama {
         if pos != self.cache.len || n == 0 || pos + n > self.context {
             candle_core::bail!("{n} tokens at position {pos} do not fit after {} cached positions in a context of {}", self.cache.len, self.context);
         }
+        self.rope.ensure(pos + n);
         let (dim, eps, path) = (self.dim, self.eps, self.path);
         let hd = self.attn.head_dim;
         let file: &[u8] = &self.mmap;
@@ -183,8 +170,7 @@ impl Llama {
                     RopeStyle::Interleaved,
                     &mut s.q[i * dim..(i + 1) * dim],
                     hd,
-                    &self.cos,
-                    &self.sin,
+                    &self.rope,
                     pos + i,
                 );
                 let kv = s.k.len() / n;
@@ -192,8 +178,7 @@ impl Llama {
                     RopeStyle::Interleaved,
                     &mut s.k[i * kv..(i + 1) * kv],
                     hd,
-                    &self.cos,
-                    &self.sin,
+                    &self.rope,
                     pos + i,
                 );
             }

@@ -16,6 +16,46 @@ fn err(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(msg)
 }
 
+/// A required integer hyperparameter, so a missing or mistyped key is one clear error.
+pub(crate) fn md_usize(ct: &gguf_file::Content, key: &str) -> candle_core::Result<usize> {
+    let v = ct
+        .metadata
+        .get(key)
+        .ok_or_else(|| err(format!("missing {key}")))?;
+    v.to_u32()
+        .map(|v| v as usize)
+        .map_err(|_| err(format!("{key} is not an unsigned 32-bit integer")))
+}
+
+/// An optional float hyperparameter with the default llama.cpp uses.
+pub(crate) fn md_f32(ct: &gguf_file::Content, key: &str, default: f32) -> f32 {
+    ct.metadata
+        .get(key)
+        .and_then(|v| v.to_f32().ok())
+        .unwrap_or(default)
+}
+
+/// Refuses rope scaling (linear/YaRN factors, llama3's `rope_freqs`): our rope tables do not
+/// apply it, and silently ignoring it would serve wrong logits under a valid module id.
+pub(crate) fn refuse_rope_scaling(ct: &gguf_file::Content, arch: &str) -> candle_core::Result<()> {
+    let kind = ct
+        .metadata
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str);
+    let factor = md_f32(ct, &format!("{arch}.rope.scaling.factor"), 1.0);
+    if kind.is_some_and(|k| k != "none")
+        || factor != 1.0
+        || ct.tensor_infos.contains_key("rope_freqs.weight")
+    {
+        return Err(err(format!(
+            "rope scaling ({}, factor {factor}) is not supported yet",
+            kind.unwrap_or("rope_freqs")
+        )));
+    }
+    Ok(())
+}
+
 /// Reads tensors of a GGUF that is mapped in memory.
 pub(crate) struct TensorSource<'a> {
     pub ct: &'a gguf_file::Content,
@@ -23,23 +63,27 @@ pub(crate) struct TensorSource<'a> {
 }
 
 impl TensorSource<'_> {
-    /// Byte range, dtype and (rows, cols …) dims of a tensor.
+    /// Byte range, dtype and (rows, cols …) dims of a tensor, checked to lie in the file.
     pub fn range(&self, name: &str) -> candle_core::Result<(Range<usize>, GgmlDType, Vec<usize>)> {
         let t = self
             .ct
             .tensor_infos
             .get(name)
             .ok_or_else(|| err(format!("missing tensor {name}")))?;
-        let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
-        let start = (self.ct.tensor_data_offset + t.offset) as usize;
-        Ok((start..start + bytes, t.ggml_dtype, t.shape.dims().to_vec()))
+        let span = crate::gguf::tensor_span(self.ct, t)
+            .filter(|s| s.end <= self.mmap.len() as u64)
+            .ok_or_else(|| err(format!("tensor {name} does not fit in the file")))?;
+        let range = span.start as usize..span.end as usize;
+        Ok((range, t.ggml_dtype, t.shape.dims().to_vec()))
     }
 
-    /// An F32 vector (norm weights).
-    pub fn f32_vec(&self, name: &str) -> candle_core::Result<Vec<f32>> {
-        let (r, dt, _) = self.range(name)?;
-        if dt != GgmlDType::F32 {
-            return Err(err(format!("{name}: expected F32, got {dt:?}")));
+    /// An F32 vector of `len` values (norm weights).
+    pub fn f32_vec(&self, name: &str, len: usize) -> candle_core::Result<Vec<f32>> {
+        let (r, dt, dims) = self.range(name)?;
+        if dt != GgmlDType::F32 || dims != [len] {
+            return Err(err(format!(
+                "{name}: expected F32 [{len}], got {dt:?} {dims:?}"
+            )));
         }
         Ok(self.mmap[r]
             .chunks_exact(4)
@@ -47,13 +91,14 @@ impl TensorSource<'_> {
             .collect())
     }
 
-    /// A projection matrix.
-    pub fn linear(&self, name: &str) -> candle_core::Result<Linear> {
+    /// A projection matrix of `rows` outputs by `cols` inputs.
+    pub fn linear(&self, name: &str, rows: usize, cols: usize) -> candle_core::Result<Linear> {
         let (r, dt, dims) = self.range(name)?;
-        let (rows, cols) = match dims[..] {
-            [rows, cols] => (rows, cols),
-            _ => return Err(err(format!("{name}: expected a matrix, got dims {dims:?}"))),
-        };
+        if dims != [rows, cols] {
+            return Err(err(format!(
+                "{name}: expected a [{rows}, {cols}] matrix, got {dims:?}"
+            )));
+        }
         let format = match dt {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q8_0 => Some(Format::Q8_0),
@@ -86,10 +131,27 @@ impl TensorSource<'_> {
         }
     }
 
-    /// The token embedding, kept quantized when it is Q8_0.
-    pub fn embedding(&self, name: &str) -> candle_core::Result<Embedding> {
+    /// The output projection: `output.weight`, or the token embedding when the two are tied.
+    pub fn output(&self, vocab: usize, dim: usize) -> candle_core::Result<Linear> {
+        let name = if self.ct.tensor_infos.contains_key("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        self.linear(name, vocab, dim)
+    }
+
+    /// The token embedding of width `dim`, kept quantized when it is Q8_0.
+    pub fn embedding(&self, name: &str, dim: usize) -> candle_core::Result<Embedding> {
         let (r, dt, dims) = self.range(name)?;
-        let (vocab, dim) = (dims[0], dims[1]);
+        let vocab = match dims[..] {
+            [vocab, d] if d == dim && vocab > 0 => vocab,
+            _ => {
+                return Err(err(format!(
+                    "{name}: expected a [vocab, {dim}] table, got {dims:?}"
+                )))
+            }
+        };
         if dt == GgmlDType::Q8_0 && dim % QK == 0 {
             return Ok(Embedding {
                 vocab,
@@ -211,6 +273,8 @@ impl Embedding {
 }
 
 /// Quantizes rows of width `cols` once, for every own-kernel projection that reads them.
+/// Widths that are not whole Q8 blocks are left alone: no own-kernel matrix accepts them
+/// (`QMatrix::new` refuses at load), so only candle projections read such rows.
 pub(crate) fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
     if cols % QK != 0 {
         return;
@@ -238,20 +302,41 @@ pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// Rope angle tables (`cos`, `sin`), `positions × head_dim/2`, with θᵢ = base^(−2i/d).
-pub(crate) fn rope_tables(base: f32, head_dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let mut cos = vec![0f32; positions * half];
-    let mut sin = vec![0f32; positions * half];
-    for i in 0..half {
-        let theta = 1f32 / base.powf((2 * i) as f32 / head_dim as f32);
-        for p in 0..positions {
-            let a = p as f32 * theta;
-            cos[p * half + i] = a.cos();
-            sin[p * half + i] = a.sin();
+/// Rope angle tables (`cos`, `sin`, `positions × head_dim/2`, θᵢ = base^(−2i/d)), grown to
+/// the positions requests reach rather than built for the whole context at load (gemma3's
+/// 32k context would cost 64 MB and a tenth of a second up front).
+#[derive(Debug)]
+pub(crate) struct RopeTable {
+    theta: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Empty tables for `head_dim`-wide heads.
+    pub fn new(base: f32, head_dim: usize) -> Self {
+        let theta = (0..head_dim / 2)
+            .map(|i| 1f32 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        Self {
+            theta,
+            cos: Vec::new(),
+            sin: Vec::new(),
         }
     }
-    (cos, sin)
+
+    /// Makes positions `0..positions` available.
+    pub fn ensure(&mut self, positions: usize) {
+        let half = self.theta.len();
+        let have = self.cos.len() / half.max(1);
+        for p in have..positions {
+            for &theta in &self.theta {
+                let a = p as f32 * theta;
+                self.cos.push(a.cos());
+                self.sin.push(a.sin());
+            }
+        }
+    }
 }
 
 /// How a model pairs dimensions for rope.
@@ -268,14 +353,13 @@ pub(crate) fn rope(
     style: RopeStyle,
     x: &mut [f32],
     head_dim: usize,
-    cos: &[f32],
-    sin: &[f32],
+    table: &RopeTable,
     pos: usize,
 ) {
     let half = head_dim / 2;
     let (cos, sin) = (
-        &cos[pos * half..(pos + 1) * half],
-        &sin[pos * half..(pos + 1) * half],
+        &table.cos[pos * half..(pos + 1) * half],
+        &table.sin[pos * half..(pos + 1) * half],
     );
     for head in x.chunks_exact_mut(head_dim) {
         for i in 0..half {

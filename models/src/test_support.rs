@@ -40,6 +40,8 @@ pub struct TinySpec {
     pub seed: u64,
     /// Whether to store a ChatML chat template.
     pub chat_template: bool,
+    /// Metadata written over (or added to) the generated keys, for malformed-file tests.
+    pub metadata: Vec<(String, gguf_file::Value)>,
 }
 
 impl Default for TinySpec {
@@ -49,6 +51,7 @@ impl Default for TinySpec {
             context_length: 64,
             seed: 1,
             chat_template: true,
+            metadata: Vec::new(),
         }
     }
 }
@@ -182,6 +185,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
             "tokenizer.chat_template".into(),
             V::String("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}".into()),
         ));
+    }
+    for (key, value) in &spec.metadata {
+        md.retain(|(k, _)| k != key);
+        md.push((key.clone(), value.clone()));
     }
     let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -33,21 +33,29 @@ impl TextStream {
     /// Adds one token's bytes; returns what may be sent now.
     pub fn push(&mut self, bytes: &[u8]) -> Push<'_> {
         self.pending.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(s) => s.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            // An invalid sequence (not merely incomplete): replace it and move on.
-            Err(e) => {
-                let upto = e.valid_up_to() + e.error_len().unwrap_or(1);
-                let s = String::from_utf8_lossy(&self.pending[..upto]).into_owned();
-                self.pending.drain(..upto);
-                self.text.push_str(&s);
-                return self.after_append();
+        // Decode everything that is complete: invalid sequences become U+FFFD and decoding
+        // goes on after them; only an incomplete character at the very end waits.
+        let mut done = 0;
+        loop {
+            match std::str::from_utf8(&self.pending[done..]) {
+                Ok(s) => {
+                    self.text.push_str(s);
+                    done = self.pending.len();
+                    break;
+                }
+                Err(e) => {
+                    let valid = &self.pending[done..done + e.valid_up_to()];
+                    self.text
+                        .push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    done += valid.len();
+                    // `None`: an incomplete character at the end, kept for the next token.
+                    let Some(bad) = e.error_len() else { break };
+                    self.text.push(char::REPLACEMENT_CHARACTER);
+                    done += bad;
+                }
             }
-        };
-        let s = std::str::from_utf8(&self.pending[..valid]).expect("validated prefix");
-        self.text.push_str(s);
-        self.pending.drain(..valid);
+        }
+        self.pending.drain(..done);
         self.after_append()
     }
 
@@ -87,21 +95,24 @@ impl TextStream {
         Push::Text(&self.text[start..safe])
     }
 
-    /// At the end of generation: everything still held back, incomplete UTF-8 replaced.
+    /// At the end of generation: everything still held back, incomplete UTF-8 replaced,
+    /// cut before a stop sequence if the replacement completed one.
     pub fn finish(&mut self) -> String {
         if !self.pending.is_empty() {
             let s = String::from_utf8_lossy(&self.pending).into_owned();
             self.pending.clear();
             self.text.push_str(&s);
         }
-        let rest = self.text[self.emitted..].to_owned();
-        self.emitted = self.text.len();
-        rest
-    }
-
-    /// All text released so far (after `finish`, the whole answer).
-    pub fn text(&self) -> &str {
-        &self.text[..self.emitted]
+        let start = self.emitted;
+        let end = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[start..].find(s.as_str()).map(|i| start + i))
+            .min()
+            .unwrap_or(self.text.len());
+        self.text.truncate(end);
+        self.emitted = end;
+        self.text[start..].to_owned()
     }
 }
 
@@ -160,7 +171,38 @@ mod tests {
         assert_eq!(s.finish(), "\u{FFFD}");
     }
 
+    #[test]
+    fn text_after_an_invalid_byte_is_released_at_once_and_stops_still_cut() {
+        let mut s = TextStream::new(vec!["STOP".into()]);
+        assert_eq!(s.push(b"\xffok"), Push::Text("\u{FFFD}ok"));
+        let mut s = TextStream::new(vec!["STOP".into()]);
+        assert_eq!(s.push(b"\xc3"), Push::Text(""));
+        // The lead byte turns out invalid; the stop after it must still end the text.
+        assert_eq!(s.push(b" STOP"), Push::Stopped("\u{FFFD} "));
+        let mut s = TextStream::new(vec!["\u{FFFD}".into()]);
+        assert_eq!(s.push(b"a\xc3"), Push::Text("a"));
+        // Replacing the incomplete tail at the end completes the stop: it is cut there too.
+        assert_eq!(s.finish(), "");
+    }
+
     proptest! {
+        #[test]
+        fn any_bytes_give_lossy_text_cut_before_the_first_stop(
+            bytes in proptest::collection::vec(proptest::sample::select(vec![b'a', b'b', b' ', 0xc3, 0xa9, 0xff, 0xf0, 0x9f]), 0..40),
+            stop in "[ab]{1,2}|\u{FFFD}",
+            cuts in proptest::collection::vec(0usize..6, 0..20),
+        ) {
+            let mut pieces = Vec::new();
+            let mut i = 0;
+            for c in cuts { let j = (i + c).min(bytes.len()); pieces.push(&bytes[i..j]); i = j; }
+            pieces.push(&bytes[i..]);
+            let mut s = TextStream::new(vec![stop.clone()]);
+            let (out, _) = run(&mut s, &pieces);
+            let text = String::from_utf8_lossy(&bytes);
+            let want = text.find(&stop).map_or(&text[..], |at| &text[..at]);
+            prop_assert_eq!(out, want);
+        }
+
         #[test]
         fn output_equals_text_before_first_stop(text in "[a-c é🌍]{0,40}", stop in "[a-c]{1,3}", cuts in proptest::collection::vec(0usize..8, 0..20)) {
             let bytes = text.as_bytes();

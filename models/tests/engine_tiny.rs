@@ -4,6 +4,8 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file::Value;
+
 use tessera_models::test_support::{write_tiny_gguf, TinySpec};
 use tessera_models::{
     ChatMessage, Engine, GenerateError, GenerateEvent, GenerateRequest, LoadError, Model, Prompt,
@@ -156,6 +158,20 @@ fn bad_requests_are_rejected_before_running() {
         m.generate(&bad_temp, |_| ControlFlow::Continue(())),
         Err(GenerateError::Sampling(_))
     ));
+    let mut many_stops = sampled(0, 0.0);
+    many_stops.stop = vec!["a".into(); tessera_models::MAX_STOP_SEQUENCES + 1];
+    let mut long_stop = sampled(0, 0.0);
+    long_stop.stop = vec!["x".repeat(tessera_models::MAX_STOP_BYTES + 1)];
+    for req in [many_stops, long_stop] {
+        let err = m
+            .generate(&req, |_| ControlFlow::Continue(()))
+            .expect_err("refused");
+        assert!(matches!(err, GenerateError::BadStop { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("stop sequences: at most 4"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -342,4 +358,138 @@ async fn engine_streams_events_and_dropping_the_stream_cancels() {
         handle.generate(sampled(1, 1.0)).await,
         Err(GenerateError::EngineGone)
     ));
+}
+
+fn tiny_with(dir: &Path, name: &str, metadata: Vec<(&str, Value)>) -> PathBuf {
+    let path = dir.join(format!("{name}.gguf"));
+    let spec = TinySpec {
+        metadata: metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        ..TinySpec::default()
+    };
+    write_tiny_gguf(&path, &spec).expect("write tiny gguf");
+    path
+}
+
+#[test]
+fn hyperparameters_that_contradict_the_tensors_are_refused_at_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    type Case = (&'static str, Vec<(&'static str, Value)>, &'static str);
+    let cases: [Case; 6] = [
+        (
+            "no-heads",
+            vec![("llama.attention.head_count", Value::U32(0))],
+            "unsupported llama shape",
+        ),
+        (
+            "wide",
+            vec![
+                ("llama.embedding_length", Value::U32(128)),
+                ("llama.rope.dimension_count", Value::U32(32)),
+            ],
+            "expected F32 [128]",
+        ),
+        (
+            "ffn",
+            vec![("llama.feed_forward_length", Value::U32(96))],
+            "expected a [96, 64] matrix",
+        ),
+        (
+            "kv-heads",
+            vec![("llama.attention.head_count_kv", Value::U32(4))],
+            "expected a [64, 64] matrix",
+        ),
+        (
+            "scaled",
+            vec![
+                ("llama.rope.scaling.type", Value::String("linear".into())),
+                ("llama.rope.scaling.factor", Value::F32(8.0)),
+            ],
+            "rope scaling (linear, factor 8) is not supported",
+        ),
+        (
+            "mistyped",
+            vec![("llama.block_count", Value::String("two".into()))],
+            "llama.block_count is not an unsigned 32-bit integer",
+        ),
+    ];
+    for (name, metadata, want) in cases {
+        let msg = load_err(&tiny_with(dir.path(), name, metadata));
+        assert!(msg.contains(want), "{name}: {msg}");
+    }
+}
+
+#[test]
+fn zero_alignment_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The writer lays data out at its own alignment; write a marker value, then patch it to 0.
+    let path = tiny_with(
+        dir.path(),
+        "align",
+        vec![("general.alignment", Value::U32(0x5A5A_5A5A))],
+    );
+    let mut bytes = std::fs::read(&path).expect("read");
+    let at = bytes
+        .windows(4)
+        .position(|w| w == [0x5A; 4])
+        .expect("marker");
+    bytes[at..at + 4].fill(0);
+    std::fs::write(&path, &bytes).expect("write");
+    let msg = load_err(&path);
+    assert!(msg.contains("not a valid GGUF"), "{msg}");
+}
+
+#[test]
+fn a_huge_declared_context_costs_nothing_until_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = tiny_with(
+        dir.path(),
+        "long",
+        vec![("llama.context_length", Value::U32(u32::MAX))],
+    );
+    let mut m = Model::load(&path, "long").expect("loads without building 4G positions");
+    assert_eq!(m.context_length(), u32::MAX);
+    let (_, done) = run(&mut m, &sampled(3, 0.0));
+    assert_eq!(done.completion_tokens, 20);
+}
+
+#[test]
+fn corrupting_any_header_byte_never_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = tiny(dir.path(), TinySpec::default());
+    let bytes = std::fs::read(&good).expect("read");
+    let header =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes[..]))
+            .expect("parses")
+            .tensor_data_offset as usize;
+    let path = dir.path().join("fuzzed.gguf");
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let (mut loaded, mut refused) = (0, 0);
+    for _ in 0..400 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let mut b = bytes.clone();
+        let at = (state % header as u64) as usize;
+        b[at] = (state >> 32) as u8;
+        std::fs::write(&path, &b).expect("write");
+        // Loading either works or fails with one line; whatever loads can also run.
+        match Model::load(&path, "fuzzed") {
+            Ok(mut m) => {
+                loaded += 1;
+                let req = GenerateRequest::new(Prompt::Tokens(vec![1, 2, 3]), 2);
+                let _ = m.generate(&req, |_| ControlFlow::Continue(()));
+            }
+            Err(e) => {
+                refused += 1;
+                assert_eq!(e.to_string().lines().count(), 1, "{e}");
+            }
+        }
+    }
+    assert!(
+        loaded > 0 && refused > 0,
+        "{loaded} loaded, {refused} refused"
+    );
 }
