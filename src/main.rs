@@ -167,6 +167,13 @@ fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // candle's own pool (it runs the K-quant projections we have no kernel for yet) spins
+    // 25,000 rounds after each product before parking, taking a core from our rayon
+    // workers between its calls; on 2 cores a short spin is 14% faster gemma3 decoding
+    // (docs/performance.md). Read once, when candle's pool starts.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
+    }
     if let Some(n) = cli.threads {
         // candle reads these once, when its thread pools start (before any model runs).
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());

@@ -240,7 +240,6 @@ impl Gemma3 {
                 pos,
                 n,
                 &mut s.att,
-                &mut s.scores,
             );
             quantize_rows(&s.att, qdim, &mut s.xq);
             layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;

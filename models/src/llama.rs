@@ -192,7 +192,6 @@ impl Llama {
                 pos,
                 n,
                 &mut s.att,
-                &mut s.scores,
             );
             quantize_rows(&s.att, dim, &mut s.xq);
             layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;
