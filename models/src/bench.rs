@@ -9,11 +9,11 @@ use crate::engine::{GenerateError, GenerateRequest, Model, Prompt};
 /// Figures printed by `tessera bench`, named like the anchor's.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
-    /// Always "tessera".
+    /// "tessera", or "candle" for candle's stock model (`--backend candle`).
     pub engine: &'static str,
     /// Model name.
     pub model: String,
-    /// Threads candle was allowed to use.
+    /// Inference threads (our rayon pool and candle's).
     pub threads: usize,
     /// Prompt tokens per second (prompt tokens / time to first token).
     pub prefill_tps: f64,
@@ -52,7 +52,10 @@ pub fn run(
     let done = model.generate(&req, |_| std::ops::ControlFlow::Continue(()))?;
     let round = |x: f64| (x * 10.0).round() / 10.0;
     Ok(BenchResult {
-        engine: "tessera",
+        engine: match model.backend() {
+            crate::Backend::Tessera => "tessera",
+            crate::Backend::Candle => "candle",
+        },
         model: model.name().to_owned(),
         threads: candle_core::utils::get_num_threads(),
         prefill_tps: round(done.timings.prefill_tps()),

@@ -334,6 +334,14 @@ impl Model {
         self.load_time
     }
 
+    /// Which implementation runs the model, so figures can say whose they are.
+    pub fn backend(&self) -> Backend {
+        match self.weights {
+            Weights::OwnLlama(_) | Weights::OwnGemma3(_) => Backend::Tessera,
+            Weights::CandleLlama(_) | Weights::CandleGemma3(_) => Backend::Candle,
+        }
+    }
+
     /// Turns a prompt into token ids, exactly as `generate` will.
     pub fn tokenize_prompt(
         &self,
