@@ -263,19 +263,13 @@ impl ModelFile {
         if len < 4 || &mmap[..4] != b"GGUF" {
             return Err(not_gguf("missing GGUF magic".into()));
         }
-        // candle's parser bounds every length by the file size but divides by the
-        // header's `general.alignment` unchecked: a hostile 0 must be an error, not a crash.
-        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
-        }));
-        let content = match parsed {
-            Ok(read) => read.map_err(|e| not_gguf(first_line(&e.to_string())))?,
-            Err(_) => {
-                return Err(not_gguf(
-                    "malformed header (the GGUF parser gave up on it)".into(),
-                ))
-            }
-        };
+        // candle's parser bounds every length by the file size but divides by the header's
+        // `general.alignment` unchecked: a hostile 0 must be an error, not a crash.
+        if declared_alignment(&mmap) == Some(0) {
+            return Err(not_gguf("general.alignment is 0".into()));
+        }
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+            .map_err(|e| not_gguf(first_line(&e.to_string())))?;
         for (name, t) in &content.tensor_infos {
             let Some(span) = tensor_span(&content, t) else {
                 return Err(not_gguf(format!(
@@ -386,6 +380,115 @@ fn guess_quantization(content: &gguf_file::Content) -> Quantization {
     Quantization::try_from(name).unwrap_or_else(|_| Quantization::from_gguf_file_type(u32::MAX))
 }
 
+/// The integer `general.alignment` a GGUF header declares, found by walking its metadata in
+/// place (no allocation, every read bounds-checked). `None` when absent or when the header
+/// is malformed, which candle's parser then reports.
+fn declared_alignment(bytes: &[u8]) -> Option<u64> {
+    struct Reader<'a> {
+        b: &'a [u8],
+        at: usize,
+        wide: bool,
+    }
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: u64) -> Option<&'a [u8]> {
+            let end = self.at.checked_add(usize::try_from(n).ok()?)?;
+            let s = self.b.get(self.at..end)?;
+            self.at = end;
+            Some(s)
+        }
+        fn uint(&mut self, size: u64) -> Option<u64> {
+            let mut v = [0u8; 8];
+            v[..size as usize].copy_from_slice(self.take(size)?);
+            Some(u64::from_le_bytes(v))
+        }
+        fn len(&mut self) -> Option<u64> {
+            self.uint(if self.wide { 8 } else { 4 })
+        }
+        fn skip(&mut self, ty: u64, depth: u32) -> Option<()> {
+            match (ty, fixed_size(ty)) {
+                (_, Some(size)) => self.take(size).map(drop),
+                (8, None) => {
+                    let n = self.len()?;
+                    self.take(n).map(drop)
+                }
+                (9, None) if depth < 4 => {
+                    let elem = self.uint(4)?;
+                    let n = self.len()?;
+                    if let Some(size) = fixed_size(elem) {
+                        return self.take(n.checked_mul(size)?).map(drop);
+                    }
+                    (0..n).try_for_each(|_| self.skip(elem, depth + 1))
+                }
+                _ => None,
+            }
+        }
+    }
+    fn fixed_size(ty: u64) -> Option<u64> {
+        match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    let mut r = Reader {
+        b: bytes,
+        at: 4,
+        wide: false,
+    };
+    r.wide = r.uint(4)? >= 2;
+    let _tensors = r.len()?;
+    let kvs = r.len()?;
+    for _ in 0..kvs {
+        let key_len = r.len()?;
+        let key = r.take(key_len)?;
+        let ty = r.uint(4)?;
+        if key == b"general.alignment" {
+            // U8, I8, U16, I16, U32, I32: the integer types candle reads it from.
+            return match ty {
+                0..=5 => r.uint(fixed_size(ty)?),
+                _ => None,
+            };
+        }
+        r.skip(ty, 0)?;
+    }
+    None
+}
+
 pub(crate) fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{write_tiny_gguf, TinySpec};
+
+    #[test]
+    fn declared_alignment_is_found_past_the_tokenizer_arrays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.gguf");
+        write_tiny_gguf(&path, &TinySpec::default()).expect("write");
+        assert_eq!(
+            declared_alignment(&std::fs::read(&path).expect("read")),
+            None
+        );
+        let spec = TinySpec {
+            // Written last, after every string and array the walk has to skip.
+            metadata: vec![("general.alignment".into(), gguf_file::Value::U32(64))],
+            ..TinySpec::default()
+        };
+        write_tiny_gguf(&path, &spec).expect("write");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(declared_alignment(&bytes), Some(64));
+        // Cut anywhere before the value: no answer, and no panic.
+        let key = bytes
+            .windows(17)
+            .position(|w| w == b"general.alignment")
+            .expect("key written");
+        for cut in (0..key + 21).step_by(7) {
+            assert_eq!(declared_alignment(&bytes[..cut]), None, "cut at {cut}");
+        }
+    }
 }
