@@ -14,8 +14,8 @@ use candle_core::quantized::gguf_file;
 
 use crate::kernels;
 use crate::serving::{
-    attention, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rope, AttnShape,
-    Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch, TensorSource,
+    attention, last_logits, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rope,
+    AttnShape, Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch, TensorSource,
 };
 
 struct Layer {
@@ -147,9 +147,7 @@ impl Llama {
             self.reset(tokens.len());
         }
         let n = tokens.len();
-        if pos != self.cache.len || n == 0 || pos + n > self.context {
-            candle_core::bail!("{n} tokens at position {pos} do not fit after {} cached positions in a context of {}", self.cache.len, self.context);
-        }
+        self.cache.check_step(pos, n, self.context)?;
         self.rope.ensure(pos + n);
         let (dim, eps, path) = (self.dim, self.eps, self.path);
         let hd = self.attn.head_dim;
@@ -209,12 +207,8 @@ impl Llama {
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
         }
         self.cache.len += n;
-        rms_norm(&s.x[(n - 1) * dim..], &self.norm, eps, &mut s.h);
-        quantize_rows(&s.h, dim, &mut s.xq);
-        let mut logits = Vec::with_capacity(self.output.rows());
-        self.output
-            .forward(file, path, &s.h, &s.xq, 1, &mut logits)?;
+        let logits = last_logits(&mut s, dim, &self.norm, eps, &self.output, file, path);
         self.s = s;
-        Ok(logits)
+        logits
     }
 }

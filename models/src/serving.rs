@@ -476,6 +476,36 @@ impl KvCache {
         }
         self.len = 0;
     }
+
+    /// Checks that `n` new positions at `pos` continue this cache within `context`.
+    pub fn check_step(&self, pos: usize, n: usize, context: usize) -> candle_core::Result<()> {
+        if pos != self.len || n == 0 || pos + n > context {
+            return Err(err(format!(
+                "{n} tokens at position {pos} do not fit after {} cached positions in a context of {context}",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Logits of the last of the `dim`-wide rows in `s.x`: final RMSNorm, then the output
+/// projection (the common tail of every serving model's forward pass).
+pub(crate) fn last_logits(
+    s: &mut Scratch,
+    dim: usize,
+    norm: &[f32],
+    eps: f32,
+    output: &Linear,
+    file: &[u8],
+    path: kernels::Path,
+) -> candle_core::Result<Vec<f32>> {
+    let n = s.x.len() / dim;
+    rms_norm(&s.x[(n - 1) * dim..], norm, eps, &mut s.h);
+    quantize_rows(&s.h, dim, &mut s.xq);
+    let mut logits = Vec::with_capacity(output.rows());
+    output.forward(file, path, &s.h, &s.xq, 1, &mut logits)?;
+    Ok(logits)
 }
 
 /// Reusable buffers for one forward pass.

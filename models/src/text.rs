@@ -136,6 +136,19 @@ mod tests {
         (out, false)
     }
 
+    /// `bytes` cut into consecutive pieces of the given lengths (clamped), then the rest.
+    fn split<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::new();
+        let mut i = 0;
+        for c in cuts {
+            let j = (i + c).min(bytes.len());
+            pieces.push(&bytes[i..j]);
+            i = j;
+        }
+        pieces.push(&bytes[i..]);
+        pieces
+    }
+
     #[test]
     fn multibyte_characters_split_across_tokens_are_released_whole() {
         let mut s = TextStream::new(vec![]);
@@ -192,12 +205,8 @@ mod tests {
             stop in "[ab]{1,2}|\u{FFFD}",
             cuts in proptest::collection::vec(0usize..6, 0..20),
         ) {
-            let mut pieces = Vec::new();
-            let mut i = 0;
-            for c in cuts { let j = (i + c).min(bytes.len()); pieces.push(&bytes[i..j]); i = j; }
-            pieces.push(&bytes[i..]);
             let mut s = TextStream::new(vec![stop.clone()]);
-            let (out, _) = run(&mut s, &pieces);
+            let (out, _) = run(&mut s, &split(&bytes, &cuts));
             let text = String::from_utf8_lossy(&bytes);
             let want = text.find(&stop).map_or(&text[..], |at| &text[..at]);
             prop_assert_eq!(out, want);
@@ -205,13 +214,8 @@ mod tests {
 
         #[test]
         fn output_equals_text_before_first_stop(text in "[a-c é🌍]{0,40}", stop in "[a-c]{1,3}", cuts in proptest::collection::vec(0usize..8, 0..20)) {
-            let bytes = text.as_bytes();
-            let mut pieces = Vec::new();
-            let mut i = 0;
-            for c in cuts { let j = (i + c).min(bytes.len()); pieces.push(&bytes[i..j]); i = j; }
-            pieces.push(&bytes[i..]);
             let mut s = TextStream::new(vec![stop.clone()]);
-            let (out, stopped) = run(&mut s, &pieces);
+            let (out, stopped) = run(&mut s, &split(text.as_bytes(), &cuts));
             match text.find(&stop) {
                 Some(at) => { prop_assert!(stopped); prop_assert_eq!(out, &text[..at]); }
                 None => { prop_assert!(!stopped); prop_assert_eq!(out, text); }
