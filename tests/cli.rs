@@ -182,3 +182,29 @@ fn models_list_shows_every_alias() {
         .iter()
         .all(|r| r["cached"] == false && r["module_id"].is_null()));
 }
+
+#[test]
+fn a_damaged_cached_model_is_reported_on_its_row_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let entry = tessera_models::catalog::find("smollm2-135m-instruct").expect("alias");
+    let path = entry.cache_path(dir.path());
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    // The right size (a sparse file), the wrong bytes.
+    let f = std::fs::File::create(&path).expect("create");
+    f.set_len(entry.size).expect("size");
+    let out = tessera(dir.path(), &["models", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["cached"], true);
+    assert!(rows[0]["module_id"].is_null());
+    let err = rows[0]["error"].as_str().expect("error on the damaged row");
+    assert!(err.contains("not a valid GGUF"), "{err}");
+    assert!(rows[1]["error"].is_null() && rows[1]["cached"] == false);
+    let text = tessera(dir.path(), &["models", "list"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("damaged:") && text.contains("fetch --force smollm2-135m-instruct"),
+        "{text}"
+    );
+}
