@@ -3,26 +3,7 @@
 //! template (a base model such as gemma3-270m) gets a clear error, unless the caller opts
 //! into the documented fallback: Gemma's turn format for gemma-family models.
 
-use serde::{Deserialize, Serialize};
-
-/// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A user turn.
-    pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: "user".into(),
-            content: content.into(),
-        }
-    }
-}
+pub use tessera_protocol::ChatMessage;
 
 /// Why messages could not be rendered.
 #[derive(Debug, thiserror::Error)]

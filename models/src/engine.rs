@@ -197,6 +197,7 @@ pub struct Model {
     weights: Weights,
     device: Device,
     load_time: Duration,
+    generated: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Model {
@@ -300,9 +301,16 @@ impl Model {
             weights,
             device,
             load_time: start.elapsed(),
+            generated: Default::default(),
         };
         tracing::info!(model = %model.name, module = %model.module_id, load_ms = model.load_time.as_millis() as u64, "model loaded");
         Ok(model)
+    }
+
+    /// A live count of every token this model has generated (shared; one relaxed add per
+    /// token), so a node can report progress while a request runs.
+    pub fn token_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.generated.clone()
     }
 
     /// The module this model serves.
@@ -476,6 +484,8 @@ impl Model {
                 });
                 tokens.push(token);
                 history.push(token);
+                self.generated
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if !req.ignore_eos && self.end_tokens.contains(&token) {
                     finish = FinishReason::Stop;
                     break;
@@ -575,6 +585,7 @@ pub struct Engine {
 pub struct EngineHandle {
     tx: tokio::sync::mpsc::Sender<Command>,
     info: std::sync::Arc<ModelInfo>,
+    generated: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
@@ -586,6 +597,7 @@ impl Engine {
             context_length: model.context_length,
             has_chat_template: model.has_chat_template(),
         });
+        let generated = model.token_counter();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Command>(queue.max(1));
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", model.name))
@@ -619,7 +631,11 @@ impl Engine {
                 }
             })?;
         Ok(Self {
-            handle: EngineHandle { tx, info },
+            handle: EngineHandle {
+                tx,
+                info,
+                generated,
+            },
             thread: Some(thread),
         })
     }
@@ -655,6 +671,11 @@ impl EngineHandle {
     /// The engine's model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Tokens the engine has generated so far, counted as they are sampled.
+    pub fn tokens_generated(&self) -> u64 {
+        self.generated.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues `req`, waiting for room in the queue; events arrive on the returned stream.

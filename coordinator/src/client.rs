@@ -1,0 +1,374 @@
+//! The job client: open a stream to a node, send a signed request, and yield the node's
+//! events as they arrive, with the deadline enforced and the receipt checked. A dead peer
+//! surfaces as an error within seconds: a killed process closes its connections at once,
+//! and a silent one fails its pings (the swarm then closes the connection).
+
+use crate::table::NodeTable;
+use futures::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use futures::AsyncReadExt;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tessera_net::{NetHandle, PeerId, Stream};
+use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
+use tessera_protocol::wire::{read_frame, write_frame, WireError};
+use tessera_protocol::{
+    JobError, JobEvent, JobId, JobInput, JobRequest, JobResult, Keypair, ModuleId, Price, SamplingParams, Signed,
+};
+
+/// Longest wait for a stream to open, within the job's own deadline.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a job did not produce a result.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No stream could be opened to the node.
+    #[error("cannot open a job stream to {node}: {cause}")]
+    Open {
+        /// The node.
+        node: PeerId,
+        /// Why.
+        cause: String,
+    },
+    /// The job's deadline passed.
+    #[error("job deadline passed after {0:?}")]
+    Deadline(Duration),
+    /// The node answered with an error.
+    #[error("node refused or failed the job: {0}")]
+    Node(JobError),
+    /// The stream broke or ended before a result: the node died or dropped the job.
+    #[error("node {node} closed the job stream before a result ({cause})")]
+    PeerGone {
+        /// The node.
+        node: PeerId,
+        /// What the transport said.
+        cause: String,
+    },
+    /// The node sent something that breaks the protocol.
+    #[error("protocol violation from {node}: {cause}")]
+    Protocol {
+        /// The node.
+        node: PeerId,
+        /// What was wrong.
+        cause: String,
+    },
+    /// The receipt does not match the job or its signature fails.
+    #[error("bad receipt from {node}: {cause}")]
+    BadReceipt {
+        /// The node.
+        node: PeerId,
+        /// What was wrong.
+        cause: String,
+    },
+    /// The request could not be signed or encoded.
+    #[error("cannot send the request: {0}")]
+    Request(String),
+}
+
+/// What to run, before it is addressed and signed.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    /// The module.
+    pub module: ModuleId,
+    /// The paying account.
+    pub payer: String,
+    /// The prompt.
+    pub input: JobInput,
+    /// Sampler settings and seed.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// The most the payer accepts.
+    pub max_price: Price,
+    /// How long the whole job may take.
+    pub timeout: Duration,
+}
+
+/// Opens job streams to nodes, signing requests with the coordinator's key.
+#[derive(Clone)]
+pub struct JobClient {
+    net: NetHandle,
+    key: Keypair,
+    table: Option<Arc<RwLock<NodeTable>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl JobClient {
+    /// A client over `net`, signing with `key`; job outcomes are recorded in `table`.
+    pub fn new(net: NetHandle, key: Keypair, table: Option<Arc<RwLock<NodeTable>>>) -> Self {
+        Self { net, key, table }
+    }
+
+    /// Starts `spec` on `node`: opens a stream, sends the signed request, and returns the
+    /// stream of its events.
+    pub async fn start(&self, node: PeerId, spec: JobSpec) -> Result<JobStream, ClientError> {
+        let started = Instant::now();
+        let deadline = started + spec.timeout;
+        let request = JobRequest {
+            job_id: JobId(rand_bytes()),
+            node,
+            module: spec.module,
+            payer: spec.payer,
+            input: spec.input,
+            sampling: spec.sampling,
+            max_tokens: spec.max_tokens,
+            stop: spec.stop,
+            max_price: spec.max_price,
+            deadline_ms: now_ms() + spec.timeout.as_millis() as u64,
+        };
+        let signed = Signed::sign(request, &self.key).map_err(|e| ClientError::Request(e.to_string()))?;
+        let stream = self.open(node, deadline).await?;
+        let (reader, mut writer) = stream.split();
+        let job_id = signed.body.job_id;
+        match tokio::time::timeout_at(
+            deadline.into(),
+            write_frame(&mut writer, &signed, MAX_REQUEST_FRAME),
+        )
+        .await
+        {
+            Err(_) => return Err(ClientError::Deadline(spec.timeout)),
+            Ok(Err(WireError::TooLarge { len, max })) => {
+                return Err(ClientError::Request(format!("request of {len} bytes exceeds {max}")))
+            }
+            Ok(Err(e)) => {
+                self.failed(&node);
+                return Err(ClientError::PeerGone {
+                    node,
+                    cause: e.to_string(),
+                });
+            }
+            Ok(Ok(())) => {}
+        }
+        Ok(JobStream {
+            node,
+            job_id,
+            request: signed.body,
+            reader,
+            writer,
+            started,
+            deadline,
+            first_token: None,
+            finished: false,
+            table: self.table.clone(),
+        })
+    }
+
+    async fn open(&self, node: PeerId, deadline: Instant) -> Result<Stream, ClientError> {
+        let mut control = self.net.control();
+        let limit = (Instant::now() + OPEN_TIMEOUT).min(deadline);
+        match tokio::time::timeout_at(limit.into(), control.open_stream(node, tessera_net::job_protocol())).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => {
+                self.failed(&node);
+                Err(ClientError::Open {
+                    node,
+                    cause: e.to_string(),
+                })
+            }
+            Err(_) => {
+                self.failed(&node);
+                Err(ClientError::Open {
+                    node,
+                    cause: format!("timed out after {OPEN_TIMEOUT:?}"),
+                })
+            }
+        }
+    }
+
+    fn failed(&self, node: &PeerId) {
+        if let Some(t) = &self.table {
+            if let Ok(mut t) = t.write() {
+                t.record_failure(node);
+            }
+        }
+    }
+}
+
+fn rand_bytes() -> [u8; 16] {
+    // Job ids need uniqueness, not secrecy: hash a fresh key's public bytes, the clock
+    // and a process-wide counter.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&now_ms().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&Keypair::generate_ed25519().public().encode_protobuf());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// A running job's events, in order: `Accepted`, `Delta`s, then a `Result` (checked) or
+/// an error. Dropping it (or [`JobStream::cancel`]) closes the stream, which stops the
+/// node's generation.
+pub struct JobStream {
+    node: PeerId,
+    job_id: JobId,
+    request: JobRequest,
+    reader: ReadHalf<Stream>,
+    writer: WriteHalf<Stream>,
+    started: Instant,
+    deadline: Instant,
+    first_token: Option<Instant>,
+    finished: bool,
+    table: Option<Arc<RwLock<NodeTable>>>,
+}
+
+/// A finished job: all its text and its checked result.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// The node that ran it.
+    pub node: PeerId,
+    /// Every delta, joined.
+    pub text: String,
+    /// Usage, commitment and the verified receipt.
+    pub result: JobResult,
+}
+
+impl JobStream {
+    /// The job's id.
+    pub fn job_id(&self) -> JobId {
+        self.job_id
+    }
+
+    /// The node running it.
+    pub fn node(&self) -> PeerId {
+        self.node
+    }
+
+    /// The next event; `None` after the last. A `Result` event has passed
+    /// [`check_result`]; an `Error` event is returned as [`ClientError::Node`].
+    pub async fn next(&mut self) -> Option<Result<JobEvent, ClientError>> {
+        if self.finished {
+            return None;
+        }
+        let read = tokio::time::timeout_at(
+            self.deadline.into(),
+            read_frame::<_, JobEvent>(&mut self.reader, MAX_EVENT_FRAME),
+        )
+        .await;
+        let outcome = match read {
+            Err(_) => Err(ClientError::Deadline(self.deadline - self.started)),
+            Ok(Ok(None)) => Err(ClientError::PeerGone {
+                node: self.node,
+                cause: "end of stream".into(),
+            }),
+            Ok(Err(WireError::Io(e))) => Err(ClientError::PeerGone {
+                node: self.node,
+                cause: e.to_string(),
+            }),
+            Ok(Err(WireError::Truncated { got, want })) => Err(ClientError::PeerGone {
+                node: self.node,
+                cause: format!("stream ended inside a frame ({got} of {want} bytes)"),
+            }),
+            Ok(Err(e)) => Err(ClientError::Protocol {
+                node: self.node,
+                cause: e.to_string(),
+            }),
+            Ok(Ok(Some(JobEvent::Error(e)))) => Err(ClientError::Node(e)),
+            Ok(Ok(Some(JobEvent::Result(result)))) => {
+                match check_result(&self.request, self.node, &result) {
+                    Ok(()) => {
+                        if let (Some(t), Some(first)) = (&self.table, self.first_token) {
+                            if let Ok(mut t) = t.write() {
+                                t.record_job(&self.node, result.usage.completion_tokens, first.elapsed());
+                            }
+                        }
+                        self.finished = true;
+                        let _ = self.writer.close().await;
+                        Ok(JobEvent::Result(result))
+                    }
+                    Err(cause) => Err(ClientError::BadReceipt { node: self.node, cause }),
+                }
+            }
+            Ok(Ok(Some(event))) => {
+                if matches!(event, JobEvent::Delta(_)) {
+                    self.first_token.get_or_insert_with(Instant::now);
+                }
+                Ok(event)
+            }
+        };
+        if let Err(e) = &outcome {
+            self.finished = true;
+            let _ = self.writer.close().await;
+            if !matches!(e, ClientError::Node(_)) {
+                if let Some(t) = &self.table {
+                    if let Ok(mut t) = t.write() {
+                        t.record_failure(&self.node);
+                    }
+                }
+            }
+        }
+        Some(outcome)
+    }
+
+    /// Reads to the end: the whole text and the checked result.
+    pub async fn collect(mut self) -> Result<JobOutcome, ClientError> {
+        let mut text = String::new();
+        while let Some(event) = self.next().await {
+            match event? {
+                JobEvent::Delta(t) => text.push_str(&t),
+                JobEvent::Result(result) => {
+                    return Ok(JobOutcome {
+                        node: self.node,
+                        text,
+                        result: *result,
+                    })
+                }
+                JobEvent::Accepted { .. } | JobEvent::Error(_) => {}
+            }
+        }
+        Err(ClientError::PeerGone {
+            node: self.node,
+            cause: "no result".into(),
+        })
+    }
+
+    /// Closes the stream; the node stops generating.
+    pub async fn cancel(mut self) {
+        self.finished = true;
+        let _ = self.writer.close().await;
+    }
+}
+
+/// Checks a result against the request it answers: the receipt's signature, signer, job,
+/// module, input, sampling and counts, and that cost follows from price and usage.
+pub fn check_result(request: &JobRequest, node: PeerId, result: &JobResult) -> Result<(), String> {
+    let signer = result
+        .receipt
+        .verify()
+        .map_err(|e| format!("receipt signature: {e}"))?;
+    let r = &result.receipt.body;
+    let checks = [
+        (signer == node, "receipt not signed by the node that ran the job"),
+        (r.node == node, "receipt names another node"),
+        (r.job_id == request.job_id, "receipt is for another job"),
+        (r.module == request.module, "receipt is for another module"),
+        (r.payer == request.payer, "receipt names another payer"),
+        (r.input_hash == request.input.hash(), "receipt is for another input"),
+        (r.sampling == request.sampling, "receipt has other sampling parameters"),
+        (r.usage == result.usage, "receipt usage differs from the result"),
+        (r.commitment == result.commitment, "receipt commitment differs from the result"),
+        (r.finish_reason == result.finish_reason, "receipt finish reason differs"),
+        (
+            result.usage.completion_tokens <= request.max_tokens,
+            "more tokens than the request allowed",
+        ),
+        (r.price.within(&request.max_price), "price above the request's maximum"),
+        (
+            r.price.cost(r.usage.prompt_tokens, r.usage.completion_tokens) == Some(r.cost),
+            "cost does not follow from price and usage",
+        ),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, why)) => Err((*why).to_owned()),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,242 @@
+//! The live table of nodes, built from adverts, identify and ping: what each node serves,
+//! at what price, how loaded and how fast it is, and when it was last heard from. Entries
+//! expire when a node goes silent past its advert's TTL, and go at once when it says it
+//! is leaving.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tessera_net::{NetEvent, PeerId};
+use tessera_protocol::{AdvertStatus, ModuleId, NodeAdvert};
+
+/// Tokens per second the coordinator itself measured on a node's jobs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Throughput {
+    /// Jobs measured.
+    pub jobs: u64,
+    /// Exponentially weighted tokens per second after the first token.
+    pub tokens_per_sec: f64,
+}
+
+impl Throughput {
+    fn record(&mut self, tokens: u32, elapsed: Duration) {
+        if tokens < 2 || elapsed.is_zero() {
+            return;
+        }
+        let tps = f64::from(tokens - 1) / elapsed.as_secs_f64();
+        self.tokens_per_sec = if self.jobs == 0 { tps } else { 0.8 * self.tokens_per_sec + 0.2 * tps };
+        self.jobs += 1;
+    }
+}
+
+/// What the coordinator knows of one node.
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    /// The latest valid advert.
+    pub advert: NodeAdvert,
+    /// When the latest advert arrived.
+    pub last_seen: Instant,
+    /// When the entry lapses without a newer advert (local clock).
+    pub expires: Instant,
+    /// Latest ping round trip, if connected.
+    pub rtt: Option<Duration>,
+    /// The node's agent string, once identified.
+    pub agent: Option<String>,
+    /// Whether a connection is open now.
+    pub connected: bool,
+    /// Speed measured on this coordinator's own jobs.
+    pub observed: Throughput,
+    /// Jobs that failed on this node (transport or node error) since it joined.
+    pub failures: u64,
+}
+
+/// Every node currently advertising.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    nodes: HashMap<PeerId, NodeEntry>,
+    /// RTTs and agents of peers whose advert has not arrived yet.
+    pending: HashMap<PeerId, (Option<Duration>, Option<String>)>,
+}
+
+impl NodeTable {
+    /// Applies one network event at `now`.
+    pub fn apply(&mut self, event: &NetEvent, now: Instant) {
+        match event {
+            NetEvent::Advert(advert) => self.on_advert(advert, now),
+            NetEvent::Rtt { peer, rtt } => match self.nodes.get_mut(peer) {
+                Some(e) => {
+                    e.rtt = Some(*rtt);
+                    e.connected = true;
+                }
+                None => self.pending_entry(*peer).0 = Some(*rtt),
+            },
+            NetEvent::Identified { peer, agent, .. } => match self.nodes.get_mut(peer) {
+                Some(e) => e.agent = Some(agent.clone()),
+                None => self.pending_entry(*peer).1 = Some(agent.clone()),
+            },
+            NetEvent::Connected { peer, .. } => {
+                if let Some(e) = self.nodes.get_mut(peer) {
+                    e.connected = true;
+                }
+            }
+            NetEvent::Disconnected { peer } => {
+                self.pending.remove(peer);
+                if let Some(e) = self.nodes.get_mut(peer) {
+                    e.connected = false;
+                    e.rtt = None;
+                }
+            }
+            NetEvent::AdvertSubscriber { .. } | NetEvent::Listening(_) => {}
+        }
+    }
+
+    fn pending_entry(&mut self, peer: PeerId) -> &mut (Option<Duration>, Option<String>) {
+        // Bounded: only connected peers produce these, and disconnects remove them.
+        self.pending.entry(peer).or_default()
+    }
+
+    fn on_advert(&mut self, advert: &NodeAdvert, now: Instant) {
+        if advert.status == AdvertStatus::Leaving {
+            if self.nodes.remove(&advert.node).is_some() {
+                tracing::info!(node = %advert.node, "node left the network");
+            }
+            return;
+        }
+        let expires = now + Duration::from_secs(u64::from(advert.ttl_secs));
+        match self.nodes.get_mut(&advert.node) {
+            Some(e) if advert.seq <= e.advert.seq => {}
+            Some(e) => {
+                e.advert = advert.clone();
+                e.last_seen = now;
+                e.expires = expires;
+            }
+            None => {
+                let (rtt, agent) = self.pending.remove(&advert.node).unwrap_or_default();
+                tracing::info!(node = %advert.node, modules = advert.modules.len(), "node joined");
+                self.nodes.insert(
+                    advert.node,
+                    NodeEntry {
+                        advert: advert.clone(),
+                        last_seen: now,
+                        expires,
+                        rtt,
+                        agent,
+                        connected: rtt.is_some(),
+                        observed: Throughput::default(),
+                        failures: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Drops entries whose adverts lapsed by `now`; returns the nodes dropped.
+    pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
+        let gone: Vec<PeerId> = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &gone {
+            tracing::info!(node = %p, "node expired: no advert within its TTL");
+            self.nodes.remove(p);
+        }
+        gone
+    }
+
+    /// One node's entry.
+    pub fn get(&self, peer: &PeerId) -> Option<&NodeEntry> {
+        self.nodes.get(peer)
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeEntry> {
+        self.nodes.values()
+    }
+
+    /// Nodes offering `module`.
+    pub fn serving<'a>(&'a self, module: &'a ModuleId) -> impl Iterator<Item = &'a NodeEntry> + 'a {
+        self.nodes
+            .values()
+            .filter(move |e| e.advert.modules.iter().any(|m| &m.module == module))
+    }
+
+    /// How many nodes are in the table.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Records a finished job's speed as seen from here.
+    pub fn record_job(&mut self, peer: &PeerId, tokens: u32, after_first_token: Duration) {
+        if let Some(e) = self.nodes.get_mut(peer) {
+            e.observed.record(tokens, after_first_token);
+        }
+    }
+
+    /// Records a job that failed on `peer`.
+    pub fn record_failure(&mut self, peer: &PeerId) {
+        if let Some(e) = self.nodes.get_mut(peer) {
+            e.failures += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_protocol::{Address, Load, PROTOCOL_VERSION};
+
+    fn advert(node: PeerId, seq: u64, status: AdvertStatus) -> NodeAdvert {
+        NodeAdvert {
+            version: PROTOCOL_VERSION,
+            node,
+            seq,
+            timestamp_ms: 0,
+            ttl_secs: 10,
+            status,
+            payout: Address::default(),
+            addrs: vec![],
+            modules: vec![],
+            capacity: 2,
+            load: Load { running: seq as u32, waiting: 0 },
+            tokens_generated: 0,
+        }
+    }
+
+    #[test]
+    fn adverts_replace_by_seq_expire_by_ttl_and_leave_at_once() {
+        let node = tessera_protocol::Keypair::generate_ed25519().public().to_peer_id();
+        let t0 = Instant::now();
+        let mut table = NodeTable::default();
+        table.apply(&NetEvent::Rtt { peer: node, rtt: Duration::from_millis(3) }, t0);
+        table.apply(&NetEvent::Advert(Box::new(advert(node, 5, AdvertStatus::Online))), t0);
+        let e = table.get(&node).expect("joined");
+        assert_eq!(e.rtt, Some(Duration::from_millis(3)), "rtt seen before the advert is kept");
+        table.apply(&NetEvent::Advert(Box::new(advert(node, 4, AdvertStatus::Online))), t0);
+        assert_eq!(table.get(&node).expect("still").advert.seq, 5, "older advert ignored");
+        table.apply(&NetEvent::Advert(Box::new(advert(node, 6, AdvertStatus::Online))), t0 + Duration::from_secs(5));
+        assert!(table.expire(t0 + Duration::from_secs(14)).is_empty(), "refreshed at 5 s, lives to 15 s");
+        assert_eq!(table.expire(t0 + Duration::from_secs(15)), vec![node]);
+        assert!(table.is_empty());
+
+        table.apply(&NetEvent::Advert(Box::new(advert(node, 7, AdvertStatus::Online))), t0);
+        table.apply(&NetEvent::Advert(Box::new(advert(node, 8, AdvertStatus::Leaving))), t0);
+        assert!(table.get(&node).is_none(), "leaving removes at once");
+    }
+
+    #[test]
+    fn observed_throughput_is_smoothed() {
+        let mut t = Throughput::default();
+        t.record(11, Duration::from_secs(1));
+        assert_eq!(t.tokens_per_sec, 10.0);
+        t.record(21, Duration::from_secs(1));
+        assert!((t.tokens_per_sec - 12.0).abs() < 1e-9);
+        t.record(1, Duration::from_secs(1));
+        assert_eq!(t.jobs, 2, "single-token jobs say nothing about speed");
+    }
+}

@@ -1,0 +1,56 @@
+//! Network settings shared by nodes and coordinators.
+
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How the swarm listens, whom it meets first, and how fast it notices a dead peer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetConfig {
+    /// Addresses to listen on (TCP and QUIC multiaddrs; port 0 picks a free port).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to connect to at start, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Addresses to announce in place of the listen addresses (behind NAT or a proxy).
+    pub external: Vec<Multiaddr>,
+    /// Find peers on the local network with mDNS (devnets; off by default).
+    pub mdns: bool,
+    /// Seconds between pings on each connection; a failed ping closes the connection, so
+    /// a vanished peer is noticed within about twice this.
+    #[serde(with = "secs")]
+    pub ping_interval: Duration,
+    /// Seconds a connection with no open streams stays up.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("static multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            external: Vec::new(),
+            mdns: false,
+            ping_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,604 @@
+//! The running node: engines for its modules, admission, the job stream handler, adverts,
+//! and graceful shutdown. One task accepts job streams and spawns a handler per stream
+//! (tracked, cancellable); one task publishes adverts; one task owns the swarm.
+
+use crate::config::{NodeConfig, ServedModel};
+use crate::stats::LatencyWindow;
+use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures::StreamExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tessera_models::{Engine, EngineHandle, GenerateError, GenerateEvent, GenerateRequest, Model, Prompt};
+use tessera_net::{Multiaddr, NetEvent, NetHandle, PeerId, Stream};
+use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
+use tessera_protocol::wire::{read_frame, write_frame};
+use tessera_protocol::{
+    encode_advert, AdvertStatus, ErrorCode, JobError, JobEvent, JobInput, JobRequest, JobResult, Keypair, Load,
+    ModuleId, ModuleOffer, NodeAdvert, Price, Receipt, Signed, Usage, PROTOCOL_VERSION,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A setting is wrong.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The identity key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] tessera_net::IdentityError),
+    /// The swarm could not start.
+    #[error(transparent)]
+    Net(#[from] tessera_net::NetError),
+    /// A model could not be loaded.
+    #[error("cannot load {model}: {cause}")]
+    Load {
+        /// The model as configured.
+        model: String,
+        /// Why.
+        cause: tessera_models::LoadError,
+    },
+    /// Two configured models are the same module.
+    #[error("{0} is configured twice")]
+    DuplicateModule(String),
+    /// The engine thread could not start.
+    #[error("cannot start the engine thread: {0}")]
+    Engine(std::io::Error),
+    /// The job stream protocol is already being accepted in this process.
+    #[error("job protocol already registered")]
+    AlreadyAccepting,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A module being served: its engine, offer and live figures.
+struct Served {
+    alias: String,
+    module: ModuleId,
+    price: Price,
+    chat_fallback: bool,
+    engine: EngineHandle,
+    /// Jobs admitted on this engine (it runs one at a time; the rest wait).
+    admitted: AtomicU32,
+    latency: Mutex<LatencyWindow>,
+}
+
+struct Shared {
+    key: Keypair,
+    peer_id: PeerId,
+    config: NodeConfig,
+    served: Vec<Served>,
+    admission: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    /// Fails in-flight jobs when the shutdown grace runs out.
+    abort_jobs: CancellationToken,
+    load_changed: Notify,
+    seq: AtomicU64,
+    net: NetHandle,
+    jobs_served: AtomicU64,
+}
+
+impl Shared {
+    fn load(&self) -> Load {
+        let mut load = Load::default();
+        for s in &self.served {
+            let n = s.admitted.load(Ordering::Relaxed);
+            load.running += n.min(1);
+            load.waiting += n.saturating_sub(1);
+        }
+        load
+    }
+
+    fn tokens_generated(&self) -> u64 {
+        self.served.iter().map(|s| s.engine.tokens_generated()).sum()
+    }
+
+    async fn advert(&self, status: AdvertStatus) -> Option<Vec<u8>> {
+        let mut addrs: Vec<String> = self.config.net.external.iter().map(|a| a.to_string()).collect();
+        if let Ok(listen) = self.net.listen_addrs().await {
+            addrs.extend(listen.iter().map(|a| a.to_string()));
+        }
+        addrs.retain(|a| a.len() <= tessera_protocol::advert::MAX_NAME_BYTES);
+        addrs.truncate(tessera_protocol::advert::MAX_ADDRS);
+        let advert = NodeAdvert {
+            version: PROTOCOL_VERSION,
+            node: self.peer_id,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            timestamp_ms: now_ms(),
+            ttl_secs: self.config.advert_ttl_secs,
+            status,
+            payout: self.config.payout,
+            addrs,
+            modules: self
+                .served
+                .iter()
+                .map(|s| ModuleOffer {
+                    module: s.module.clone(),
+                    alias: s.alias.clone(),
+                    price: s.price,
+                    latency: s.latency.lock().map(|l| l.stats()).unwrap_or_default(),
+                })
+                .collect(),
+            capacity: self.config.max_jobs,
+            load: self.load(),
+            tokens_generated: self.tokens_generated(),
+        };
+        match encode_advert(advert, &self.key) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode advert");
+                None
+            }
+        }
+    }
+
+    async fn publish(&self, status: AdvertStatus) {
+        if let Some(bytes) = self.advert(status).await {
+            match self.net.publish_advert(bytes).await {
+                Ok(()) => tracing::debug!(?status, "advert published"),
+                // Normal before any peer has subscribed; the next advert will go out.
+                Err(e) => tracing::debug!(error = %e, "advert not published"),
+            }
+        }
+    }
+}
+
+/// A node serving its modules on the network, until [`RunningNode::shutdown`].
+pub struct RunningNode {
+    shared: Arc<Shared>,
+    engines: Vec<Engine>,
+    jobs: TaskTracker,
+    stop: CancellationToken,
+    background: TaskTracker,
+    net_task: tokio::task::JoinHandle<()>,
+}
+
+/// Loads every configured model (blocking: hashing and mapping GGUF files).
+pub fn load_models(config: &NodeConfig, home: &std::path::Path) -> Result<Vec<(ServedModel, Model)>, NodeError> {
+    config
+        .models
+        .iter()
+        .map(|m| {
+            tessera_models::load_with(&m.model, home, tessera_models::Backend::default())
+                .map(|model| (m.clone(), model))
+                .map_err(|cause| NodeError::Load {
+                    model: m.model.clone(),
+                    cause,
+                })
+        })
+        .collect()
+}
+
+impl RunningNode {
+    /// Starts the engines, the swarm, the job acceptor and the advertiser.
+    pub async fn start(config: NodeConfig, models: Vec<(ServedModel, Model)>) -> Result<Self, NodeError> {
+        config.validate()?;
+        let (key, created) = tessera_net::load_or_create_identity(&config.data_dir.join("identity.key"))?;
+        let peer_id = key.public().to_peer_id();
+        if created {
+            tracing::info!(%peer_id, dir = %config.data_dir.display(), "created node identity");
+        }
+        let mut engines = Vec::new();
+        let mut served: Vec<Served> = Vec::new();
+        for (cfg, model) in models {
+            let module = model.module_id().clone();
+            if served.iter().any(|s| s.module == module) {
+                return Err(NodeError::DuplicateModule(module.to_string()));
+            }
+            let alias = tessera_models::catalog::find(&cfg.model)
+                .map(|e| e.alias.to_owned())
+                .unwrap_or_else(|| model.name().to_owned());
+            let engine = Engine::spawn(model, config.max_jobs as usize).map_err(NodeError::Engine)?;
+            served.push(Served {
+                alias,
+                module,
+                price: cfg.price,
+                chat_fallback: cfg.chat_fallback,
+                engine: engine.handle(),
+                admitted: AtomicU32::new(0),
+                latency: Mutex::new(LatencyWindow::default()),
+            });
+            engines.push(engine);
+        }
+        let (net, mut net_events, net_task) = tessera_net::start(key.clone(), &config.net).await?;
+        let mut control = net.control();
+        let mut incoming = control
+            .accept(tessera_net::job_protocol())
+            .map_err(|_| NodeError::AlreadyAccepting)?;
+        let shared = Arc::new(Shared {
+            key,
+            peer_id,
+            admission: Arc::new(Semaphore::new(config.max_jobs as usize)),
+            config,
+            served,
+            shutting_down: AtomicBool::new(false),
+            abort_jobs: CancellationToken::new(),
+            load_changed: Notify::new(),
+            seq: AtomicU64::new(now_ms()),
+            net,
+            jobs_served: AtomicU64::new(0),
+        });
+        let jobs = TaskTracker::new();
+        let background = TaskTracker::new();
+        let stop = CancellationToken::new();
+
+        // Acceptor: a tight loop that hands each stream to its own task (libp2p-stream drops
+        // inbound streams when the acceptor lags).
+        {
+            let shared = shared.clone();
+            let jobs = jobs.clone();
+            let stop = stop.clone();
+            background.spawn(async move {
+                loop {
+                    tokio::select! {
+                        next = incoming.next() => match next {
+                            Some((peer, stream)) => {
+                                jobs.spawn(handle_stream(shared.clone(), peer, stream));
+                            }
+                            None => break,
+                        },
+                        () = stop.cancelled() => break,
+                    }
+                }
+            });
+        }
+        // Advertiser: on every interval, load change, or new subscriber.
+        {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            let subscriber = Arc::new(Notify::new());
+            let notify = subscriber.clone();
+            let events_stop = stop.clone();
+            background.spawn(async move {
+                loop {
+                    tokio::select! {
+                        event = net_events.recv() => match event {
+                            Some(NetEvent::AdvertSubscriber { peer }) => {
+                                tracing::debug!(%peer, "new advert subscriber");
+                                notify.notify_one();
+                            }
+                            Some(NetEvent::Connected { peer, addr }) => tracing::info!(%peer, %addr, "peer connected"),
+                            Some(NetEvent::Disconnected { peer }) => tracing::info!(%peer, "peer disconnected"),
+                            Some(_) => {}
+                            None => break,
+                        },
+                        () = events_stop.cancelled() => break,
+                    }
+                }
+            });
+            background.spawn(async move {
+                let mut tick = tokio::time::interval(shared.config.advert_interval);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = shared.load_changed.notified() => {}
+                        () = subscriber.notified() => {}
+                        () = stop.cancelled() => break,
+                    }
+                    shared.publish(AdvertStatus::Online).await;
+                    // Coalesce bursts of load changes into one advert.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+        Ok(Self {
+            shared,
+            engines,
+            jobs,
+            stop,
+            background,
+            net_task,
+        })
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.peer_id
+    }
+
+    /// Addresses the node listens on.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.shared.net.listen_addrs().await.unwrap_or_default()
+    }
+
+    /// The modules served.
+    pub fn modules(&self) -> Vec<ModuleId> {
+        self.shared.served.iter().map(|s| s.module.clone()).collect()
+    }
+
+    /// Tokens generated since start, over all modules.
+    pub fn tokens_generated(&self) -> u64 {
+        self.shared.tokens_generated()
+    }
+
+    /// Stops admitting jobs (new ones are answered "shutting down"), says goodbye on the
+    /// network, lets in-flight jobs finish within the grace period and fails the rest, then
+    /// stops the swarm and the engines.
+    pub async fn shutdown(self) {
+        let shared = &self.shared;
+        shared.shutting_down.store(true, Ordering::SeqCst);
+        tracing::info!("shutting down: no new jobs");
+        shared.publish(AdvertStatus::Leaving).await;
+        self.jobs.close();
+        if tokio::time::timeout(shared.config.shutdown_grace, self.jobs.wait()).await.is_err() {
+            tracing::warn!(grace = ?shared.config.shutdown_grace, "jobs still running after the grace period; failing them");
+            shared.abort_jobs.cancel();
+            self.jobs.wait().await;
+        }
+        // Let the goodbye and the last replies leave before the connections close.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.stop.cancel();
+        self.background.close();
+        self.background.wait().await;
+        shared.net.shutdown().await;
+        let _ = self.net_task.await;
+        let engines = self.engines;
+        let _ = tokio::task::spawn_blocking(move || engines.into_iter().for_each(Engine::shutdown)).await;
+        tracing::info!(jobs = shared.jobs_served.load(Ordering::Relaxed), "node stopped");
+    }
+}
+
+/// A job that passed admission and holds a slot.
+struct Admitted {
+    request: JobRequest,
+    coordinator: PeerId,
+    module: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> JobError {
+    JobError::new(code, message)
+}
+
+/// Checks a request in the order that costs least first; every refusal says why.
+fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobError> {
+    let coordinator = signed
+        .verify()
+        .map_err(|e| reject(ErrorCode::BadSignature, format!("job request: {e}")))?;
+    let request = signed.body;
+    if request.node != shared.peer_id {
+        return Err(reject(
+            ErrorCode::BadSignature,
+            format!("job is addressed to node {}, this is {}", request.node, shared.peer_id),
+        ));
+    }
+    if !shared.config.coordinators.is_empty() && !shared.config.coordinators.contains(&coordinator) {
+        return Err(reject(ErrorCode::Unauthorized, format!("coordinator {coordinator} is not on this node's list")));
+    }
+    request.check_bounds()?;
+    if request.deadline_ms <= now_ms() {
+        return Err(reject(ErrorCode::DeadlineExceeded, "the job's deadline has passed"));
+    }
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        return Err(reject(ErrorCode::ShuttingDown, "node is shutting down"));
+    }
+    let module = shared
+        .served
+        .iter()
+        .position(|s| s.module == request.module)
+        .ok_or_else(|| reject(ErrorCode::UnknownModule, format!("this node does not serve {}", request.module)))?;
+    let served = &shared.served[module];
+    if !served.price.within(&request.max_price) {
+        return Err(reject(
+            ErrorCode::PriceTooHigh,
+            format!(
+                "price is {}/{} per 1k input/output tokens, above the maximum {}/{}",
+                served.price.per_1k_input,
+                served.price.per_1k_output,
+                request.max_price.per_1k_input,
+                request.max_price.per_1k_output
+            ),
+        ));
+    }
+    let permit = shared.admission.clone().try_acquire_owned().map_err(|_| {
+        reject(
+            ErrorCode::Busy,
+            format!("node is at capacity ({} jobs)", shared.config.max_jobs),
+        )
+    })?;
+    Ok(Admitted {
+        request,
+        coordinator,
+        module,
+        _permit: permit,
+    })
+}
+
+async fn send(writer: &mut WriteHalf<Stream>, event: &JobEvent) -> bool {
+    match write_frame(writer, event, MAX_EVENT_FRAME).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "job stream write failed");
+            false
+        }
+    }
+}
+
+async fn fail(writer: &mut WriteHalf<Stream>, error: JobError) {
+    tracing::info!(code = ?error.code, message = %error.message, "job refused");
+    send(writer, &JobEvent::Error(error)).await;
+    let _ = writer.close().await;
+}
+
+async fn handle_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) {
+    let (mut reader, mut writer) = stream.split();
+    let read = tokio::time::timeout(
+        shared.config.request_timeout,
+        read_frame::<_, Signed<JobRequest>>(&mut reader, MAX_REQUEST_FRAME),
+    )
+    .await;
+    let signed = match read {
+        Ok(Ok(Some(signed))) => signed,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "bad job frame");
+            return fail(&mut writer, reject(ErrorCode::BadRequest, e.to_string())).await;
+        }
+        Err(_) => {
+            return fail(
+                &mut writer,
+                reject(ErrorCode::BadRequest, format!("no job request within {:?}", shared.config.request_timeout)),
+            )
+            .await
+        }
+    };
+    let job_id = signed.body.job_id;
+    let span = tracing::info_span!("job", %job_id, %peer);
+    let _enter = span.enter();
+    drop(_enter);
+    match admit(&shared, signed) {
+        Ok(admitted) => run_job(&shared, admitted, reader, writer).await,
+        Err(e) => fail(&mut writer, e).await,
+    }
+}
+
+fn engine_error(e: GenerateError) -> JobError {
+    let code = match &e {
+        GenerateError::PromptTooLong { .. } => ErrorCode::PromptTooLong,
+        GenerateError::EmptyPrompt
+        | GenerateError::BadToken(..)
+        | GenerateError::Sampling(_)
+        | GenerateError::BadStop { .. }
+        | GenerateError::Chat(_) => ErrorCode::BadRequest,
+        GenerateError::Cancelled | GenerateError::EngineGone | GenerateError::Candle(_) => ErrorCode::Internal,
+    };
+    JobError::new(code, e.to_string())
+}
+
+async fn run_job(shared: &Shared, job: Admitted, mut reader: ReadHalf<Stream>, mut writer: WriteHalf<Stream>) {
+    let served = &shared.served[job.module];
+    let request = &job.request;
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let prompt = match &request.input {
+        JobInput::Text(t) => Prompt::Text(t.clone()),
+        JobInput::Chat(m) => Prompt::Chat(m.clone()),
+    };
+    let generate = GenerateRequest {
+        prompt,
+        sampling: request.sampling.clone(),
+        max_tokens: request.max_tokens,
+        stop: request.stop.clone(),
+        chat_fallback: served.chat_fallback,
+        ignore_eos: false,
+    };
+    let queued = served.admitted.fetch_add(1, Ordering::SeqCst);
+    shared.load_changed.notify_one();
+    let _slot = SlotGuard { shared, served };
+    let mut events = match served.engine.try_generate(generate) {
+        Ok(Some(events)) => events,
+        Ok(None) => return fail(&mut writer, reject(ErrorCode::Busy, "engine queue is full")).await,
+        Err(e) => return fail(&mut writer, engine_error(e)).await,
+    };
+    tracing::info!(job_id = %request.job_id, module = %served.alias, queued, "job admitted");
+    if !send(&mut writer, &JobEvent::Accepted { queued }).await {
+        return;
+    }
+    let deadline_in = Duration::from_millis(request.deadline_ms.saturating_sub(now_ms()));
+    let deadline = tokio::time::sleep(deadline_in);
+    tokio::pin!(deadline);
+    // The client sends nothing after its request: any read completing means it closed
+    // (or broke) the stream, which cancels the job.
+    let mut probe = [0u8; 1];
+    let peer_gone = reader.read(&mut probe);
+    tokio::pin!(peer_gone);
+    let mut first_token: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(Ok(GenerateEvent::Delta(text))) => {
+                    first_token.get_or_insert_with(Instant::now);
+                    if !send(&mut writer, &JobEvent::Delta(text)).await {
+                        tracing::info!(job_id = %request.job_id, "stream closed by the client; generation stopped");
+                        return;
+                    }
+                }
+                Some(Ok(GenerateEvent::Done(done))) => {
+                    let ttft = first_token.unwrap_or_else(Instant::now).duration_since(started);
+                    let usage = Usage {
+                        prompt_tokens: done.prompt_tokens,
+                        completion_tokens: done.completion_tokens,
+                    };
+                    let Some(cost) = served.price.cost(usage.prompt_tokens, usage.completion_tokens) else {
+                        return fail(&mut writer, reject(ErrorCode::Internal, "cost overflows")).await;
+                    };
+                    let receipt = Receipt {
+                        job_id: request.job_id,
+                        node: shared.peer_id,
+                        coordinator: job.coordinator,
+                        payer: request.payer.clone(),
+                        module: served.module.clone(),
+                        input_hash: request.input.hash(),
+                        sampling: request.sampling.clone(),
+                        usage,
+                        finish_reason: done.finish_reason,
+                        price: served.price,
+                        cost,
+                        commitment: done.commitment,
+                        started_ms,
+                        finished_ms: now_ms(),
+                    };
+                    let receipt = match Signed::sign(receipt, &shared.key) {
+                        Ok(r) => r,
+                        Err(e) => return fail(&mut writer, reject(ErrorCode::Internal, e.to_string())).await,
+                    };
+                    let decode_ms = done.timings.decode.as_millis().min(u128::from(u32::MAX)) as u32;
+                    let ttft_ms = ttft.as_millis().min(u128::from(u32::MAX)) as u32;
+                    let tpot_us = (done.timings.decode_tokens > 0).then(|| {
+                        (done.timings.decode.as_micros() / u128::from(done.timings.decode_tokens)).min(u128::from(u32::MAX)) as u32
+                    });
+                    if let Ok(mut l) = served.latency.lock() {
+                        l.record(ttft_ms, tpot_us);
+                    }
+                    let result = JobResult {
+                        usage,
+                        finish_reason: done.finish_reason,
+                        commitment: done.commitment,
+                        ttft_ms,
+                        decode_ms,
+                        receipt,
+                    };
+                    shared.jobs_served.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(job_id = %request.job_id, tokens = usage.completion_tokens, ttft_ms, "job done");
+                    if send(&mut writer, &JobEvent::Result(Box::new(result))).await {
+                        let _ = writer.close().await;
+                    }
+                    return;
+                }
+                Some(Err(e)) => return fail(&mut writer, engine_error(e)).await,
+                None => return fail(&mut writer, reject(ErrorCode::Internal, "the engine dropped the job")).await,
+            },
+            () = &mut deadline => {
+                return fail(&mut writer, reject(ErrorCode::DeadlineExceeded, "deadline reached while generating")).await;
+            }
+            _ = &mut peer_gone => {
+                tracing::info!(job_id = %request.job_id, "stream closed by the client; generation stopped");
+                return;
+            }
+            () = shared.abort_jobs.cancelled() => {
+                return fail(&mut writer, reject(ErrorCode::ShuttingDown, "node shut down before the job finished")).await;
+            }
+        }
+    }
+}
+
+/// Gives a job's engine slot back however the job ends.
+struct SlotGuard<'a> {
+    shared: &'a Shared,
+    served: &'a Served,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.served.admitted.fetch_sub(1, Ordering::SeqCst);
+        self.shared.load_changed.notify_one();
+    }
+}
