@@ -3,6 +3,8 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod net_cli;
+
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,10 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed on the llama.cpp anchor's workload; prints one JSON line.
     Bench(BenchArgs),
+    /// Serve models to the network: join, advertise, run jobs, sign receipts (Ctrl-C leaves).
+    Node(net_cli::NodeArgs),
+    /// Send one job to a node and stream the answer (checks a node from the command line).
+    Ask(net_cli::AskArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +226,16 @@ fn run() -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
+        Command::Node(args) => net_cli::node(&home, args, |model| {
+            if let Some(entry) = catalog::find(model) {
+                if !entry.is_cached(&home) {
+                    eprintln!("{model} is not in the model cache yet; fetching it (once)");
+                    fetch_with_progress(entry, &home, &FetchOptions::default())?;
+                }
+            }
+            Ok(())
+        }),
+        Command::Ask(args) => net_cli::ask(args),
         Command::Bench(args) => {
             let mut model = load(&home, &args.model)?;
             let result = tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?;

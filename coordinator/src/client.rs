@@ -12,7 +12,8 @@ use tessera_net::{NetHandle, PeerId, Stream};
 use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
 use tessera_protocol::wire::{read_frame, write_frame, WireError};
 use tessera_protocol::{
-    JobError, JobEvent, JobId, JobInput, JobRequest, JobResult, Keypair, ModuleId, Price, SamplingParams, Signed,
+    JobError, JobEvent, JobId, JobInput, JobRequest, JobResult, Keypair, ModuleId, Price,
+    SamplingParams, Signed,
 };
 
 /// Longest wait for a stream to open, within the job's own deadline.
@@ -123,7 +124,8 @@ impl JobClient {
             max_price: spec.max_price,
             deadline_ms: now_ms() + spec.timeout.as_millis() as u64,
         };
-        let signed = Signed::sign(request, &self.key).map_err(|e| ClientError::Request(e.to_string()))?;
+        let signed =
+            Signed::sign(request, &self.key).map_err(|e| ClientError::Request(e.to_string()))?;
         let stream = self.open(node, deadline).await?;
         let (reader, mut writer) = stream.split();
         let job_id = signed.body.job_id;
@@ -135,7 +137,9 @@ impl JobClient {
         {
             Err(_) => return Err(ClientError::Deadline(spec.timeout)),
             Ok(Err(WireError::TooLarge { len, max })) => {
-                return Err(ClientError::Request(format!("request of {len} bytes exceeds {max}")))
+                return Err(ClientError::Request(format!(
+                    "request of {len} bytes exceeds {max}"
+                )))
             }
             Ok(Err(e)) => {
                 self.failed(&node);
@@ -163,7 +167,12 @@ impl JobClient {
     async fn open(&self, node: PeerId, deadline: Instant) -> Result<Stream, ClientError> {
         let mut control = self.net.control();
         let limit = (Instant::now() + OPEN_TIMEOUT).min(deadline);
-        match tokio::time::timeout_at(limit.into(), control.open_stream(node, tessera_net::job_protocol())).await {
+        match tokio::time::timeout_at(
+            limit.into(),
+            control.open_stream(node, tessera_net::job_protocol()),
+        )
+        .await
+        {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => {
                 self.failed(&node);
@@ -197,7 +206,11 @@ fn rand_bytes() -> [u8; 16] {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = blake3::Hasher::new();
     h.update(&now_ms().to_le_bytes());
-    h.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    h.update(
+        &COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
     h.update(&std::process::id().to_le_bytes());
     h.update(&Keypair::generate_ed25519().public().encode_protobuf());
     let mut out = [0u8; 16];
@@ -278,14 +291,21 @@ impl JobStream {
                     Ok(()) => {
                         if let (Some(t), Some(first)) = (&self.table, self.first_token) {
                             if let Ok(mut t) = t.write() {
-                                t.record_job(&self.node, result.usage.completion_tokens, first.elapsed());
+                                t.record_job(
+                                    &self.node,
+                                    result.usage.completion_tokens,
+                                    first.elapsed(),
+                                );
                             }
                         }
                         self.finished = true;
                         let _ = self.writer.close().await;
                         Ok(JobEvent::Result(result))
                     }
-                    Err(cause) => Err(ClientError::BadReceipt { node: self.node, cause }),
+                    Err(cause) => Err(ClientError::BadReceipt {
+                        node: self.node,
+                        cause,
+                    }),
                 }
             }
             Ok(Ok(Some(event))) => {
@@ -347,23 +367,46 @@ pub fn check_result(request: &JobRequest, node: PeerId, result: &JobResult) -> R
         .map_err(|e| format!("receipt signature: {e}"))?;
     let r = &result.receipt.body;
     let checks = [
-        (signer == node, "receipt not signed by the node that ran the job"),
+        (
+            signer == node,
+            "receipt not signed by the node that ran the job",
+        ),
         (r.node == node, "receipt names another node"),
         (r.job_id == request.job_id, "receipt is for another job"),
         (r.module == request.module, "receipt is for another module"),
         (r.payer == request.payer, "receipt names another payer"),
-        (r.input_hash == request.input.hash(), "receipt is for another input"),
-        (r.sampling == request.sampling, "receipt has other sampling parameters"),
-        (r.usage == result.usage, "receipt usage differs from the result"),
-        (r.commitment == result.commitment, "receipt commitment differs from the result"),
-        (r.finish_reason == result.finish_reason, "receipt finish reason differs"),
+        (
+            r.input_hash == request.input.hash(),
+            "receipt is for another input",
+        ),
+        (
+            r.sampling == request.sampling,
+            "receipt has other sampling parameters",
+        ),
+        (
+            r.usage == result.usage,
+            "receipt usage differs from the result",
+        ),
+        (
+            r.commitment == result.commitment,
+            "receipt commitment differs from the result",
+        ),
+        (
+            r.finish_reason == result.finish_reason,
+            "receipt finish reason differs",
+        ),
         (
             result.usage.completion_tokens <= request.max_tokens,
             "more tokens than the request allowed",
         ),
-        (r.price.within(&request.max_price), "price above the request's maximum"),
         (
-            r.price.cost(r.usage.prompt_tokens, r.usage.completion_tokens) == Some(r.cost),
+            r.price.within(&request.max_price),
+            "price above the request's maximum",
+        ),
+        (
+            r.price
+                .cost(r.usage.prompt_tokens, r.usage.completion_tokens)
+                == Some(r.cost),
             "cost does not follow from price and usage",
         ),
     ];

@@ -23,7 +23,11 @@ impl Throughput {
             return;
         }
         let tps = f64::from(tokens - 1) / elapsed.as_secs_f64();
-        self.tokens_per_sec = if self.jobs == 0 { tps } else { 0.8 * self.tokens_per_sec + 0.2 * tps };
+        self.tokens_per_sec = if self.jobs == 0 {
+            tps
+        } else {
+            0.8 * self.tokens_per_sec + 0.2 * tps
+        };
         self.jobs += 1;
     }
 }
@@ -55,7 +59,13 @@ pub struct NodeTable {
     nodes: HashMap<PeerId, NodeEntry>,
     /// RTTs and agents of peers whose advert has not arrived yet.
     pending: HashMap<PeerId, (Option<Duration>, Option<String>)>,
+    /// Nodes that said goodbye: the seq of their leaving advert, so an older advert still
+    /// in flight cannot bring them back.
+    left: HashMap<PeerId, (u64, Instant)>,
 }
+
+/// How long a goodbye is remembered.
+const LEFT_MEMORY: Duration = Duration::from_secs(600);
 
 impl NodeTable {
     /// Applies one network event at `now`.
@@ -96,10 +106,17 @@ impl NodeTable {
 
     fn on_advert(&mut self, advert: &NodeAdvert, now: Instant) {
         if advert.status == AdvertStatus::Leaving {
+            self.left.insert(advert.node, (advert.seq, now));
             if self.nodes.remove(&advert.node).is_some() {
                 tracing::info!(node = %advert.node, "node left the network");
             }
             return;
+        }
+        if let Some((seq, _)) = self.left.get(&advert.node) {
+            if advert.seq <= *seq {
+                return;
+            }
+            self.left.remove(&advert.node);
         }
         let expires = now + Duration::from_secs(u64::from(advert.ttl_secs));
         match self.nodes.get_mut(&advert.node) {
@@ -131,6 +148,8 @@ impl NodeTable {
 
     /// Drops entries whose adverts lapsed by `now`; returns the nodes dropped.
     pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
+        self.left
+            .retain(|_, (_, at)| now.duration_since(*at) < LEFT_MEMORY);
         let gone: Vec<PeerId> = self
             .nodes
             .iter()
@@ -203,30 +222,83 @@ mod tests {
             addrs: vec![],
             modules: vec![],
             capacity: 2,
-            load: Load { running: seq as u32, waiting: 0 },
+            load: Load {
+                running: seq as u32,
+                waiting: 0,
+            },
             tokens_generated: 0,
         }
     }
 
     #[test]
     fn adverts_replace_by_seq_expire_by_ttl_and_leave_at_once() {
-        let node = tessera_protocol::Keypair::generate_ed25519().public().to_peer_id();
+        let node = tessera_protocol::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
         let t0 = Instant::now();
         let mut table = NodeTable::default();
-        table.apply(&NetEvent::Rtt { peer: node, rtt: Duration::from_millis(3) }, t0);
-        table.apply(&NetEvent::Advert(Box::new(advert(node, 5, AdvertStatus::Online))), t0);
+        table.apply(
+            &NetEvent::Rtt {
+                peer: node,
+                rtt: Duration::from_millis(3),
+            },
+            t0,
+        );
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 5, AdvertStatus::Online))),
+            t0,
+        );
         let e = table.get(&node).expect("joined");
-        assert_eq!(e.rtt, Some(Duration::from_millis(3)), "rtt seen before the advert is kept");
-        table.apply(&NetEvent::Advert(Box::new(advert(node, 4, AdvertStatus::Online))), t0);
-        assert_eq!(table.get(&node).expect("still").advert.seq, 5, "older advert ignored");
-        table.apply(&NetEvent::Advert(Box::new(advert(node, 6, AdvertStatus::Online))), t0 + Duration::from_secs(5));
-        assert!(table.expire(t0 + Duration::from_secs(14)).is_empty(), "refreshed at 5 s, lives to 15 s");
+        assert_eq!(
+            e.rtt,
+            Some(Duration::from_millis(3)),
+            "rtt seen before the advert is kept"
+        );
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 4, AdvertStatus::Online))),
+            t0,
+        );
+        assert_eq!(
+            table.get(&node).expect("still").advert.seq,
+            5,
+            "older advert ignored"
+        );
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 6, AdvertStatus::Online))),
+            t0 + Duration::from_secs(5),
+        );
+        assert!(
+            table.expire(t0 + Duration::from_secs(14)).is_empty(),
+            "refreshed at 5 s, lives to 15 s"
+        );
         assert_eq!(table.expire(t0 + Duration::from_secs(15)), vec![node]);
         assert!(table.is_empty());
 
-        table.apply(&NetEvent::Advert(Box::new(advert(node, 7, AdvertStatus::Online))), t0);
-        table.apply(&NetEvent::Advert(Box::new(advert(node, 8, AdvertStatus::Leaving))), t0);
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 7, AdvertStatus::Online))),
+            t0,
+        );
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 9, AdvertStatus::Leaving))),
+            t0,
+        );
         assert!(table.get(&node).is_none(), "leaving removes at once");
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 8, AdvertStatus::Online))),
+            t0,
+        );
+        assert!(
+            table.get(&node).is_none(),
+            "an advert older than the goodbye does not revive it"
+        );
+        table.apply(
+            &NetEvent::Advert(Box::new(advert(node, 10, AdvertStatus::Online))),
+            t0,
+        );
+        assert!(
+            table.get(&node).is_some(),
+            "a node that comes back is welcome"
+        );
     }
 
     #[test]

@@ -33,7 +33,8 @@ impl Behaviour {
         );
         let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
         kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(300)));
-        let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         // Nodes on a LAN or loopback are not seen as publicly reachable by kad's
         // autodetection; every Tessera peer answers DHT queries.
         kad.set_mode(Some(kad::Mode::Server));
@@ -54,9 +55,11 @@ impl Behaviour {
             })
             .build()
             .map_err(|e| format!("gossipsub config: {e}"))?;
-        let gossipsub =
-            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
-                .map_err(|e| format!("gossipsub: {e}"))?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )
+        .map_err(|e| format!("gossipsub: {e}"))?;
 
         let mdns = if config.mdns {
             Some(

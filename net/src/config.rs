@@ -30,7 +30,9 @@ impl Default for NetConfig {
         Self {
             listen: vec![
                 "/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr"),
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("static multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("static multiaddr"),
             ],
             bootstrap: Vec::new(),
             external: Vec::new(),

@@ -44,10 +44,11 @@ pub fn load_or_create_identity(path: &Path) -> Result<(Keypair, bool), IdentityE
     match std::fs::read(path) {
         Ok(bytes) => {
             check_permissions(path)?;
-            let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Decode {
-                path: path.to_owned(),
-                cause: e.to_string(),
-            })?;
+            let key =
+                Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Decode {
+                    path: path.to_owned(),
+                    cause: e.to_string(),
+                })?;
             Ok((key, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -125,7 +126,10 @@ mod tests {
         load_or_create_identity(&path).expect("create");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let err = load_or_create_identity(&path).unwrap_err();
-        assert!(matches!(err, IdentityError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::Permissions { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"));
     }
 

@@ -5,7 +5,9 @@ use crate::config::NetConfig;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, identify, identity::Keypair, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{
+    gossipsub, identify, identity::Keypair, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
+};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tessera_protocol::{decode_advert, AdvertError, NodeAdvert, ADVERTS_TOPIC};
 use tokio::sync::{mpsc, oneshot};
@@ -127,7 +129,9 @@ pub struct NetHandle {
 
 impl std::fmt::Debug for NetHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NetHandle").field("peer_id", &self.peer_id).finish()
+        f.debug_struct("NetHandle")
+            .field("peer_id", &self.peer_id)
+            .finish()
     }
 }
 
@@ -142,9 +146,15 @@ impl NetHandle {
         self.control.clone()
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
     }
 
@@ -203,7 +213,14 @@ fn now_ms() -> u64 {
 pub async fn start(
     key: Keypair,
     config: &NetConfig,
-) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, tokio::task::JoinHandle<()>), NetError> {
+) -> Result<
+    (
+        NetHandle,
+        mpsc::Receiver<NetEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    NetError,
+> {
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
     let quic_idle = u32::try_from((config.ping_interval * 3).as_millis()).unwrap_or(u32::MAX);
     let mut behaviour_error = None;
@@ -241,10 +258,12 @@ pub async fn start(
         .subscribe(&topic)
         .map_err(|e| build(&e))?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
-            addr: addr.clone(),
-            cause: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                cause: e.to_string(),
+            })?;
     }
     for addr in &config.external {
         swarm.add_external_address(addr.clone());
@@ -321,7 +340,10 @@ impl EventLoop {
         if self.events.try_send(event).is_err() {
             self.dropped_events += 1;
             if self.dropped_events.is_power_of_two() {
-                tracing::warn!(dropped = self.dropped_events, "network events dropped: the consumer is slow");
+                tracing::warn!(
+                    dropped = self.dropped_events,
+                    "network events dropped: the consumer is slow"
+                );
             }
         }
     }
@@ -340,7 +362,10 @@ impl EventLoop {
             }
             Command::Dial { addr, reply } => {
                 if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
                 let result = self.swarm.dial(addr.clone()).map_err(|e| NetError::Dial {
                     addr,
@@ -447,7 +472,10 @@ impl EventLoop {
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 for addr in &info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
                 }
                 self.emit(NetEvent::Identified {
                     peer: peer_id,
@@ -470,7 +498,10 @@ impl EventLoop {
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }

@@ -77,8 +77,12 @@ impl Default for NodeConfig {
     fn default() -> Self {
         let mut net = NetConfig::default();
         net.listen = vec![
-            format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}").parse().expect("static multiaddr"),
-            format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1").parse().expect("static multiaddr"),
+            format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")
+                .parse()
+                .expect("static multiaddr"),
+            format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1")
+                .parse()
+                .expect("static multiaddr"),
         ];
         Self {
             data_dir: PathBuf::from("tessera-node"),
@@ -139,7 +143,10 @@ impl NodeConfig {
             return bad("no models to serve: add --model ALIAS (see `tessera models list`) or [[models]] to the config file".into());
         }
         if self.models.len() > MAX_MODULES {
-            return bad(format!("at most {MAX_MODULES} models per node, got {}", self.models.len()));
+            return bad(format!(
+                "at most {MAX_MODULES} models per node, got {}",
+                self.models.len()
+            ));
         }
         if self.max_jobs == 0 || self.max_jobs > 1024 {
             return bad(format!("max_jobs must be 1..=1024, got {}", self.max_jobs));
@@ -152,7 +159,9 @@ impl NodeConfig {
                 self.advert_ttl_secs
             ));
         }
-        if self.advert_interval.is_zero() || self.advert_interval.as_secs_f64() * 2.0 > f64::from(self.advert_ttl_secs) {
+        if self.advert_interval.is_zero()
+            || self.advert_interval.as_secs_f64() * 2.0 > f64::from(self.advert_ttl_secs)
+        {
             return bad(format!(
                 "advert_interval ({:?}) must be positive and at most half of advert_ttl_secs ({}), so one lost advert does not expire a node",
                 self.advert_interval, self.advert_ttl_secs
@@ -163,7 +172,9 @@ impl NodeConfig {
         }
         for addr in &self.net.bootstrap {
             if !matches!(addr.iter().last(), Some(tessera_net::Protocol::P2p(_))) {
-                return bad(format!("bootstrap address {addr} must end in /p2p/<peer id>"));
+                return bad(format!(
+                    "bootstrap address {addr} must end in /p2p/<peer id>"
+                ));
             }
         }
         Ok(())
@@ -210,7 +221,11 @@ mod tests {
         assert_eq!(c.advert_interval, Duration::from_millis(1500));
         assert_eq!(c.models[0].price.per_1k_output, Amount(40));
         assert_eq!(c.advert_ttl_secs, 30, "default kept");
-        assert_eq!(c.net.ping_interval, NetConfig::default().ping_interval, "nested default kept");
+        assert_eq!(
+            c.net.ping_interval,
+            NetConfig::default().ping_interval,
+            "nested default kept"
+        );
         c.validate().expect("valid");
     }
 
@@ -224,7 +239,11 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("max_jobs"));
         c.max_jobs = 1;
         c.advert_interval = Duration::from_secs(20);
-        assert!(c.validate().unwrap_err().to_string().contains("advert_interval"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("advert_interval"));
         c.advert_interval = Duration::from_secs(1);
         c.net.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".parse().expect("addr")];
         assert!(c.validate().unwrap_err().to_string().contains("/p2p/"));

@@ -9,17 +9,21 @@ use futures::StreamExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tessera_models::{Engine, EngineHandle, GenerateError, GenerateEvent, GenerateRequest, Model, Prompt};
+use tessera_models::{
+    Engine, EngineHandle, GenerateError, GenerateEvent, GenerateRequest, Model, Prompt,
+};
 use tessera_net::{Multiaddr, NetEvent, NetHandle, PeerId, Stream};
 use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
 use tessera_protocol::wire::{read_frame, write_frame};
 use tessera_protocol::{
-    encode_advert, AdvertStatus, ErrorCode, JobError, JobEvent, JobInput, JobRequest, JobResult, Keypair, Load,
-    ModuleId, ModuleOffer, NodeAdvert, Price, Receipt, Signed, Usage, PROTOCOL_VERSION,
+    encode_advert, AdvertStatus, ErrorCode, JobError, JobEvent, JobInput, JobRequest, JobResult,
+    Keypair, Load, ModuleId, ModuleOffer, NodeAdvert, Price, Receipt, Signed, Usage,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +102,20 @@ impl Shared {
     }
 
     fn tokens_generated(&self) -> u64 {
-        self.served.iter().map(|s| s.engine.tokens_generated()).sum()
+        self.served
+            .iter()
+            .map(|s| s.engine.tokens_generated())
+            .sum()
     }
 
     async fn advert(&self, status: AdvertStatus) -> Option<Vec<u8>> {
-        let mut addrs: Vec<String> = self.config.net.external.iter().map(|a| a.to_string()).collect();
+        let mut addrs: Vec<String> = self
+            .config
+            .net
+            .external
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         if let Ok(listen) = self.net.listen_addrs().await {
             addrs.extend(listen.iter().map(|a| a.to_string()));
         }
@@ -162,7 +175,10 @@ pub struct RunningNode {
 }
 
 /// Loads every configured model (blocking: hashing and mapping GGUF files).
-pub fn load_models(config: &NodeConfig, home: &std::path::Path) -> Result<Vec<(ServedModel, Model)>, NodeError> {
+pub fn load_models(
+    config: &NodeConfig,
+    home: &std::path::Path,
+) -> Result<Vec<(ServedModel, Model)>, NodeError> {
     config
         .models
         .iter()
@@ -179,9 +195,13 @@ pub fn load_models(config: &NodeConfig, home: &std::path::Path) -> Result<Vec<(S
 
 impl RunningNode {
     /// Starts the engines, the swarm, the job acceptor and the advertiser.
-    pub async fn start(config: NodeConfig, models: Vec<(ServedModel, Model)>) -> Result<Self, NodeError> {
+    pub async fn start(
+        config: NodeConfig,
+        models: Vec<(ServedModel, Model)>,
+    ) -> Result<Self, NodeError> {
         config.validate()?;
-        let (key, created) = tessera_net::load_or_create_identity(&config.data_dir.join("identity.key"))?;
+        let (key, created) =
+            tessera_net::load_or_create_identity(&config.data_dir.join("identity.key"))?;
         let peer_id = key.public().to_peer_id();
         if created {
             tracing::info!(%peer_id, dir = %config.data_dir.display(), "created node identity");
@@ -193,10 +213,22 @@ impl RunningNode {
             if served.iter().any(|s| s.module == module) {
                 return Err(NodeError::DuplicateModule(module.to_string()));
             }
+            // A catalogue file keeps its alias even when given by path.
             let alias = tessera_models::catalog::find(&cfg.model)
+                .or_else(|| {
+                    tessera_models::CATALOG
+                        .iter()
+                        .find(|e| e.blake3 == module.weights.to_hex())
+                })
                 .map(|e| e.alias.to_owned())
-                .unwrap_or_else(|| model.name().to_owned());
-            let engine = Engine::spawn(model, config.max_jobs as usize).map_err(NodeError::Engine)?;
+                .unwrap_or_else(|| {
+                    std::path::Path::new(&cfg.model)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| cfg.model.clone())
+                });
+            let engine =
+                Engine::spawn(model, config.max_jobs as usize).map_err(NodeError::Engine)?;
             served.push(Served {
                 alias,
                 module,
@@ -283,6 +315,11 @@ impl RunningNode {
                         () = subscriber.notified() => {}
                         () = stop.cancelled() => break,
                     }
+                    // Once leaving, only the goodbye goes out: an Online advert now would
+                    // put the node back into routing tables.
+                    if shared.shutting_down.load(Ordering::SeqCst) {
+                        break;
+                    }
                     shared.publish(AdvertStatus::Online).await;
                     // Coalesce bursts of load changes into one advert.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -311,7 +348,11 @@ impl RunningNode {
 
     /// The modules served.
     pub fn modules(&self) -> Vec<ModuleId> {
-        self.shared.served.iter().map(|s| s.module.clone()).collect()
+        self.shared
+            .served
+            .iter()
+            .map(|s| s.module.clone())
+            .collect()
     }
 
     /// Tokens generated since start, over all modules.
@@ -328,7 +369,10 @@ impl RunningNode {
         tracing::info!("shutting down: no new jobs");
         shared.publish(AdvertStatus::Leaving).await;
         self.jobs.close();
-        if tokio::time::timeout(shared.config.shutdown_grace, self.jobs.wait()).await.is_err() {
+        if tokio::time::timeout(shared.config.shutdown_grace, self.jobs.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?shared.config.shutdown_grace, "jobs still running after the grace period; failing them");
             shared.abort_jobs.cancel();
             self.jobs.wait().await;
@@ -341,8 +385,12 @@ impl RunningNode {
         shared.net.shutdown().await;
         let _ = self.net_task.await;
         let engines = self.engines;
-        let _ = tokio::task::spawn_blocking(move || engines.into_iter().for_each(Engine::shutdown)).await;
-        tracing::info!(jobs = shared.jobs_served.load(Ordering::Relaxed), "node stopped");
+        let _ = tokio::task::spawn_blocking(move || engines.into_iter().for_each(Engine::shutdown))
+            .await;
+        tracing::info!(
+            jobs = shared.jobs_served.load(Ordering::Relaxed),
+            "node stopped"
+        );
     }
 }
 
@@ -367,15 +415,25 @@ fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobErr
     if request.node != shared.peer_id {
         return Err(reject(
             ErrorCode::BadSignature,
-            format!("job is addressed to node {}, this is {}", request.node, shared.peer_id),
+            format!(
+                "job is addressed to node {}, this is {}",
+                request.node, shared.peer_id
+            ),
         ));
     }
-    if !shared.config.coordinators.is_empty() && !shared.config.coordinators.contains(&coordinator) {
-        return Err(reject(ErrorCode::Unauthorized, format!("coordinator {coordinator} is not on this node's list")));
+    if !shared.config.coordinators.is_empty() && !shared.config.coordinators.contains(&coordinator)
+    {
+        return Err(reject(
+            ErrorCode::Unauthorized,
+            format!("coordinator {coordinator} is not on this node's list"),
+        ));
     }
     request.check_bounds()?;
     if request.deadline_ms <= now_ms() {
-        return Err(reject(ErrorCode::DeadlineExceeded, "the job's deadline has passed"));
+        return Err(reject(
+            ErrorCode::DeadlineExceeded,
+            "the job's deadline has passed",
+        ));
     }
     if shared.shutting_down.load(Ordering::SeqCst) {
         return Err(reject(ErrorCode::ShuttingDown, "node is shutting down"));
@@ -384,7 +442,12 @@ fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobErr
         .served
         .iter()
         .position(|s| s.module == request.module)
-        .ok_or_else(|| reject(ErrorCode::UnknownModule, format!("this node does not serve {}", request.module)))?;
+        .ok_or_else(|| {
+            reject(
+                ErrorCode::UnknownModule,
+                format!("this node does not serve {}", request.module),
+            )
+        })?;
     let served = &shared.served[module];
     if !served.price.within(&request.max_price) {
         return Err(reject(
@@ -445,19 +508,23 @@ async fn handle_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) {
         Err(_) => {
             return fail(
                 &mut writer,
-                reject(ErrorCode::BadRequest, format!("no job request within {:?}", shared.config.request_timeout)),
+                reject(
+                    ErrorCode::BadRequest,
+                    format!("no job request within {:?}", shared.config.request_timeout),
+                ),
             )
             .await
         }
     };
-    let job_id = signed.body.job_id;
-    let span = tracing::info_span!("job", %job_id, %peer);
-    let _enter = span.enter();
-    drop(_enter);
-    match admit(&shared, signed) {
-        Ok(admitted) => run_job(&shared, admitted, reader, writer).await,
-        Err(e) => fail(&mut writer, e).await,
+    let span = tracing::info_span!("job", job_id = %signed.body.job_id, %peer);
+    async move {
+        match admit(&shared, signed) {
+            Ok(admitted) => run_job(&shared, admitted, reader, writer).await,
+            Err(e) => fail(&mut writer, e).await,
+        }
     }
+    .instrument(span)
+    .await
 }
 
 fn engine_error(e: GenerateError) -> JobError {
@@ -468,12 +535,19 @@ fn engine_error(e: GenerateError) -> JobError {
         | GenerateError::Sampling(_)
         | GenerateError::BadStop { .. }
         | GenerateError::Chat(_) => ErrorCode::BadRequest,
-        GenerateError::Cancelled | GenerateError::EngineGone | GenerateError::Candle(_) => ErrorCode::Internal,
+        GenerateError::Cancelled | GenerateError::EngineGone | GenerateError::Candle(_) => {
+            ErrorCode::Internal
+        }
     };
     JobError::new(code, e.to_string())
 }
 
-async fn run_job(shared: &Shared, job: Admitted, mut reader: ReadHalf<Stream>, mut writer: WriteHalf<Stream>) {
+async fn run_job(
+    shared: &Shared,
+    job: Admitted,
+    mut reader: ReadHalf<Stream>,
+    mut writer: WriteHalf<Stream>,
+) {
     let served = &shared.served[job.module];
     let request = &job.request;
     let started = Instant::now();
@@ -495,7 +569,9 @@ async fn run_job(shared: &Shared, job: Admitted, mut reader: ReadHalf<Stream>, m
     let _slot = SlotGuard { shared, served };
     let mut events = match served.engine.try_generate(generate) {
         Ok(Some(events)) => events,
-        Ok(None) => return fail(&mut writer, reject(ErrorCode::Busy, "engine queue is full")).await,
+        Ok(None) => {
+            return fail(&mut writer, reject(ErrorCode::Busy, "engine queue is full")).await
+        }
         Err(e) => return fail(&mut writer, engine_error(e)).await,
     };
     tracing::info!(job_id = %request.job_id, module = %served.alias, queued, "job admitted");

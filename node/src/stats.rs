@@ -73,7 +73,10 @@ mod tests {
             w.record(i, Some(i * 10));
         }
         let s = w.stats();
-        assert_eq!((s.samples, s.p95_ttft_ms, s.p95_tpot_us), (100, Some(95), Some(950)));
+        assert_eq!(
+            (s.samples, s.p95_ttft_ms, s.p95_tpot_us),
+            (100, Some(95), Some(950))
+        );
         for _ in 0..WINDOW {
             w.record(7, None);
         }

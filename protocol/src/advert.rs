@@ -4,7 +4,7 @@
 //! and a silent node's last advert expires after its TTL.
 
 use crate::money::{Address, Price};
-use crate::signed::{Signed, SignatureError, SignedMessage};
+use crate::signed::{SignatureError, Signed, SignedMessage};
 use crate::wire::{decode, encode, WireError, PROTOCOL_VERSION};
 use crate::ModuleId;
 use libp2p_identity::PeerId;
@@ -208,8 +208,13 @@ mod tests {
     use libp2p_identity::Keypair;
 
     pub(crate) fn sample(key: &Keypair, modules: usize) -> NodeAdvert {
-        let module = ModuleId::new("llama", Quantization::from_gguf_file_type(3), 8192, WeightsHash([7; 32]))
-            .expect("module id");
+        let module = ModuleId::new(
+            "llama",
+            Quantization::from_gguf_file_type(3),
+            8192,
+            WeightsHash([7; 32]),
+        )
+        .expect("module id");
         NodeAdvert {
             version: PROTOCOL_VERSION,
             node: key.public().to_peer_id(),
@@ -218,7 +223,10 @@ mod tests {
             ttl_secs: 30,
             status: AdvertStatus::Online,
             payout: Address([1; 20]),
-            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into(), "/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+            addrs: vec![
+                "/ip4/127.0.0.1/tcp/4001".into(),
+                "/ip4/127.0.0.1/udp/4001/quic-v1".into(),
+            ],
             modules: (0..modules)
                 .map(|_| ModuleOffer {
                     module: module.clone(),
@@ -235,7 +243,10 @@ mod tests {
                 })
                 .collect(),
             capacity: 4,
-            load: Load { running: 1, waiting: 2 },
+            load: Load {
+                running: 1,
+                waiting: 2,
+            },
             tokens_generated: 12345,
         }
     }
@@ -255,12 +266,21 @@ mod tests {
         let key = Keypair::generate_ed25519();
         let good = encode_advert(sample(&key, 1), &key).expect("encode");
         assert!(decode_advert(&good, 1_000_000 + 29_000).is_ok());
-        assert!(matches!(decode_advert(&good, 1_000_000 + 31_000), Err(AdvertError::Expired { .. })));
-        assert!(matches!(decode_advert(&good, 1_000), Err(AdvertError::FromTheFuture { .. })));
+        assert!(matches!(
+            decode_advert(&good, 1_000_000 + 31_000),
+            Err(AdvertError::Expired { .. })
+        ));
+        assert!(matches!(
+            decode_advert(&good, 1_000),
+            Err(AdvertError::FromTheFuture { .. })
+        ));
 
         let other = Keypair::generate_ed25519();
         let forged = encode_advert(sample(&key, 1), &other).expect("encode");
-        assert!(matches!(decode_advert(&forged, 1_000_000), Err(AdvertError::WrongSigner { .. })));
+        assert!(matches!(
+            decode_advert(&forged, 1_000_000),
+            Err(AdvertError::WrongSigner { .. })
+        ));
 
         let mut tampered = good.clone();
         let n = tampered.len();
@@ -268,10 +288,16 @@ mod tests {
         assert!(decode_advert(&tampered, 1_000_000).is_err());
 
         let mut too_many = sample(&key, MAX_MODULES + 1);
-        assert!(matches!(encode_advert(too_many.clone(), &key), Err(AdvertError::Bounds("modules"))));
+        assert!(matches!(
+            encode_advert(too_many.clone(), &key),
+            Err(AdvertError::Bounds("modules"))
+        ));
         too_many.modules.truncate(1);
         too_many.ttl_secs = 0;
-        assert!(matches!(encode_advert(too_many, &key), Err(AdvertError::Bounds("ttl_secs"))));
+        assert!(matches!(
+            encode_advert(too_many, &key),
+            Err(AdvertError::Bounds("ttl_secs"))
+        ));
 
         assert!(decode_advert(&[0xff; 100], 1_000_000).is_err());
         assert!(matches!(

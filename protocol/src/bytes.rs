@@ -28,7 +28,8 @@ pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
             let v = v.strip_prefix("0x").unwrap_or(v);
             let mut out = [0u8; N];
-            hex::decode_to_slice(v, &mut out).map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))?;
+            hex::decode_to_slice(v, &mut out)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))?;
             Ok(out)
         }
     }

@@ -62,7 +62,10 @@ impl JobInput {
     /// blake3 of the input's encoding: what a receipt binds without carrying the prompt.
     pub fn hash(&self) -> [u8; 32] {
         let bytes = postcard::to_allocvec(self).unwrap_or_default();
-        *blake3::Hasher::new_derive_key("tessera job input v1").update(&bytes).finalize().as_bytes()
+        *blake3::Hasher::new_derive_key("tessera job input v1")
+            .update(&bytes)
+            .finalize()
+            .as_bytes()
     }
 }
 
@@ -100,17 +103,31 @@ impl JobRequest {
     pub fn check_bounds(&self) -> Result<(), JobError> {
         let bad = |what: String| Err(JobError::new(ErrorCode::BadRequest, what));
         if self.max_tokens == 0 || self.max_tokens > MAX_JOB_TOKENS {
-            return bad(format!("max_tokens must be 1..={MAX_JOB_TOKENS}, got {}", self.max_tokens));
+            return bad(format!(
+                "max_tokens must be 1..={MAX_JOB_TOKENS}, got {}",
+                self.max_tokens
+            ));
         }
         if self.payer.len() > MAX_PAYER_BYTES {
             return bad(format!("payer is longer than {MAX_PAYER_BYTES} bytes"));
         }
-        if self.stop.len() > MAX_STOP.0 || self.stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP.1) {
-            return bad(format!("at most {} stop sequences of 1..={} bytes", MAX_STOP.0, MAX_STOP.1));
+        if self.stop.len() > MAX_STOP.0
+            || self
+                .stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP.1)
+        {
+            return bad(format!(
+                "at most {} stop sequences of 1..={} bytes",
+                MAX_STOP.0, MAX_STOP.1
+            ));
         }
         match &self.input {
             JobInput::Chat(m) if m.is_empty() || m.len() > MAX_MESSAGES => {
-                return bad(format!("chat input must have 1..={MAX_MESSAGES} messages, got {}", m.len()));
+                return bad(format!(
+                    "chat input must have 1..={MAX_MESSAGES} messages, got {}",
+                    m.len()
+                ));
             }
             JobInput::Text(t) if t.is_empty() => return bad("prompt is empty".into()),
             _ => {}
@@ -145,6 +162,7 @@ pub struct Receipt {
     /// The module run.
     pub module: ModuleId,
     /// blake3 of the input ([`JobInput::hash`]).
+    #[serde(with = "crate::bytes")]
     pub input_hash: [u8; 32],
     /// Sampler settings and seed used.
     pub sampling: SamplingParams,
@@ -214,7 +232,14 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Whether trying the same job on another node can help.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Busy | Self::ShuttingDown | Self::Internal | Self::UnknownModule | Self::PriceTooHigh)
+        matches!(
+            self,
+            Self::Busy
+                | Self::ShuttingDown
+                | Self::Internal
+                | Self::UnknownModule
+                | Self::PriceTooHigh
+        )
     }
 }
 
@@ -265,13 +290,22 @@ mod tests {
         JobRequest {
             job_id: JobId([9; 16]),
             node,
-            module: ModuleId::new("llama", Quantization::from_gguf_file_type(3), 8192, WeightsHash([7; 32])).expect("id"),
+            module: ModuleId::new(
+                "llama",
+                Quantization::from_gguf_file_type(3),
+                8192,
+                WeightsHash([7; 32]),
+            )
+            .expect("id"),
             payer: "acct-1".into(),
             input: JobInput::Chat(vec![ChatMessage::user("Name the capital of France.")]),
             sampling: SamplingParams::greedy(),
             max_tokens: 32,
             stop: vec![],
-            max_price: Price { per_1k_input: Amount(10), per_1k_output: Amount(20) },
+            max_price: Price {
+                per_1k_input: Amount(10),
+                per_1k_output: Amount(20),
+            },
             deadline_ms: 2_000_000,
         }
     }

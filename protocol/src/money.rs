@@ -122,7 +122,11 @@ mod tests {
             per_1k_output: Amount(10),
         };
         assert_eq!(p.cost(0, 0), Some(Amount(0)));
-        assert_eq!(p.cost(1, 0), Some(Amount(1)), "a fraction of a unit rounds up");
+        assert_eq!(
+            p.cost(1, 0),
+            Some(Amount(1)),
+            "a fraction of a unit rounds up"
+        );
         assert_eq!(p.cost(1000, 1000), Some(Amount(13)));
         let huge = Price {
             per_1k_input: Amount(u128::MAX),
@@ -138,13 +142,18 @@ mod tests {
         assert_eq!(json, "\"340282366920938463463374607431768211455\"");
         assert_eq!(serde_json::from_str::<Amount>(&json).expect("back"), a);
         let bin = postcard::to_allocvec(&Amount(300)).expect("postcard");
-        assert_eq!(postcard::from_bytes::<Amount>(&bin).expect("back"), Amount(300));
+        assert_eq!(
+            postcard::from_bytes::<Amount>(&bin).expect("back"),
+            Amount(300)
+        );
         assert!(serde_json::from_str::<Amount>("\"-1\"").is_err());
     }
 
     #[test]
     fn addresses_round_trip_as_hex() {
-        let a: Address = "0x00000000000000000000000000000000000000aa".parse().expect("parse");
+        let a: Address = "0x00000000000000000000000000000000000000aa"
+            .parse()
+            .expect("parse");
         assert_eq!(a.0[19], 0xaa);
         let json = serde_json::to_string(&a).expect("json");
         assert_eq!(json, "\"00000000000000000000000000000000000000aa\"");

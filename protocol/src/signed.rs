@@ -90,13 +90,15 @@ impl<T: SignedMessage> Signed<T> {
 
     /// The signer's peer id, without checking the signature.
     pub fn signer_peer(&self) -> Result<PeerId, SignatureError> {
-        let key = ed25519::PublicKey::try_from_bytes(&self.signer).map_err(|_| SignatureError::BadKey)?;
+        let key =
+            ed25519::PublicKey::try_from_bytes(&self.signer).map_err(|_| SignatureError::BadKey)?;
         Ok(PublicKey::from(key).to_peer_id())
     }
 
     /// Checks the signature and returns the signer's peer id.
     pub fn verify(&self) -> Result<PeerId, SignatureError> {
-        let key = ed25519::PublicKey::try_from_bytes(&self.signer).map_err(|_| SignatureError::BadKey)?;
+        let key =
+            ed25519::PublicKey::try_from_bytes(&self.signer).map_err(|_| SignatureError::BadKey)?;
         if !key.verify(&signing_bytes(&self.body)?, &self.signature.0) {
             return Err(SignatureError::Invalid);
         }
@@ -146,13 +148,23 @@ mod tests {
             signer: signed.signer,
             signature: signed.signature,
         };
-        assert_eq!(replayed.verify(), Err(SignatureError::Invalid), "domain separation");
+        assert_eq!(
+            replayed.verify(),
+            Err(SignatureError::Invalid),
+            "domain separation"
+        );
     }
 
     #[test]
     fn json_round_trip_still_verifies() {
         let key = Keypair::generate_ed25519();
-        let signed = Signed::sign(Note { text: "receipt".into() }, &key).expect("sign");
+        let signed = Signed::sign(
+            Note {
+                text: "receipt".into(),
+            },
+            &key,
+        )
+        .expect("sign");
         let json = serde_json::to_string(&signed).expect("json");
         let back: Signed<Note> = serde_json::from_str(&json).expect("parse");
         assert_eq!(back.verify(), Ok(key.public().to_peer_id()));

@@ -48,7 +48,10 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, WireError> {
     let out = postcard::to_extend(msg, vec![PROTOCOL_VERSION as u8])
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     if out.len() > max {
-        return Err(WireError::TooLarge { len: out.len(), max });
+        return Err(WireError::TooLarge {
+            len: out.len(),
+            max,
+        });
     }
     Ok(out)
 }
@@ -56,7 +59,10 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, WireError> {
 /// Decodes what [`encode`] wrote. Trailing bytes are refused: one message, one encoding.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireError> {
     if bytes.len() > max {
-        return Err(WireError::TooLarge { len: bytes.len(), max });
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
     }
     let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
     if u16::from(version) != PROTOCOL_VERSION {
@@ -65,7 +71,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireEr
     let (msg, rest) =
         postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(WireError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(msg)
 }
@@ -77,7 +86,10 @@ where
     T: Serialize,
 {
     let body = encode(msg, max)?;
-    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge { len: body.len(), max })?;
+    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge {
+        len: body.len(),
+        max,
+    })?;
     w.write_all(&len.to_be_bytes()).await?;
     w.write_all(&body).await?;
     w.flush().await?;
@@ -99,7 +111,10 @@ where
             if got == 0 {
                 return Ok(None);
             }
-            return Err(WireError::Truncated { got, want: header.len() });
+            return Err(WireError::Truncated {
+                got,
+                want: header.len(),
+            });
         }
         got += n;
     }
@@ -139,15 +154,32 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_end_cleanly() {
-        let a = Msg { id: 1, text: "héllo".into(), list: vec![1, 2, 3] };
-        let b = Msg { id: 2, text: String::new(), list: vec![] };
+        let a = Msg {
+            id: 1,
+            text: "héllo".into(),
+            list: vec![1, 2, 3],
+        };
+        let b = Msg {
+            id: 2,
+            text: String::new(),
+            list: vec![],
+        };
         let mut buf = Vec::new();
         block_on(write_frame(&mut buf, &a, 1024)).expect("write");
         block_on(write_frame(&mut buf, &b, 1024)).expect("write");
         let mut r = Cursor::new(buf);
-        assert_eq!(block_on(read_frame::<_, Msg>(&mut r, 1024)).expect("a"), Some(a));
-        assert_eq!(block_on(read_frame::<_, Msg>(&mut r, 1024)).expect("b"), Some(b));
-        assert_eq!(block_on(read_frame::<_, Msg>(&mut r, 1024)).expect("eof"), None);
+        assert_eq!(
+            block_on(read_frame::<_, Msg>(&mut r, 1024)).expect("a"),
+            Some(a)
+        );
+        assert_eq!(
+            block_on(read_frame::<_, Msg>(&mut r, 1024)).expect("b"),
+            Some(b)
+        );
+        assert_eq!(
+            block_on(read_frame::<_, Msg>(&mut r, 1024)).expect("eof"),
+            None
+        );
     }
 
     #[test]
@@ -155,30 +187,70 @@ mod tests {
         // Announces 4 GiB; must fail on the header alone.
         let mut r = Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
         match block_on(read_frame::<_, Msg>(&mut r, 1024)) {
-            Err(WireError::TooLarge { len, max }) => assert_eq!((len, max), (u32::MAX as usize, 1024)),
+            Err(WireError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (u32::MAX as usize, 1024))
+            }
             other => panic!("expected TooLarge, got {other:?}"),
         }
-        let big = Msg { id: 1, text: "x".repeat(2000), list: vec![] };
+        let big = Msg {
+            id: 1,
+            text: "x".repeat(2000),
+            list: vec![],
+        };
         let mut buf = Vec::new();
-        assert!(matches!(block_on(write_frame(&mut buf, &big, 1024)), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            block_on(write_frame(&mut buf, &big, 1024)),
+            Err(WireError::TooLarge { .. })
+        ));
         assert!(buf.is_empty(), "nothing is written for a refused frame");
     }
 
     #[test]
     fn truncated_wrong_version_and_trailing_bytes_are_errors() {
         let mut r = Cursor::new(vec![0, 0]);
-        assert!(matches!(block_on(read_frame::<_, Msg>(&mut r, 1024)), Err(WireError::Truncated { got: 2, want: 4 })));
+        assert!(matches!(
+            block_on(read_frame::<_, Msg>(&mut r, 1024)),
+            Err(WireError::Truncated { got: 2, want: 4 })
+        ));
         let mut r = Cursor::new(vec![0, 0, 0, 9, 1, 1]);
-        assert!(matches!(block_on(read_frame::<_, Msg>(&mut r, 1024)), Err(WireError::Truncated { got: 2, want: 9 })));
+        assert!(matches!(
+            block_on(read_frame::<_, Msg>(&mut r, 1024)),
+            Err(WireError::Truncated { got: 2, want: 9 })
+        ));
         let mut r = Cursor::new(vec![0, 0, 0, 0]);
-        assert!(matches!(block_on(read_frame::<_, Msg>(&mut r, 1024)), Err(WireError::Empty)));
+        assert!(matches!(
+            block_on(read_frame::<_, Msg>(&mut r, 1024)),
+            Err(WireError::Empty)
+        ));
 
-        let mut good = encode(&Msg { id: 5, text: "a".into(), list: vec![] }, 1024).expect("encode");
+        let mut good = encode(
+            &Msg {
+                id: 5,
+                text: "a".into(),
+                list: vec![],
+            },
+            1024,
+        )
+        .expect("encode");
         good[0] = 9;
-        assert!(matches!(decode::<Msg>(&good, 1024), Err(WireError::Version(9))));
-        let mut trailing = encode(&Msg { id: 5, text: "a".into(), list: vec![] }, 1024).expect("encode");
+        assert!(matches!(
+            decode::<Msg>(&good, 1024),
+            Err(WireError::Version(9))
+        ));
+        let mut trailing = encode(
+            &Msg {
+                id: 5,
+                text: "a".into(),
+                list: vec![],
+            },
+            1024,
+        )
+        .expect("encode");
         trailing.push(0);
-        assert!(matches!(decode::<Msg>(&trailing, 1024), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode::<Msg>(&trailing, 1024),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     proptest! {

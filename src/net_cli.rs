@@ -1,0 +1,296 @@
+//! `tessera node` (serve modules on the network) and `tessera ask` (send one job to a node,
+//! the way a coordinator does, to check a node from the command line).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tessera_coordinator::{CoordinatorNet, JobSpec};
+use tessera_net::{Multiaddr, NetConfig, PeerId, Protocol};
+use tessera_node::{NodeConfig, RunningNode, ServedModel};
+use tessera_protocol::{Address, Amount, ChatMessage, JobEvent, JobInput, Price, SamplingParams};
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// TOML config file (flags and environment override it; see docs/network.md).
+    #[arg(long, short, env = "TESSERA_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Model to serve: catalogue alias or GGUF path (repeatable; replaces the file's list).
+    #[arg(
+        long = "model",
+        short,
+        env = "TESSERA_NODE_MODELS",
+        value_delimiter = ','
+    )]
+    models: Vec<String>,
+    /// Price per 1,000 prompt tokens, in base units, for models given with --model.
+    #[arg(long, env = "TESSERA_PRICE_INPUT")]
+    price_input: Option<Amount>,
+    /// Price per 1,000 generated tokens, in base units, for models given with --model.
+    #[arg(long, env = "TESSERA_PRICE_OUTPUT")]
+    price_output: Option<Amount>,
+    /// Address to listen on (repeatable) [default: TCP and QUIC on 0.0.0.0 port 7400].
+    #[arg(long, env = "TESSERA_LISTEN", value_delimiter = ',')]
+    listen: Vec<Multiaddr>,
+    /// Peer to join through, ending in /p2p/<peer id> (repeatable).
+    #[arg(long, env = "TESSERA_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<Multiaddr>,
+    /// Address to announce instead of the listen addresses (behind NAT; repeatable).
+    #[arg(long, env = "TESSERA_EXTERNAL", value_delimiter = ',')]
+    external: Vec<Multiaddr>,
+    /// Most jobs admitted at once (running and waiting) [default: 4].
+    #[arg(long, env = "TESSERA_MAX_JOBS")]
+    max_jobs: Option<u32>,
+    /// EVM address where earnings are paid.
+    #[arg(long, env = "TESSERA_PAYOUT")]
+    payout: Option<Address>,
+    /// Where the identity key is kept [default: $TESSERA_HOME/node].
+    #[arg(long, env = "TESSERA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Find peers on the local network with mDNS.
+    #[arg(long, env = "TESSERA_MDNS")]
+    mdns: bool,
+    /// Seconds between adverts [default: 10].
+    #[arg(long, env = "TESSERA_ADVERT_INTERVAL")]
+    advert_interval: Option<f64>,
+    /// Seconds an advert stays valid [default: 30].
+    #[arg(long, env = "TESSERA_ADVERT_TTL")]
+    advert_ttl: Option<u32>,
+    /// Only accept jobs signed by this coordinator (repeatable; default: any).
+    #[arg(
+        long = "coordinator",
+        env = "TESSERA_COORDINATORS",
+        value_delimiter = ','
+    )]
+    coordinators: Vec<PeerId>,
+    /// Seconds in-flight jobs get to finish on Ctrl-C [default: 30].
+    #[arg(long, env = "TESSERA_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<f64>,
+}
+
+impl NodeArgs {
+    fn into_config(self, home: &Path) -> Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_toml_file(path)?,
+            None => NodeConfig {
+                data_dir: home.join("node"),
+                ..NodeConfig::default()
+            },
+        };
+        if !self.models.is_empty() {
+            config.models = self.models.iter().map(ServedModel::new).collect();
+        }
+        if config.models.is_empty() {
+            config
+                .models
+                .push(ServedModel::new("smollm2-135m-instruct"));
+        }
+        if self.price_input.is_some() || self.price_output.is_some() {
+            for m in &mut config.models {
+                m.price = Price {
+                    per_1k_input: self.price_input.unwrap_or(m.price.per_1k_input),
+                    per_1k_output: self.price_output.unwrap_or(m.price.per_1k_output),
+                };
+            }
+        }
+        if !self.listen.is_empty() {
+            config.net.listen = self.listen;
+        }
+        config.net.bootstrap.extend(self.bootstrap);
+        config.net.external.extend(self.external);
+        config.net.mdns |= self.mdns;
+        if let Some(n) = self.max_jobs {
+            config.max_jobs = n;
+        }
+        if let Some(p) = self.payout {
+            config.payout = p;
+        }
+        if let Some(d) = self.data_dir {
+            config.data_dir = d;
+        }
+        if let Some(s) = self.advert_interval {
+            config.advert_interval = Duration::try_from_secs_f64(s)
+                .context("--advert-interval must be a positive number of seconds")?;
+        }
+        if let Some(t) = self.advert_ttl {
+            config.advert_ttl_secs = t;
+        }
+        if let Some(s) = self.shutdown_grace {
+            config.shutdown_grace = Duration::try_from_secs_f64(s)
+                .context("--shutdown-grace must be a non-negative number of seconds")?;
+        }
+        config.coordinators.extend(self.coordinators);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs once");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs a node until Ctrl-C or SIGTERM.
+pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> Result<()> {
+    let config = args.into_config(home)?;
+    for m in &config.models {
+        fetch(&m.model)?;
+    }
+    let models = tessera_node::load_models(&config, home)?;
+    runtime()?.block_on(async move {
+        let node = RunningNode::start(config, models)
+            .await
+            .context("cannot start the node")?;
+        let id = node.peer_id();
+        eprintln!("node {id} serving:");
+        for m in node.modules() {
+            eprintln!("  {m}");
+        }
+        // Give the listeners a moment to bind before printing where they are.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for addr in node.listen_addrs().await {
+            eprintln!("listening on {addr}/p2p/{id}");
+        }
+        eprintln!("press Ctrl-C to leave the network");
+        shutdown_signal().await;
+        eprintln!("leaving: finishing in-flight jobs");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// The node's address, ending in /p2p/<peer id> (as `tessera node` prints it).
+    #[arg(long, env = "TESSERA_ASK_NODE")]
+    node: Multiaddr,
+    /// Module alias or full module id to run [default: the node's first module].
+    #[arg(long, short)]
+    model: Option<String>,
+    /// The prompt (a user message, or raw text with --raw).
+    prompt: String,
+    /// Send the prompt as raw text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Seconds the whole job may take.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// Print the signed receipt as JSON on stdout after the text.
+    #[arg(long)]
+    receipt: bool,
+}
+
+/// Sends one job to a node and streams its answer.
+pub fn ask(args: AskArgs) -> Result<()> {
+    use std::io::Write;
+    let Some(Protocol::P2p(peer)) = args.node.iter().last() else {
+        bail!("--node {} must end in /p2p/<peer id>", args.node);
+    };
+    let timeout =
+        Duration::try_from_secs_f64(args.timeout).context("--timeout must be positive seconds")?;
+    runtime()?.block_on(async move {
+        let config = NetConfig {
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+            bootstrap: vec![args.node.clone()],
+            ..NetConfig::default()
+        };
+        let net = CoordinatorNet::start(tessera_protocol::Keypair::generate_ed25519(), &config).await?;
+        let wait_until = tokio::time::Instant::now() + Duration::from_secs(15);
+        let entry = loop {
+            if let Some(e) = net.table().read().ok().and_then(|t| t.get(&peer).cloned()) {
+                break e;
+            }
+            if tokio::time::Instant::now() > wait_until {
+                bail!("no advert from {peer} within 15 s: is the node running and reachable at {}?", args.node);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let offer = match &args.model {
+            None => entry.advert.modules.first(),
+            Some(m) => entry
+                .advert
+                .modules
+                .iter()
+                .find(|o| &o.alias == m || &o.module.to_string() == m),
+        }
+        .with_context(|| {
+            let served: Vec<_> = entry.advert.modules.iter().map(|o| o.alias.as_str()).collect();
+            format!("the node does not serve {:?}; it serves {}", args.model.as_deref().unwrap_or(""), served.join(", "))
+        })?
+        .clone();
+        let input = if args.raw {
+            JobInput::Text(args.prompt)
+        } else {
+            JobInput::Chat(vec![ChatMessage::user(args.prompt)])
+        };
+        let spec = JobSpec {
+            module: offer.module.clone(),
+            payer: "cli".into(),
+            input,
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                seed: args.seed,
+                ..SamplingParams::default()
+            },
+            max_tokens: args.max_tokens,
+            stop: vec![],
+            max_price: offer.price,
+            timeout,
+        };
+        let mut job = net.client().start(peer, spec).await?;
+        let mut out = std::io::stdout().lock();
+        let mut result = None;
+        while let Some(event) = job.next().await {
+            match event? {
+                JobEvent::Delta(t) => {
+                    let _ = out.write_all(t.as_bytes());
+                    let _ = out.flush();
+                }
+                JobEvent::Result(r) => result = Some(r),
+                JobEvent::Accepted { .. } | JobEvent::Error(_) => {}
+            }
+        }
+        let _ = writeln!(out);
+        let result = result.context("the node ended the job without a result")?;
+        eprintln!(
+            "[{} prompt + {} completion tokens, finish {}, ttft {} ms, cost {} base units; receipt signed by {} verified]",
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+            result.finish_reason.as_str(),
+            result.ttft_ms,
+            result.receipt.body.cost,
+            peer
+        );
+        if args.receipt {
+            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&result.receipt)?);
+        }
+        net.shutdown().await;
+        Ok(())
+    })
+}
