@@ -118,7 +118,7 @@ impl<'a> QMatrix<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Self, KernelError> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(KernelError::Cols(cols));
         }
         let need = rows * cols / QK * format.block_bytes();

@@ -153,7 +153,7 @@ impl TensorSource<'_> {
                 )))
             }
         };
-        if dt == GgmlDType::Q8_0 && dim % QK == 0 {
+        if dt == GgmlDType::Q8_0 && dim.is_multiple_of(QK) {
             return Ok(Embedding {
                 vocab,
                 dim,
@@ -277,7 +277,7 @@ impl Embedding {
 /// Widths that are not whole Q8 blocks are left alone: no own-kernel matrix accepts them
 /// (`QMatrix::new` refuses at load), so only candle projections read such rows.
 pub(crate) fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<BlockQ8>) {
-    if cols % QK != 0 {
+    if !cols.is_multiple_of(QK) {
         return;
     }
     out.resize(x.len() / QK, BlockQ8::default());

@@ -75,15 +75,17 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        let mut net = NetConfig::default();
-        net.listen = vec![
-            format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")
-                .parse()
-                .expect("static multiaddr"),
-            format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1")
-                .parse()
-                .expect("static multiaddr"),
-        ];
+        let net = NetConfig {
+            listen: vec![
+                format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")
+                    .parse()
+                    .expect("static multiaddr"),
+                format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1")
+                    .parse()
+                    .expect("static multiaddr"),
+            ],
+            ..NetConfig::default()
+        };
         Self {
             data_dir: PathBuf::from("tessera-node"),
             models: Vec::new(),

@@ -113,9 +113,9 @@ pub enum AdvertError {
     #[error("advert names node {named} but is signed by {signer}")]
     WrongSigner {
         /// Node in the body.
-        named: PeerId,
+        named: String,
         /// Key that signed.
-        signer: PeerId,
+        signer: String,
     },
     /// From another protocol version.
     #[error("advert speaks protocol version {0}, this build speaks {PROTOCOL_VERSION}")]
@@ -179,8 +179,8 @@ pub fn decode_advert(bytes: &[u8], now_ms: u64) -> Result<NodeAdvert, AdvertErro
     let advert = signed.body;
     if advert.node != signer {
         return Err(AdvertError::WrongSigner {
-            named: advert.node,
-            signer,
+            named: advert.node.to_string(),
+            signer: signer.to_string(),
         });
     }
     if advert.version != PROTOCOL_VERSION {
