@@ -208,3 +208,29 @@ fn a_damaged_cached_model_is_reported_on_its_row_only() {
         "{text}"
     );
 }
+
+#[test]
+fn node_refuses_bad_settings_with_the_setting_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&[&str], &str); 3] = [
+        (&["node", "--bootstrap", "/ip4/127.0.0.1/tcp/7400"], "/p2p/"),
+        (&["node", "--max-jobs", "0"], "max_jobs"),
+        (
+            &["node", "--advert-interval", "20", "--advert-ttl", "30"],
+            "advert_interval",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = tessera(dir.path(), args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "max_job = 3\n").expect("write");
+    let out = tessera(
+        dir.path(),
+        &["node", "--config", config.to_str().expect("utf-8")],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("max_job"), "{}", stderr(&out));
+}

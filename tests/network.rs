@@ -623,3 +623,47 @@ async fn ctrl_c_finishes_the_running_job_then_the_node_leaves_at_once() {
     assert!(signalled.elapsed() < Duration::from_secs(10));
     net.shutdown().await;
 }
+
+#[tokio::test]
+async fn tessera_ask_streams_an_answer_over_quic_and_prints_the_verified_receipt() {
+    let (net, addr) = coordinator().await;
+    let node = NodeProc::spawn(&addr, &[]);
+    let advert = discovered(&net, &node).await.advert;
+    let quic = advert
+        .addrs
+        .iter()
+        .find(|a| a.contains("/quic-v1"))
+        .unwrap_or_else(|| panic!("no QUIC address in {:?}", advert.addrs));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "ask",
+            "--node",
+            &format!("{quic}/p2p/{}", node.peer),
+            "--receipt",
+            "--max-tokens",
+            "16",
+            "Name the capital of France.",
+        ])
+        .output()
+        .await
+        .expect("run tessera ask");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}\nnode log:\n{}", node.log());
+    assert!(
+        stdout.starts_with("The capital of France is Paris."),
+        "{stdout}"
+    );
+    assert!(stderr.contains("verified"), "{stderr}");
+    let json_start = stdout.find('{').expect("receipt JSON after the answer");
+    let receipt: Signed<tessera_protocol::Receipt> =
+        serde_json::from_str(&stdout[json_start..]).expect("receipt JSON");
+    assert_eq!(
+        receipt.verify().expect("verifies"),
+        node.peer,
+        "the printed receipt verifies on its own"
+    );
+    net.shutdown().await;
+}

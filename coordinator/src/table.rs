@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tessera_net::{NetEvent, PeerId};
-use tessera_protocol::{AdvertStatus, ModuleId, NodeAdvert};
+use tessera_protocol::{AdvertStatus, ModuleId, NodeAdvert, Price};
 
 /// Tokens per second the coordinator itself measured on a node's jobs.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -180,6 +180,29 @@ impl NodeTable {
             .filter(move |e| e.advert.modules.iter().any(|m| &m.module == module))
     }
 
+    /// A node to run `module` on at no more than `max_price`: one with a free slot, the
+    /// least loaded first, then the cheapest output price, then the nearest. (The API's
+    /// router weighs more; this is the network layer's sensible default.)
+    pub fn pick(&self, module: &ModuleId, max_price: &Price) -> Option<PeerId> {
+        self.nodes
+            .values()
+            .filter_map(|e| {
+                let offer = e.advert.modules.iter().find(|m| &m.module == module)?;
+                let held = e.advert.load.running + e.advert.load.waiting;
+                (offer.price.within(max_price) && held < e.advert.capacity).then(|| {
+                    let load = f64::from(held) / f64::from(e.advert.capacity.max(1));
+                    (
+                        load,
+                        offer.price.per_1k_output,
+                        e.rtt.unwrap_or(Duration::MAX),
+                        e.advert.node,
+                    )
+                })
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)))
+            .map(|(.., peer)| peer)
+    }
+
     /// How many nodes are in the table.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -299,6 +322,57 @@ mod tests {
             table.get(&node).is_some(),
             "a node that comes back is welcome"
         );
+    }
+
+    #[test]
+    fn pick_prefers_free_cheap_near_nodes_within_price() {
+        use tessera_protocol::{Amount, LatencyStats, ModuleOffer, Quantization, WeightsHash};
+        let module = ModuleId::new(
+            "llama",
+            Quantization::from_gguf_file_type(3),
+            8192,
+            WeightsHash([1; 32]),
+        )
+        .expect("id");
+        let offer = |out: u128| ModuleOffer {
+            module: module.clone(),
+            alias: "m".into(),
+            price: Price {
+                per_1k_input: Amount(1),
+                per_1k_output: Amount(out),
+            },
+            latency: LatencyStats::default(),
+        };
+        let t0 = Instant::now();
+        let mut table = NodeTable::default();
+        let mut ids = Vec::new();
+        for (out, running) in [(10, 2), (30, 0), (20, 0), (5, 0)] {
+            let peer = tessera_protocol::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id();
+            let mut a = advert(peer, 1, AdvertStatus::Online);
+            a.modules = vec![offer(out)];
+            a.load = Load {
+                running,
+                waiting: 0,
+            };
+            table.apply(&NetEvent::Advert(Box::new(a)), t0);
+            ids.push(peer);
+        }
+        let max = Price {
+            per_1k_input: Amount(1),
+            per_1k_output: Amount(25),
+        };
+        // ids[0] is full (2 of 2), ids[1] too expensive; ids[3] is cheapest of the free ones.
+        assert_eq!(table.pick(&module, &max), Some(ids[3]));
+        let tight = Price {
+            per_1k_input: Amount(1),
+            per_1k_output: Amount(4),
+        };
+        assert_eq!(table.pick(&module, &tight), None, "nobody within price");
+        let mut other = module.clone();
+        other.context_length = 4096;
+        assert_eq!(table.pick(&other, &max), None, "nobody serves it");
     }
 
     #[test]

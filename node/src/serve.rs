@@ -263,18 +263,30 @@ impl RunningNode {
         let stop = CancellationToken::new();
 
         // Acceptor: a tight loop that hands each stream to its own task (libp2p-stream drops
-        // inbound streams when the acceptor lags).
+        // inbound streams when the acceptor lags). Streams still sending their request are
+        // bounded too, so idle streams cannot pile up tasks.
         {
             let shared = shared.clone();
             let jobs = jobs.clone();
             let stop = stop.clone();
+            let handlers = Arc::new(Semaphore::new(shared.config.max_jobs as usize * 4 + 16));
             background.spawn(async move {
                 loop {
                     tokio::select! {
                         next = incoming.next() => match next {
-                            Some((peer, stream)) => {
-                                jobs.spawn(handle_stream(shared.clone(), peer, stream));
-                            }
+                            Some((peer, stream)) => match handlers.clone().try_acquire_owned() {
+                                Ok(permit) => {
+                                    let shared = shared.clone();
+                                    jobs.spawn(async move {
+                                        handle_stream(shared, peer, stream).await;
+                                        drop(permit);
+                                    });
+                                }
+                                Err(_) => {
+                                    tracing::warn!(%peer, "too many open job streams; dropping a new one");
+                                    drop(stream);
+                                }
+                            },
                             None => break,
                         },
                         () = stop.cancelled() => break,
