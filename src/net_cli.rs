@@ -133,18 +133,31 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C and SIGTERM, listened for from the moment it is made (so a signal during start
+/// still gets a clean leave).
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs once");
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = self.term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Runs a node until Ctrl-C or SIGTERM.
@@ -155,24 +168,34 @@ pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> 
     }
     let models = tessera_node::load_models(&config, home)?;
     runtime()?.block_on(async move {
-        let node = RunningNode::start(config, models)
-            .await
-            .context("cannot start the node")?;
-        let id = node.peer_id();
-        eprintln!("node {id} serving:");
-        for m in node.modules() {
-            eprintln!("  {m}");
+        let mut signals = Signals::new()?;
+        let node = {
+            // Ctrl-C registers with the runtime when first polled: do it before anything slow.
+            let first = signals.recv();
+            tokio::pin!(first);
+            let node = tokio::select! {
+                node = RunningNode::start(config, models) => node.context("cannot start the node")?,
+                () = &mut first => bail!("interrupted while starting"),
+            };
+            let id = node.peer_id();
+            eprintln!("node {id} serving:");
+            for m in node.modules() {
+                eprintln!("  {m}");
+            }
+            // Give the listeners a moment to bind before printing where they are.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for addr in node.listen_addrs().await {
+                eprintln!("listening on {addr}/p2p/{id}");
+            }
+            eprintln!("press Ctrl-C to leave the network");
+            first.await;
+            node
+        };
+        eprintln!("leaving: finishing in-flight jobs (Ctrl-C again to quit now)");
+        tokio::select! {
+            () = node.shutdown() => Ok(()),
+            () = signals.recv() => bail!("quit before in-flight jobs finished"),
         }
-        // Give the listeners a moment to bind before printing where they are.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for addr in node.listen_addrs().await {
-            eprintln!("listening on {addr}/p2p/{id}");
-        }
-        eprintln!("press Ctrl-C to leave the network");
-        shutdown_signal().await;
-        eprintln!("leaving: finishing in-flight jobs");
-        node.shutdown().await;
-        Ok(())
     })
 }
 

@@ -7,7 +7,7 @@ use crate::table::NodeTable;
 use futures::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use futures::AsyncReadExt;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tessera_net::{NetHandle, PeerId, Stream};
 use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
 use tessera_protocol::wire::{read_frame, write_frame, WireError};
@@ -18,6 +18,8 @@ use tessera_protocol::{
 
 /// Longest wait for a stream to open, within the job's own deadline.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a job may be given.
+pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a job did not produce a result.
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +96,6 @@ pub struct JobClient {
     table: Option<Arc<RwLock<NodeTable>>>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl JobClient {
     /// A client over `net`, signing with `key`; job outcomes are recorded in `table`.
     pub fn new(net: NetHandle, key: Keypair, table: Option<Arc<RwLock<NodeTable>>>) -> Self {
@@ -111,7 +106,8 @@ impl JobClient {
     /// stream of its events.
     pub async fn start(&self, node: PeerId, spec: JobSpec) -> Result<JobStream, ClientError> {
         let started = Instant::now();
-        let deadline = started + spec.timeout;
+        let timeout = spec.timeout.min(MAX_JOB_TIMEOUT);
+        let deadline = started + timeout;
         let request = JobRequest {
             job_id: JobId(rand_bytes()),
             node,
@@ -122,7 +118,7 @@ impl JobClient {
             max_tokens: spec.max_tokens,
             stop: spec.stop,
             max_price: spec.max_price,
-            deadline_ms: now_ms() + spec.timeout.as_millis() as u64,
+            deadline_ms: tessera_protocol::now_ms() + timeout.as_millis() as u64,
         };
         let signed =
             Signed::sign(request, &self.key).map_err(|e| ClientError::Request(e.to_string()))?;
@@ -135,7 +131,7 @@ impl JobClient {
         )
         .await
         {
-            Err(_) => return Err(ClientError::Deadline(spec.timeout)),
+            Err(_) => return Err(ClientError::Deadline(timeout)),
             Ok(Err(WireError::TooLarge { len, max })) => {
                 return Err(ClientError::Request(format!(
                     "request of {len} bytes exceeds {max}"
@@ -158,7 +154,9 @@ impl JobClient {
             writer,
             started,
             deadline,
+            request_signer: Some(self.key.public().to_peer_id()),
             first_token: None,
+            deltas: 0,
             finished: false,
             table: self.table.clone(),
         })
@@ -205,7 +203,7 @@ fn rand_bytes() -> [u8; 16] {
     // and a process-wide counter.
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = blake3::Hasher::new();
-    h.update(&now_ms().to_le_bytes());
+    h.update(&tessera_protocol::now_ms().to_le_bytes());
     h.update(
         &COUNTER
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -229,7 +227,9 @@ pub struct JobStream {
     writer: WriteHalf<Stream>,
     started: Instant,
     deadline: Instant,
+    request_signer: Option<PeerId>,
     first_token: Option<Instant>,
+    deltas: u32,
     finished: bool,
     table: Option<Arc<RwLock<NodeTable>>>,
 }
@@ -287,7 +287,15 @@ impl JobStream {
             }),
             Ok(Ok(Some(JobEvent::Error(e)))) => Err(ClientError::Node(e)),
             Ok(Ok(Some(JobEvent::Result(result)))) => {
-                match check_result(&self.request, self.node, &result) {
+                match check_result(&self.request, self.node, &result).and_then(|()| {
+                    // The receipt must name the coordinator that signed the request.
+                    match self.request_signer {
+                        Some(me) if result.receipt.body.coordinator != me => {
+                            Err("receipt names another coordinator".to_owned())
+                        }
+                        _ => Ok(()),
+                    }
+                }) {
                     Ok(()) => {
                         if let (Some(t), Some(first)) = (&self.table, self.first_token) {
                             if let Ok(mut t) = t.write() {
@@ -308,12 +316,23 @@ impl JobStream {
                     }),
                 }
             }
-            Ok(Ok(Some(event))) => {
-                if matches!(event, JobEvent::Delta(_)) {
-                    self.first_token.get_or_insert_with(Instant::now);
+            Ok(Ok(Some(JobEvent::Delta(text)))) => {
+                self.first_token.get_or_insert_with(Instant::now);
+                self.deltas += 1;
+                // Each delta carries at least one token's text, plus one final flush.
+                if self.deltas > self.request.max_tokens.saturating_add(1) {
+                    Err(ClientError::Protocol {
+                        node: self.node,
+                        cause: format!(
+                            "more text deltas than the {} tokens asked for",
+                            self.request.max_tokens
+                        ),
+                    })
+                } else {
+                    Ok(JobEvent::Delta(text))
                 }
-                Ok(event)
             }
+            Ok(Ok(Some(event))) => Ok(event),
         };
         if let Err(e) = &outcome {
             self.finished = true;

@@ -66,6 +66,9 @@ pub struct NodeTable {
 
 /// How long a goodbye is remembered.
 const LEFT_MEMORY: Duration = Duration::from_secs(600);
+/// Most nodes (and remembered goodbyes) the table holds: every entry needs a signed advert,
+/// but keys cost nothing, so the table must not grow with an attacker's key count.
+pub const MAX_NODES: usize = 10_000;
 
 impl NodeTable {
     /// Applies one network event at `now`.
@@ -100,13 +103,19 @@ impl NodeTable {
     }
 
     fn pending_entry(&mut self, peer: PeerId) -> &mut (Option<Duration>, Option<String>) {
-        // Bounded: only connected peers produce these, and disconnects remove them.
+        // Only connected peers produce these and disconnects remove them; the cap covers a
+        // disconnect event lost to a full event queue.
+        if self.pending.len() >= MAX_NODES && !self.pending.contains_key(&peer) {
+            self.pending.clear();
+        }
         self.pending.entry(peer).or_default()
     }
 
     fn on_advert(&mut self, advert: &NodeAdvert, now: Instant) {
         if advert.status == AdvertStatus::Leaving {
-            self.left.insert(advert.node, (advert.seq, now));
+            if self.left.len() < MAX_NODES {
+                self.left.insert(advert.node, (advert.seq, now));
+            }
             if self.nodes.remove(&advert.node).is_some() {
                 tracing::info!(node = %advert.node, "node left the network");
             }
@@ -119,12 +128,16 @@ impl NodeTable {
             self.left.remove(&advert.node);
         }
         let expires = now + Duration::from_secs(u64::from(advert.ttl_secs));
+        let full = self.nodes.len() >= MAX_NODES;
         match self.nodes.get_mut(&advert.node) {
             Some(e) if advert.seq <= e.advert.seq => {}
             Some(e) => {
                 e.advert = advert.clone();
                 e.last_seen = now;
                 e.expires = expires;
+            }
+            None if full => {
+                tracing::warn!(node = %advert.node, "node table full; advert ignored");
             }
             None => {
                 let (rtt, agent) = self.pending.remove(&advert.node).unwrap_or_default();
@@ -188,7 +201,7 @@ impl NodeTable {
             .values()
             .filter_map(|e| {
                 let offer = e.advert.modules.iter().find(|m| &m.module == module)?;
-                let held = e.advert.load.running + e.advert.load.waiting;
+                let held = e.advert.load.running.saturating_add(e.advert.load.waiting);
                 (offer.price.within(max_price) && held < e.advert.capacity).then(|| {
                     let load = f64::from(held) / f64::from(e.advert.capacity.max(1));
                     (

@@ -25,6 +25,28 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
 }
 
+impl NetConfig {
+    /// Checks ranges once, before the swarm starts.
+    pub fn validate(&self) -> Result<(), String> {
+        let ping = Duration::from_millis(100)..=Duration::from_secs(60);
+        if !ping.contains(&self.ping_interval) {
+            return Err(format!(
+                "net.ping_interval must be 0.1..=60 seconds, got {:?}",
+                self.ping_interval
+            ));
+        }
+        if self.idle_timeout < Duration::from_secs(1)
+            || self.idle_timeout > Duration::from_secs(86_400)
+        {
+            return Err(format!(
+                "net.idle_timeout must be 1..=86400 seconds, got {:?}",
+                self.idle_timeout
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for NetConfig {
     fn default() -> Self {
         Self {
@@ -43,14 +65,17 @@ impl Default for NetConfig {
     }
 }
 
-mod secs {
+/// Durations as (fractional) seconds in config files: `ping_interval = 2.0`.
+pub mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
+    /// Writes seconds as a float.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 
+    /// Reads non-negative, finite seconds.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v = f64::deserialize(d)?;
         Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)

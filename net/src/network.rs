@@ -8,7 +8,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{
     gossipsub, identify, identity::Keypair, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
 };
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tessera_protocol::{decode_advert, AdvertError, NodeAdvert, ADVERTS_TOPIC};
 use tokio::sync::{mpsc, oneshot};
 
@@ -200,13 +200,6 @@ impl NetHandle {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Builds the swarm, starts listening and dialing the bootstrap peers, and spawns the task
 /// that owns it on the current tokio runtime. Listen addresses are bound before this
 /// returns, so `listen_addrs` soon reports the real ports.
@@ -221,6 +214,7 @@ pub async fn start(
     ),
     NetError,
 > {
+    config.validate().map_err(NetError::Build)?;
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
     let quic_idle = u32::try_from((config.ping_interval * 3).as_millis()).unwrap_or(u32::MAX);
     let mut behaviour_error = None;
@@ -437,7 +431,7 @@ impl EventLoop {
                 message_id,
                 message,
             }) => {
-                let acceptance = match decode_advert(&message.data, now_ms()) {
+                let acceptance = match decode_advert(&message.data, tessera_protocol::now_ms()) {
                     Ok(advert) if Some(advert.node) == message.source => {
                         self.swarm
                             .behaviour_mut()

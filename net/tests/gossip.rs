@@ -8,19 +8,12 @@ use tessera_protocol::{
 };
 use tokio::sync::mpsc::Receiver;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
-}
-
 fn advert(node: &Keypair, seq: u64) -> NodeAdvert {
     NodeAdvert {
         version: PROTOCOL_VERSION,
         node: node.public().to_peer_id(),
         seq,
-        timestamp_ms: now_ms(),
+        timestamp_ms: tessera_protocol::now_ms(),
         ttl_secs: 30,
         status: AdvertStatus::Online,
         payout: Address::default(),

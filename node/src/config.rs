@@ -57,15 +57,15 @@ pub struct NodeConfig {
     /// Most jobs admitted at once (running and waiting); beyond it a node answers busy.
     pub max_jobs: u32,
     /// Seconds between adverts when nothing changes.
-    #[serde(with = "secs")]
+    #[serde(with = "tessera_net::config::secs")]
     pub advert_interval: Duration,
     /// Seconds an advert stays valid without a newer one.
     pub advert_ttl_secs: u32,
     /// Seconds a job stream may take to deliver its request.
-    #[serde(with = "secs")]
+    #[serde(with = "tessera_net::config::secs")]
     pub request_timeout: Duration,
     /// Seconds in-flight jobs get to finish on shutdown before they are failed.
-    #[serde(with = "secs")]
+    #[serde(with = "tessera_net::config::secs")]
     pub shutdown_grace: Duration,
     /// Coordinators whose jobs are accepted (peer ids); empty accepts any signed request.
     pub coordinators: Vec<PeerId>,
@@ -169,6 +169,7 @@ impl NodeConfig {
                 self.advert_interval, self.advert_ttl_secs
             ));
         }
+        self.net.validate().map_err(ConfigError::Invalid)?;
         if self.net.listen.is_empty() {
             return bad("no listen addresses".into());
         }
@@ -185,19 +186,6 @@ impl NodeConfig {
     /// Bootstrap addresses, for messages.
     pub fn bootstrap(&self) -> &[Multiaddr] {
         &self.net.bootstrap
-    }
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Duration::try_from_secs_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 

@@ -8,7 +8,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use futures::StreamExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tessera_models::{
     Engine, EngineHandle, GenerateError, GenerateEvent, GenerateRequest, Model, Prompt,
 };
@@ -56,13 +56,6 @@ pub enum NodeError {
     AlreadyAccepting,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A module being served: its engine, offer and live figures.
 struct Served {
     alias: String,
@@ -86,6 +79,7 @@ struct Shared {
     abort_jobs: CancellationToken,
     load_changed: Notify,
     seq: AtomicU64,
+    publishing: tokio::sync::Mutex<()>,
     net: NetHandle,
     jobs_served: AtomicU64,
 }
@@ -125,7 +119,7 @@ impl Shared {
             version: PROTOCOL_VERSION,
             node: self.peer_id,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
-            timestamp_ms: now_ms(),
+            timestamp_ms: tessera_protocol::now_ms(),
             ttl_secs: self.config.advert_ttl_secs,
             status,
             payout: self.config.payout,
@@ -154,6 +148,12 @@ impl Shared {
     }
 
     async fn publish(&self, status: AdvertStatus) {
+        // One publisher at a time, and the seq is drawn under the lock: once the goodbye
+        // is out, no Online advert (with a higher seq) can follow it.
+        let _one = self.publishing.lock().await;
+        if status == AdvertStatus::Online && self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(bytes) = self.advert(status).await {
             match self.net.publish_advert(bytes).await {
                 Ok(()) => tracing::debug!(?status, "advert published"),
@@ -254,7 +254,8 @@ impl RunningNode {
             shutting_down: AtomicBool::new(false),
             abort_jobs: CancellationToken::new(),
             load_changed: Notify::new(),
-            seq: AtomicU64::new(now_ms()),
+            seq: AtomicU64::new(tessera_protocol::now_ms()),
+            publishing: tokio::sync::Mutex::new(()),
             net,
             jobs_served: AtomicU64::new(0),
         });
@@ -387,7 +388,8 @@ impl RunningNode {
         {
             tracing::warn!(grace = ?shared.config.shutdown_grace, "jobs still running after the grace period; failing them");
             shared.abort_jobs.cancel();
-            self.jobs.wait().await;
+            // Every job now ends within one write timeout; never wait longer than that.
+            let _ = tokio::time::timeout(WRITE_TIMEOUT * 2, self.jobs.wait()).await;
         }
         // Let the goodbye and the last replies leave before the connections close.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -441,7 +443,7 @@ fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobErr
         ));
     }
     request.check_bounds()?;
-    if request.deadline_ms <= now_ms() {
+    if request.deadline_ms <= tessera_protocol::now_ms() {
         return Err(reject(
             ErrorCode::DeadlineExceeded,
             "the job's deadline has passed",
@@ -487,11 +489,19 @@ fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobErr
     })
 }
 
+/// Longest a frame may take to leave: a client that stops reading (its flow-control window
+/// full) must not hold a job slot, the engine, or shutdown forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn send(writer: &mut WriteHalf<Stream>, event: &JobEvent) -> bool {
-    match write_frame(writer, event, MAX_EVENT_FRAME).await {
-        Ok(()) => true,
-        Err(e) => {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(writer, event, MAX_EVENT_FRAME)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "job stream write failed");
+            false
+        }
+        Err(_) => {
+            tracing::info!("client stopped reading for {WRITE_TIMEOUT:?}; dropping the job stream");
             false
         }
     }
@@ -499,17 +509,28 @@ async fn send(writer: &mut WriteHalf<Stream>, event: &JobEvent) -> bool {
 
 async fn fail(writer: &mut WriteHalf<Stream>, error: JobError) {
     tracing::info!(code = ?error.code, message = %error.message, "job refused");
-    send(writer, &JobEvent::Error(error)).await;
-    let _ = writer.close().await;
+    if send(writer, &JobEvent::Error(error)).await {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, writer.close()).await;
+    }
 }
 
 async fn handle_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) {
     let (mut reader, mut writer) = stream.split();
-    let read = tokio::time::timeout(
-        shared.config.request_timeout,
-        read_frame::<_, Signed<JobRequest>>(&mut reader, MAX_REQUEST_FRAME),
-    )
-    .await;
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        // No need to read the request to answer it.
+        return fail(
+            &mut writer,
+            reject(ErrorCode::ShuttingDown, "node is shutting down"),
+        )
+        .await;
+    }
+    let read = tokio::select! {
+        read = tokio::time::timeout(
+            shared.config.request_timeout,
+            read_frame::<_, Signed<JobRequest>>(&mut reader, MAX_REQUEST_FRAME),
+        ) => read,
+        () = shared.abort_jobs.cancelled() => return,
+    };
     let signed = match read {
         Ok(Ok(Some(signed))) => signed,
         Ok(Ok(None)) => return,
@@ -563,7 +584,7 @@ async fn run_job(
     let served = &shared.served[job.module];
     let request = &job.request;
     let started = Instant::now();
-    let started_ms = now_ms();
+    let started_ms = tessera_protocol::now_ms();
     let prompt = match &request.input {
         JobInput::Text(t) => Prompt::Text(t.clone()),
         JobInput::Chat(m) => Prompt::Chat(m.clone()),
@@ -590,7 +611,11 @@ async fn run_job(
     if !send(&mut writer, &JobEvent::Accepted { queued }).await {
         return;
     }
-    let deadline_in = Duration::from_millis(request.deadline_ms.saturating_sub(now_ms()));
+    let deadline_in = Duration::from_millis(
+        request
+            .deadline_ms
+            .saturating_sub(tessera_protocol::now_ms()),
+    );
     let deadline = tokio::time::sleep(deadline_in);
     tokio::pin!(deadline);
     // The client sends nothing after its request: any read completing means it closed
@@ -632,7 +657,7 @@ async fn run_job(
                         cost,
                         commitment: done.commitment,
                         started_ms,
-                        finished_ms: now_ms(),
+                        finished_ms: tessera_protocol::now_ms(),
                     };
                     let receipt = match Signed::sign(receipt, &shared.key) {
                         Ok(r) => r,

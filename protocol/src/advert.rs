@@ -157,6 +157,9 @@ impl NodeAdvert {
         if self.modules.iter().any(|m| m.alias.len() > MAX_NAME_BYTES) {
             return Err(AdvertError::Bounds("alias"));
         }
+        if self.load.running.saturating_add(self.load.waiting) > self.capacity {
+            return Err(AdvertError::Bounds("load"));
+        }
         Ok(())
     }
 }

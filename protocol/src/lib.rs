@@ -32,3 +32,11 @@ pub use transcript::{
     Fingerprint, MerkleProof, TokenRecord, TranscriptCommitment, FINGERPRINT_TOP_K, LOGIT_GRID,
 };
 pub use wire::{WireError, PROTOCOL_VERSION};
+
+/// The wall clock in unix milliseconds: the time base of adverts, deadlines and receipts.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

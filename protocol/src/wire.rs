@@ -96,6 +96,9 @@ where
     Ok(())
 }
 
+/// Bytes read at a time inside a frame.
+const READ_CHUNK: usize = 16 * 1024;
+
 /// Reads one frame of at most `max` bytes. `Ok(None)` is a clean end of stream between
 /// frames; an end inside a frame is [`WireError::Truncated`].
 pub async fn read_frame<R, T>(r: &mut R, max: usize) -> Result<Option<T>, WireError>
@@ -122,14 +125,20 @@ where
     if len > max {
         return Err(WireError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = r.read(&mut body[got..]).await?;
+    // Grow with the bytes that actually arrive: a peer announcing a large frame and then
+    // stalling holds at most one chunk of memory, not the announced size.
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    let mut chunk = [0u8; READ_CHUNK];
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK);
+        let n = r.read(&mut chunk[..want]).await?;
         if n == 0 {
-            return Err(WireError::Truncated { got, want: len });
+            return Err(WireError::Truncated {
+                got: body.len(),
+                want: len,
+            });
         }
-        got += n;
+        body.extend_from_slice(&chunk[..n]);
     }
     decode(&body, max).map(Some)
 }
