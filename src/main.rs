@@ -168,7 +168,10 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // Kademlia warns on every bootstrap attempt of a node that nobody has dialed yet
+            // (the first node of a network): expected, so not shown by default.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,libp2p_kad=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
