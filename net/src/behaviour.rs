@@ -4,13 +4,16 @@ use crate::config::NetConfig;
 use crate::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, identity::Keypair, kad, mdns, ping, StreamProtocol};
+use libp2p::{
+    connection_limits, gossipsub, identify, identity::Keypair, kad, mdns, ping, StreamProtocol,
+};
 use std::time::Duration;
 use tessera_protocol::advert::MAX_ADVERT_BYTES;
 
 /// Every protocol a Tessera peer speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -69,7 +72,15 @@ impl Behaviour {
         } else {
             None
         };
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(config.max_connections))
+                .with_max_pending_incoming(Some(config.max_connections.div_ceil(8)))
+                // A TCP and a QUIC connection to the same peer may both be up for a while.
+                .with_max_established_per_peer(Some(4)),
+        );
         Ok(Self {
+            limits,
             identify,
             ping,
             kad,

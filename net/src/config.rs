@@ -23,6 +23,8 @@ pub struct NetConfig {
     /// Seconds a connection with no open streams stays up.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
+    /// Most connections at once (a peer may hold up to 4); more are refused.
+    pub max_connections: u32,
 }
 
 impl NetConfig {
@@ -43,6 +45,9 @@ impl NetConfig {
                 self.idle_timeout
             ));
         }
+        if self.max_connections == 0 {
+            return Err("net.max_connections must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -61,6 +66,7 @@ impl Default for NetConfig {
             mdns: false,
             ping_interval: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
         }
     }
 }
