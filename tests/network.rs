@@ -113,8 +113,13 @@ impl Drop for NodeProc {
 }
 
 async fn coordinator() -> (CoordinatorNet, Multiaddr) {
+    coordinator_on("/ip4/127.0.0.1/tcp/0").await
+}
+
+/// A coordinator swarm listening on `listen` only, and its full address.
+async fn coordinator_on(listen: &str) -> (CoordinatorNet, Multiaddr) {
     let config = NetConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        listen: vec![listen.parse().expect("addr")],
         ..NetConfig::default()
     };
     let net = CoordinatorNet::start(Keypair::generate_ed25519(), &config)
@@ -322,6 +327,19 @@ async fn two_nodes_are_discovered_and_each_streams_a_job_with_a_verified_receipt
 async fn a_node_killed_mid_job_fails_the_client_within_seconds_and_expires_from_the_table() {
     let (net, addr) = coordinator().await;
     let node = NodeProc::spawn(&addr, &[]);
+    killed_mid_job(net, node).await;
+}
+
+#[tokio::test]
+async fn a_quic_node_killed_mid_job_fails_the_client_within_seconds() {
+    // QUIC over UDP: a dead process sends nothing, so only pings and the idle timeout
+    // can tell.
+    let (net, addr) = coordinator_on("/ip4/127.0.0.1/udp/0/quic-v1").await;
+    let node = NodeProc::spawn(&addr, &[]);
+    killed_mid_job(net, node).await;
+}
+
+async fn killed_mid_job(net: CoordinatorNet, node: NodeProc) {
     let module = discovered(&net, &node).await.advert.modules[0]
         .module
         .clone();
@@ -342,6 +360,7 @@ async fn a_node_killed_mid_job_fails_the_client_within_seconds_and_expires_from_
         }
     };
     let noticed = killed.elapsed();
+    eprintln!("client noticed the dead node after {noticed:?}");
     assert!(matches!(err, ClientError::PeerGone { .. }), "{err}");
     assert!(noticed < Duration::from_secs(5), "took {noticed:?}");
 

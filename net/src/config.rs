@@ -16,8 +16,9 @@ pub struct NetConfig {
     pub external: Vec<Multiaddr>,
     /// Find peers on the local network with mDNS (devnets; off by default).
     pub mdns: bool,
-    /// Seconds between pings on each connection; a failed ping closes the connection, so
-    /// a vanished peer is noticed within about twice this.
+    /// Seconds between pings on each connection. A ping unanswered for 2 intervals closes
+    /// the connection (and QUIC's idle timeout is 3 intervals), so a peer that vanishes
+    /// without closing its connections is noticed within about 3 intervals.
     #[serde(with = "secs")]
     pub ping_interval: Duration,
     /// Seconds a connection with no open streams stays up.
@@ -64,7 +65,7 @@ impl Default for NetConfig {
             bootstrap: Vec::new(),
             external: Vec::new(),
             mdns: false,
-            ping_interval: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             max_connections: 512,
         }
