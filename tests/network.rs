@@ -473,10 +473,7 @@ async fn garbage_oversized_frames_unknown_modules_and_bad_signatures_are_refused
     other.weights = tessera_protocol::WeightsHash([0xab; 32]);
     let client = net.client();
     let err = client
-        .start(node.peer, spec(&other, JobInput::Text("Hello".into()), 4))
-        .await
-        .expect("stream opens")
-        .collect()
+        .run(node.peer, spec(&other, JobInput::Text("Hello".into()), 4))
         .await
         .unwrap_err();
     assert!(
@@ -487,13 +484,7 @@ async fn garbage_oversized_frames_unknown_modules_and_bad_signatures_are_refused
     // A price above the caller's maximum.
     let mut cheap = spec(&module, JobInput::Text("Hello".into()), 4);
     cheap.max_price = Price::default();
-    let err = client
-        .start(node.peer, cheap)
-        .await
-        .expect("opens")
-        .collect()
-        .await
-        .unwrap_err();
+    let err = client.run(node.peer, cheap).await.unwrap_err();
     assert!(
         matches!(&err, ClientError::Node(e) if e.code == ErrorCode::PriceTooHigh),
         "{err}"
@@ -502,10 +493,7 @@ async fn garbage_oversized_frames_unknown_modules_and_bad_signatures_are_refused
     // After all that, the node still serves.
     let input = JobInput::Chat(vec![ChatMessage::user("Name the capital of France.")]);
     let done = client
-        .start(node.peer, spec(&module, input, 16))
-        .await
-        .expect("start")
-        .collect()
+        .run(node.peer, spec(&module, input, 16))
         .await
         .unwrap_or_else(|e| panic!("{e}; node log:\n{}", node.log()));
     assert!(done.text.contains("Paris"), "{}", done.text);
@@ -530,10 +518,7 @@ async fn a_node_at_capacity_answers_busy_and_a_closed_stream_stops_generation() 
 
     let asked = Instant::now();
     let err = client
-        .start(node.peer, spec(&module, JobInput::Text("Hello".into()), 4))
-        .await
-        .expect("opens")
-        .collect()
+        .run(node.peer, spec(&module, JobInput::Text("Hello".into()), 4))
         .await
         .unwrap_err();
     assert!(
@@ -599,7 +584,7 @@ async fn a_node_at_capacity_answers_busy_and_a_closed_stream_stops_generation() 
 
     // The slot is free again.
     let done = client
-        .start(
+        .run(
             node.peer,
             spec(
                 &module,
@@ -607,9 +592,6 @@ async fn a_node_at_capacity_answers_busy_and_a_closed_stream_stops_generation() 
                 4,
             ),
         )
-        .await
-        .expect("start")
-        .collect()
         .await
         .unwrap_or_else(|e| panic!("{e}; node log:\n{}", node.log()));
     assert!(done.result.usage.completion_tokens > 0);

@@ -162,6 +162,11 @@ impl JobClient {
         })
     }
 
+    /// Runs `spec` on `node` to the end: the whole text and the checked result.
+    pub async fn run(&self, node: PeerId, spec: JobSpec) -> Result<JobOutcome, ClientError> {
+        self.start(node, spec).await?.collect().await
+    }
+
     async fn open(&self, node: PeerId, deadline: Instant) -> Result<Stream, ClientError> {
         let mut control = self.net.control();
         let limit = (Instant::now() + OPEN_TIMEOUT).min(deadline);
