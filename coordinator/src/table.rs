@@ -310,27 +310,18 @@ mod tests {
         assert_eq!(table.expire(t0 + Duration::from_secs(15)), vec![node]);
         assert!(table.is_empty());
 
-        table.apply(
-            &NetEvent::Advert(Box::new(advert(node, 7, AdvertStatus::Online))),
-            t0,
-        );
-        table.apply(
-            &NetEvent::Advert(Box::new(advert(node, 9, AdvertStatus::Leaving))),
-            t0,
-        );
+        let feed = |table: &mut NodeTable, seq, status| {
+            table.apply(&NetEvent::Advert(Box::new(advert(node, seq, status))), t0)
+        };
+        feed(&mut table, 7, AdvertStatus::Online);
+        feed(&mut table, 9, AdvertStatus::Leaving);
         assert!(table.get(&node).is_none(), "leaving removes at once");
-        table.apply(
-            &NetEvent::Advert(Box::new(advert(node, 8, AdvertStatus::Online))),
-            t0,
-        );
+        feed(&mut table, 8, AdvertStatus::Online);
         assert!(
             table.get(&node).is_none(),
             "an advert older than the goodbye does not revive it"
         );
-        table.apply(
-            &NetEvent::Advert(Box::new(advert(node, 10, AdvertStatus::Online))),
-            t0,
-        );
+        feed(&mut table, 10, AdvertStatus::Online);
         assert!(
             table.get(&node).is_some(),
             "a node that comes back is welcome"

@@ -232,7 +232,7 @@ mod tests {
             Err(WireError::Empty)
         ));
 
-        let mut good = encode(
+        let good = encode(
             &Msg {
                 id: 5,
                 text: "a".into(),
@@ -241,20 +241,13 @@ mod tests {
             1024,
         )
         .expect("encode");
-        good[0] = 9;
+        let mut wrong_version = good.clone();
+        wrong_version[0] = 9;
         assert!(matches!(
-            decode::<Msg>(&good, 1024),
+            decode::<Msg>(&wrong_version, 1024),
             Err(WireError::Version(9))
         ));
-        let mut trailing = encode(
-            &Msg {
-                id: 5,
-                text: "a".into(),
-                list: vec![],
-            },
-            1024,
-        )
-        .expect("encode");
+        let mut trailing = good;
         trailing.push(0);
         assert!(matches!(
             decode::<Msg>(&trailing, 1024),
