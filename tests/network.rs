@@ -696,3 +696,48 @@ async fn tessera_ask_streams_an_answer_over_quic_and_prints_the_verified_receipt
     );
     net.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_jobs_is_admitted_up_to_capacity_and_the_rest_are_told_busy() {
+    let (net, addr) = coordinator().await;
+    let node = NodeProc::spawn(&addr, &["--max-jobs", "3"]);
+    let module = discovered(&net, &node).await.advert.modules[0]
+        .module
+        .clone();
+    let client = net.client();
+    // Eight jobs opened at once: every stream must reach the node (none lost in the
+    // libp2p-stream hand-off), three are admitted, five are refused busy.
+    let jobs = (0..8).map(|i| {
+        let client = client.clone();
+        let spec = spec(
+            &module,
+            JobInput::Text(format!("{i}, {}, {},", i + 1, i + 2)),
+            8,
+        );
+        let peer = node.peer;
+        async move { client.run(peer, spec).await }
+    });
+    let outcomes = futures::future::join_all(jobs).await;
+    let done = outcomes.iter().filter(|o| o.is_ok()).count();
+    let busy = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(ClientError::Node(e)) if e.code == ErrorCode::Busy))
+        .count();
+    let other: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().err())
+        .filter(|e| !matches!(e, ClientError::Node(e) if e.code == ErrorCode::Busy))
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        other.is_empty(),
+        "unexpected failures: {other:?}; node log:\n{}",
+        node.log()
+    );
+    assert_eq!(done + busy, 8);
+    assert!(
+        done >= 3,
+        "at least capacity is served ({done} done, {busy} busy)"
+    );
+    net.shutdown().await;
+}
