@@ -1,0 +1,559 @@
+//! The coordinator's ledger, in an embedded database (redb): accounts with balances in
+//! base units, API keys stored as hashes, a reservation per running job, and receipts.
+//! Every money movement is one write transaction: a receipt and the balance change it
+//! causes commit together or not at all, and a job settles at most once, so a crash
+//! (tested by killing a process mid-stream of commits) loses neither and doubles neither.
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use tessera_protocol::job::MAX_EVENT_FRAME;
+use tessera_protocol::{Amount, JobId, Receipt, Signed};
+
+/// account id → (balance, reserved), base units. Available = balance − reserved.
+const ACCOUNTS: TableDefinition<&str, (u128, u128)> = TableDefinition::new("accounts");
+/// blake3(api key) → account id.
+const KEYS: TableDefinition<&[u8; 32], &str> = TableDefinition::new("api_keys");
+/// job id → (account id, amount reserved).
+const RESERVATIONS: TableDefinition<&[u8; 16], (&str, u128)> = TableDefinition::new("reservations");
+/// job id → (account id, amount charged, encoded signed receipt).
+const RECEIPTS: TableDefinition<&[u8; 16], (&str, u128, &[u8])> = TableDefinition::new("receipts");
+
+/// Longest account id, in bytes (the wire's payer limit).
+pub const MAX_ACCOUNT_BYTES: usize = tessera_protocol::job::MAX_PAYER_BYTES;
+
+/// Why a ledger operation did not happen. Nothing was written when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The database failed (disk, corruption).
+    #[error("ledger database: {0}")]
+    Db(#[from] redb::Error),
+    /// No such account.
+    #[error("unknown account {0:?}")]
+    UnknownAccount(String),
+    /// The account already exists.
+    #[error("account {0:?} already exists")]
+    AccountExists(String),
+    /// Account ids are 1–64 bytes of letters, digits, `-`, `_` and `.`.
+    #[error("account id {0:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    BadAccountId(String),
+    /// The API key matches no account.
+    #[error("invalid API key")]
+    BadKey,
+    /// Not enough available balance for the reservation.
+    #[error("insufficient balance: {needed} needed, {available} available")]
+    InsufficientBalance {
+        /// What the job may cost at most.
+        needed: Amount,
+        /// Balance minus other reservations.
+        available: Amount,
+    },
+    /// A reservation for this job already exists.
+    #[error("job {0} already has a reservation")]
+    DuplicateJob(JobId),
+    /// No reservation for this job (never made, released, or settled).
+    #[error("job {0} has no open reservation")]
+    NoReservation(JobId),
+    /// The job was settled before: the same receipt is never charged twice.
+    #[error("job {0} is already settled")]
+    AlreadySettled(JobId),
+    /// The receipt is for another job, or an amount overflows.
+    #[error("receipt rejected: {0}")]
+    BadReceipt(String),
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> LedgerError {
+    LedgerError::Db(e.into())
+}
+
+/// An account's money.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Balance {
+    /// Everything credited minus everything charged.
+    pub balance: Amount,
+    /// Held for running jobs.
+    pub reserved: Amount,
+}
+
+impl Balance {
+    /// What a new job may reserve.
+    pub fn available(&self) -> Amount {
+        Amount(self.balance.0 - self.reserved.0)
+    }
+}
+
+/// What settling a job did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    /// Charged to the account (the receipt's cost, never more than was reserved).
+    pub charged: Amount,
+    /// Reserved but not charged: available again.
+    pub released: Amount,
+}
+
+/// A new API key: shown once, stored only as a hash.
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The secret, to hand to its owner.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
+}
+
+fn key_hash(key: &str) -> [u8; 32] {
+    *blake3::Hasher::new_derive_key("tessera api key v1")
+        .update(key.as_bytes())
+        .finalize()
+        .as_bytes()
+}
+
+fn check_account_id(id: &str) -> Result<(), LedgerError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ACCOUNT_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::BadAccountId(id.to_owned()))
+    }
+}
+
+/// The ledger: one file, many readers, one writer at a time.
+pub struct Ledger {
+    db: Database,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger at `path`.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let database = Database::create(path).map_err(db)?;
+        let tx = database.begin_write().map_err(db)?;
+        tx.open_table(ACCOUNTS).map_err(db)?;
+        tx.open_table(KEYS).map_err(db)?;
+        tx.open_table(RESERVATIONS).map_err(db)?;
+        tx.open_table(RECEIPTS).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Self { db: database })
+    }
+
+    /// Creates an empty account.
+    pub fn create_account(&self, id: &str) -> Result<(), LedgerError> {
+        check_account_id(id)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            if accounts.get(id).map_err(db)?.is_some() {
+                return Err(LedgerError::AccountExists(id.to_owned()));
+            }
+            accounts.insert(id, (0u128, 0u128)).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Issues a new API key for `account`; only its hash is stored.
+    pub fn create_key(&self, account: &str) -> Result<ApiKey, LedgerError> {
+        let secret = format!("tsk_{}", hex::encode(random_bytes()));
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            if tx
+                .open_table(ACCOUNTS)
+                .map_err(db)?
+                .get(account)
+                .map_err(db)?
+                .is_none()
+            {
+                return Err(LedgerError::UnknownAccount(account.to_owned()));
+            }
+            tx.open_table(KEYS)
+                .map_err(db)?
+                .insert(&key_hash(&secret), account)
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(ApiKey(secret))
+    }
+
+    /// The account an API key belongs to.
+    pub fn authenticate(&self, key: &str) -> Result<String, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let keys = tx.open_table(KEYS).map_err(db)?;
+        let account = keys
+            .get(&key_hash(key))
+            .map_err(db)?
+            .ok_or(LedgerError::BadKey)?;
+        Ok(account.value().to_owned())
+    }
+
+    /// An account's balance and reservations.
+    pub fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+        let (balance, reserved) = accounts
+            .get(account)
+            .map_err(db)?
+            .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
+            .value();
+        Ok(Balance {
+            balance: Amount(balance),
+            reserved: Amount(reserved),
+        })
+    }
+
+    /// Adds `amount` to an account (admin credit; deposits replace it later).
+    pub fn credit(&self, account: &str, amount: Amount) -> Result<Balance, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let after = {
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            let (balance, reserved) = accounts
+                .get(account)
+                .map_err(db)?
+                .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
+                .value();
+            let balance = balance
+                .checked_add(amount.0)
+                .ok_or_else(|| LedgerError::BadReceipt("balance overflows".into()))?;
+            accounts.insert(account, (balance, reserved)).map_err(db)?;
+            Balance {
+                balance: Amount(balance),
+                reserved: Amount(reserved),
+            }
+        };
+        tx.commit().map_err(db)?;
+        Ok(after)
+    }
+
+    /// Holds `amount` of `account`'s available balance for `job`.
+    pub fn reserve(&self, account: &str, job: JobId, amount: Amount) -> Result<(), LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
+            if reservations.get(&job.0).map_err(db)?.is_some()
+                || tx
+                    .open_table(RECEIPTS)
+                    .map_err(db)?
+                    .get(&job.0)
+                    .map_err(db)?
+                    .is_some()
+            {
+                return Err(LedgerError::DuplicateJob(job));
+            }
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            let (balance, reserved) = accounts
+                .get(account)
+                .map_err(db)?
+                .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
+                .value();
+            let available = balance - reserved;
+            if amount.0 > available {
+                return Err(LedgerError::InsufficientBalance {
+                    needed: amount,
+                    available: Amount(available),
+                });
+            }
+            accounts
+                .insert(account, (balance, reserved + amount.0))
+                .map_err(db)?;
+            reservations
+                .insert(&job.0, (account, amount.0))
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Gives a failed job's reservation back, charging nothing.
+    pub fn release(&self, job: JobId) -> Result<Amount, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let amount = {
+            let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
+            let (account, amount) = match reservations.remove(&job.0).map_err(db)? {
+                Some(r) => {
+                    let (a, amount) = r.value();
+                    (a.to_owned(), amount)
+                }
+                None => return Err(LedgerError::NoReservation(job)),
+            };
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            let (balance, reserved) = accounts
+                .get(account.as_str())
+                .map_err(db)?
+                .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?
+                .value();
+            accounts
+                .insert(account.as_str(), (balance, reserved - amount))
+                .map_err(db)?;
+            Amount(amount)
+        };
+        tx.commit().map_err(db)?;
+        Ok(amount)
+    }
+
+    /// Settles `job` with its node-signed receipt, in one transaction: the receipt is
+    /// stored, the account charged the receipt's cost (capped at the reservation), and the
+    /// rest of the reservation released. A second settle of the same job is refused.
+    pub fn settle(&self, job: JobId, receipt: &Signed<Receipt>) -> Result<Settlement, LedgerError> {
+        if receipt.body.job_id != job {
+            return Err(LedgerError::BadReceipt(format!(
+                "receipt is for job {}, not {job}",
+                receipt.body.job_id
+            )));
+        }
+        let encoded = tessera_protocol::wire::encode(receipt, MAX_EVENT_FRAME)
+            .map_err(|e| LedgerError::BadReceipt(e.to_string()))?;
+        let tx = self.db.begin_write().map_err(db)?;
+        let settlement = {
+            let mut receipts = tx.open_table(RECEIPTS).map_err(db)?;
+            if receipts.get(&job.0).map_err(db)?.is_some() {
+                return Err(LedgerError::AlreadySettled(job));
+            }
+            let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
+            let (account, held) = match reservations.remove(&job.0).map_err(db)? {
+                Some(r) => {
+                    let (a, held) = r.value();
+                    (a.to_owned(), held)
+                }
+                None => return Err(LedgerError::NoReservation(job)),
+            };
+            let charged = receipt.body.cost.0.min(held);
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            let (balance, reserved) = accounts
+                .get(account.as_str())
+                .map_err(db)?
+                .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?
+                .value();
+            // Invariants: reserved ≥ held (it includes this reservation) and
+            // balance ≥ reserved (reserve checks available balance).
+            accounts
+                .insert(account.as_str(), (balance - charged, reserved - held))
+                .map_err(db)?;
+            receipts
+                .insert(&job.0, (account.as_str(), charged, encoded.as_slice()))
+                .map_err(db)?;
+            Settlement {
+                charged: Amount(charged),
+                released: Amount(held - charged),
+            }
+        };
+        tx.commit().map_err(db)?;
+        Ok(settlement)
+    }
+
+    /// The stored receipt of a settled job, with the account charged and the amount.
+    pub fn receipt(
+        &self,
+        job: JobId,
+    ) -> Result<Option<(String, Amount, Signed<Receipt>)>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+        let Some(row) = receipts.get(&job.0).map_err(db)? else {
+            return Ok(None);
+        };
+        let (account, charged, bytes) = row.value();
+        let signed = tessera_protocol::wire::decode(bytes, MAX_EVENT_FRAME)
+            .map_err(|e| LedgerError::BadReceipt(format!("stored receipt unreadable: {e}")))?;
+        Ok(Some((account.to_owned(), Amount(charged), signed)))
+    }
+}
+
+fn random_bytes() -> [u8; 32] {
+    // A fresh ed25519 secret is 32 bytes from the OS generator: reuse it rather than add
+    // a second source of randomness.
+    let key = tessera_protocol::Keypair::generate_ed25519();
+    *blake3::Hasher::new_derive_key("tessera api key secret v1")
+        .update(&key.to_protobuf_encoding().unwrap_or_default())
+        .finalize()
+        .as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_protocol::{
+        FinishReason, Keypair, ModuleId, Price, Quantization, SamplingParams, TranscriptCommitment,
+        Usage, WeightsHash,
+    };
+
+    fn receipt(job: JobId, cost: u128) -> Signed<Receipt> {
+        let node = Keypair::generate_ed25519();
+        let body = Receipt {
+            job_id: job,
+            node: node.public().to_peer_id(),
+            coordinator: Keypair::generate_ed25519().public().to_peer_id(),
+            payer: "alice".into(),
+            module: ModuleId::new(
+                "llama",
+                Quantization::from_gguf_file_type(3),
+                8192,
+                WeightsHash([1; 32]),
+            )
+            .expect("module"),
+            input_hash: [2; 32],
+            sampling: SamplingParams::greedy(),
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+            },
+            finish_reason: FinishReason::Stop,
+            price: Price::default(),
+            cost: Amount(cost),
+            commitment: TranscriptCommitment([3; 32]),
+            started_ms: 1,
+            finished_ms: 2,
+        };
+        Signed::sign(body, &node).expect("sign")
+    }
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("ledger.redb")).expect("open");
+        (dir, ledger)
+    }
+
+    #[test]
+    fn keys_are_stored_hashed_and_authenticate_their_account() {
+        let (dir, ledger) = ledger();
+        ledger.create_account("alice").expect("account");
+        let key = ledger.create_key("alice").expect("key");
+        assert!(key.expose().starts_with("tsk_") && key.expose().len() == 68);
+        assert_eq!(ledger.authenticate(key.expose()).expect("auth"), "alice");
+        assert!(matches!(
+            ledger.authenticate("tsk_nope"),
+            Err(LedgerError::BadKey)
+        ));
+        assert!(matches!(
+            ledger.create_key("bob"),
+            Err(LedgerError::UnknownAccount(_))
+        ));
+        assert!(matches!(
+            ledger.create_account("alice"),
+            Err(LedgerError::AccountExists(_))
+        ));
+        assert!(matches!(
+            ledger.create_account("no spaces"),
+            Err(LedgerError::BadAccountId(_))
+        ));
+        assert_eq!(
+            format!("{key:?}"),
+            "ApiKey(..)",
+            "the secret never reaches logs"
+        );
+        drop(ledger);
+        let file = std::fs::read(dir.path().join("ledger.redb")).expect("read db");
+        let secret = key.expose().as_bytes();
+        assert!(
+            !file.windows(secret.len()).any(|w| w == secret),
+            "the key itself is not on disk"
+        );
+    }
+
+    #[test]
+    fn reserve_settle_and_release_move_money_exactly_once() {
+        let (_dir, ledger) = ledger();
+        ledger.create_account("alice").expect("account");
+        ledger.credit("alice", Amount(1_000)).expect("credit");
+        let (a, b, c) = (JobId([1; 16]), JobId([2; 16]), JobId([3; 16]));
+
+        ledger.reserve("alice", a, Amount(600)).expect("reserve a");
+        let err = ledger.reserve("alice", b, Amount(500)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LedgerError::InsufficientBalance {
+                    needed: Amount(500),
+                    available: Amount(400)
+                }
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            ledger.reserve("alice", a, Amount(1)),
+            Err(LedgerError::DuplicateJob(_))
+        ));
+        assert_eq!(
+            ledger.balance("alice").expect("balance").available(),
+            Amount(400)
+        );
+
+        // Charged what the receipt says, the rest of the hold released.
+        let s = ledger.settle(a, &receipt(a, 250)).expect("settle");
+        assert_eq!((s.charged, s.released), (Amount(250), Amount(350)));
+        let bal = ledger.balance("alice").expect("balance");
+        assert_eq!((bal.balance, bal.reserved), (Amount(750), Amount(0)));
+        // Never twice, and a settled job cannot be reserved again.
+        assert!(matches!(
+            ledger.settle(a, &receipt(a, 250)),
+            Err(LedgerError::AlreadySettled(_))
+        ));
+        assert!(matches!(
+            ledger.reserve("alice", a, Amount(1)),
+            Err(LedgerError::DuplicateJob(_))
+        ));
+        let (account, charged, stored) = ledger.receipt(a).expect("read").expect("stored");
+        assert_eq!((account.as_str(), charged), ("alice", Amount(250)));
+        assert!(stored.verify().is_ok(), "the stored receipt still verifies");
+
+        // A receipt asking more than was held is capped at the hold.
+        ledger.reserve("alice", b, Amount(100)).expect("reserve b");
+        let s = ledger.settle(b, &receipt(b, 5_000)).expect("settle");
+        assert_eq!((s.charged, s.released), (Amount(100), Amount(0)));
+
+        // A failed job gives its hold back and charges nothing.
+        ledger.reserve("alice", c, Amount(300)).expect("reserve c");
+        assert_eq!(ledger.release(c).expect("release"), Amount(300));
+        assert!(matches!(
+            ledger.release(c),
+            Err(LedgerError::NoReservation(_))
+        ));
+        assert!(matches!(
+            ledger.settle(c, &receipt(c, 1)),
+            Err(LedgerError::NoReservation(_))
+        ));
+        assert!(matches!(
+            ledger.settle(c, &receipt(a, 1)),
+            Err(LedgerError::BadReceipt(_))
+        ));
+        let bal = ledger.balance("alice").expect("balance");
+        assert_eq!((bal.balance, bal.reserved), (Amount(650), Amount(0)));
+    }
+
+    #[test]
+    fn everything_committed_survives_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.redb");
+        let key = {
+            let ledger = Ledger::open(&path).expect("open");
+            ledger.create_account("alice").expect("account");
+            ledger.credit("alice", Amount(500)).expect("credit");
+            ledger
+                .reserve("alice", JobId([7; 16]), Amount(200))
+                .expect("reserve");
+            ledger
+                .reserve("alice", JobId([8; 16]), Amount(100))
+                .expect("reserve");
+            ledger
+                .settle(JobId([8; 16]), &receipt(JobId([8; 16]), 40))
+                .expect("settle");
+            ledger.create_key("alice").expect("key")
+        };
+        let ledger = Ledger::open(&path).expect("reopen");
+        let bal = ledger.balance("alice").expect("balance");
+        assert_eq!((bal.balance, bal.reserved), (Amount(460), Amount(200)));
+        assert_eq!(ledger.authenticate(key.expose()).expect("auth"), "alice");
+        assert!(ledger.receipt(JobId([8; 16])).expect("read").is_some());
+        assert_eq!(
+            ledger
+                .release(JobId([7; 16]))
+                .expect("open reservation kept"),
+            Amount(200)
+        );
+    }
+}
