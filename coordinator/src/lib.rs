@@ -1,6 +1,7 @@
-//! The Tessera coordinator. Its network side: a live table of nodes built from the swarm's
-//! adverts, identify and ping, and a job client that streams jobs from nodes with
-//! deadlines and checked receipts. The HTTP API sits on top of this (`docs/network.md`).
+//! The Tessera coordinator: a live table of nodes built from the swarm's adverts, identify
+//! and ping; a job client that streams jobs from nodes with deadlines and checked receipts
+//! (`docs/network.md`); and the ledger of accounts, API keys, reservations and receipts.
+//! The HTTP API sits on top of these.
 
 pub mod client;
 pub mod ledger;
