@@ -3,6 +3,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod accounts_cli;
 mod net_cli;
 
 use std::io::Write;
@@ -47,6 +48,20 @@ enum Command {
     Node(net_cli::NodeArgs),
     /// Send one job to a node and stream the answer (checks a node from the command line).
     Ask(net_cli::AskArgs),
+    /// Coordinator accounts: create, credit, show (on the ledger file).
+    Accounts {
+        #[command(flatten)]
+        ledger: accounts_cli::LedgerArg,
+        #[command(subcommand)]
+        command: accounts_cli::AccountsCommand,
+    },
+    /// Coordinator API keys: create.
+    Keys {
+        #[command(flatten)]
+        ledger: accounts_cli::LedgerArg,
+        #[command(subcommand)]
+        command: accounts_cli::KeysCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,6 +254,8 @@ fn run() -> Result<()> {
             Ok(())
         }),
         Command::Ask(args) => net_cli::ask(args),
+        Command::Accounts { ledger, command } => accounts_cli::accounts(&home, &ledger, command),
+        Command::Keys { ledger, command } => accounts_cli::keys(&home, &ledger, command),
         Command::Bench(args) => {
             let mut model = load(&home, &args.model)?;
             let result = tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?;

@@ -234,3 +234,42 @@ fn node_refuses_bad_settings_with_the_setting_named() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("max_job"), "{}", stderr(&out));
 }
+
+#[test]
+fn accounts_and_keys_commands_manage_the_ledger() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ok = |args: &[&str]| {
+        let out = tessera(dir.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    ok(&["accounts", "create", "alice"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&["accounts", "credit", "alice", "1000000"])).expect("JSON");
+    assert_eq!(shown["balance"], "1000000", "amounts are integer strings");
+    assert_eq!(shown["available"], "1000000");
+    let key = ok(&["keys", "create", "alice"]);
+    let key = key.trim();
+    assert!(key.starts_with("tsk_"), "{key}");
+
+    let out = tessera(dir.path(), &["accounts", "credit", "bob", "5"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown account \"bob\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // The key authenticates against the same file, and a coordinator holding the ledger
+    // open makes the admin commands say so instead of corrupting anything.
+    let ledger = tessera_coordinator::Ledger::open(&dir.path().join("coordinator/ledger.redb"))
+        .expect("open");
+    assert_eq!(ledger.authenticate(key).expect("auth"), "alice");
+    let out = tessera(dir.path(), &["accounts", "show", "alice"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("in use by another process"),
+        "{}",
+        stderr(&out)
+    );
+}

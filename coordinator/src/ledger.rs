@@ -27,6 +27,9 @@ pub enum LedgerError {
     /// The database failed (disk, corruption).
     #[error("ledger database: {0}")]
     Db(#[from] redb::Error),
+    /// Another process (a running coordinator) holds the ledger.
+    #[error("ledger {0} is in use by another process (a running coordinator?): stop it first")]
+    InUse(String),
     /// No such account.
     #[error("unknown account {0:?}")]
     UnknownAccount(String),
@@ -134,7 +137,12 @@ pub struct Ledger {
 impl Ledger {
     /// Opens (or creates) the ledger at `path`.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let database = Database::create(path).map_err(db)?;
+        let database = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                LedgerError::InUse(path.display().to_string())
+            }
+            e => db(e),
+        })?;
         let tx = database.begin_write().map_err(db)?;
         tx.open_table(ACCOUNTS).map_err(db)?;
         tx.open_table(KEYS).map_err(db)?;

@@ -1,0 +1,101 @@
+//! `tessera accounts …` and `tessera keys …`: the operator's admin commands on the
+//! coordinator's ledger (run while the coordinator is stopped: the ledger has one owner).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use tessera_coordinator::Ledger;
+use tessera_protocol::Amount;
+
+#[derive(Args, Debug)]
+pub struct LedgerArg {
+    /// The ledger file [default: $TESSERA_HOME/coordinator/ledger.redb].
+    #[arg(long, env = "TESSERA_LEDGER", global = true)]
+    ledger: Option<PathBuf>,
+}
+
+impl LedgerArg {
+    fn open(&self, home: &Path) -> Result<Ledger> {
+        let path = self
+            .ledger
+            .clone()
+            .unwrap_or_else(|| home.join("coordinator").join("ledger.redb"));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        Ok(Ledger::open(&path)?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountsCommand {
+    /// Create an empty account.
+    Create {
+        /// Account id: 1-64 letters, digits, '-', '_' or '.'.
+        account: String,
+    },
+    /// Add funds to an account, in base units (deposits through the rollup replace this).
+    Credit {
+        /// The account.
+        account: String,
+        /// Amount in base units.
+        amount: Amount,
+    },
+    /// Print an account's balance, reservations and available funds as JSON.
+    Show {
+        /// The account.
+        account: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Issue an API key for an account; it is printed once and stored only as a hash.
+    Create {
+        /// The account.
+        account: String,
+    },
+}
+
+fn show(ledger: &Ledger, account: &str) -> Result<()> {
+    let b = ledger.balance(account)?;
+    let json = serde_json::json!({
+        "account": account,
+        "balance": b.balance,
+        "reserved": b.reserved,
+        "available": b.available(),
+    });
+    println!("{json}");
+    Ok(())
+}
+
+/// Runs an accounts subcommand.
+pub fn accounts(home: &Path, ledger: &LedgerArg, cmd: AccountsCommand) -> Result<()> {
+    let l = ledger.open(home)?;
+    match cmd {
+        AccountsCommand::Create { account } => {
+            l.create_account(&account)?;
+            show(&l, &account)
+        }
+        AccountsCommand::Credit { account, amount } => {
+            l.credit(&account, amount)?;
+            show(&l, &account)
+        }
+        AccountsCommand::Show { account } => show(&l, &account),
+    }
+}
+
+/// Runs a keys subcommand.
+pub fn keys(home: &Path, ledger: &LedgerArg, cmd: KeysCommand) -> Result<()> {
+    let l = ledger.open(home)?;
+    match cmd {
+        KeysCommand::Create { account } => {
+            let key = l.create_key(&account)?;
+            println!("{}", key.expose());
+            eprintln!("API key for {account}: shown once, stored only as a hash");
+            Ok(())
+        }
+    }
+}
