@@ -3,6 +3,7 @@
 //! (`docs/network.md`); and the ledger of accounts, API keys, reservations and receipts.
 //! The HTTP API sits on top of these.
 
+pub mod api;
 pub mod client;
 pub mod ledger;
 pub mod network;
