@@ -199,8 +199,8 @@ mod tests {
     use std::time::Instant;
     use tessera_net::NetEvent;
     use tessera_protocol::{
-        Address, AdvertStatus, Keypair, LatencyStats, Load, ModuleId, ModuleOffer, NodeAdvert,
-        Price, Quantization, WeightsHash, PROTOCOL_VERSION,
+        AdvertStatus, Keypair, LatencyStats, ModuleId, ModuleOffer, Price, Quantization,
+        WeightsHash,
     };
     use tower::ServiceExt;
 
@@ -215,28 +215,17 @@ mod tests {
         let mut table = NodeTable::default();
         for &out in prices {
             let key = Keypair::generate_ed25519();
-            let advert = NodeAdvert {
-                version: PROTOCOL_VERSION,
-                node: key.public().to_peer_id(),
-                seq: 1,
-                timestamp_ms: 0,
-                ttl_secs: 30,
-                status: AdvertStatus::Online,
-                payout: Address::default(),
-                addrs: vec![],
-                modules: vec![ModuleOffer {
-                    module: module.clone(),
-                    alias: "smollm2-135m-instruct".into(),
-                    price: Price {
-                        per_1k_input: Amount(1000),
-                        per_1k_output: Amount(out),
-                    },
-                    latency: LatencyStats::default(),
-                }],
-                capacity: 4,
-                load: Load::default(),
-                tokens_generated: 0,
-            };
+            let mut advert =
+                crate::table::tests::advert(key.public().to_peer_id(), 1, AdvertStatus::Online);
+            advert.modules = vec![ModuleOffer {
+                module: module.clone(),
+                alias: "smollm2-135m-instruct".into(),
+                price: Price {
+                    per_1k_input: Amount(1000),
+                    per_1k_output: Amount(out),
+                },
+                latency: LatencyStats::default(),
+            }];
             table.apply(&NetEvent::Advert(Box::new(advert)), Instant::now());
         }
         ApiState {

@@ -205,11 +205,7 @@ impl Ledger {
     pub fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
         let tx = self.db.begin_read().map_err(db)?;
         let accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-        let (balance, reserved) = accounts
-            .get(account)
-            .map_err(db)?
-            .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
-            .value();
+        let (balance, reserved) = read_account(&accounts, account)?;
         Ok(Balance {
             balance: Amount(balance),
             reserved: Amount(reserved),
@@ -221,11 +217,7 @@ impl Ledger {
         let tx = self.db.begin_write().map_err(db)?;
         let after = {
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = accounts
-                .get(account)
-                .map_err(db)?
-                .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
-                .value();
+            let (balance, reserved) = read_account(&accounts, account)?;
             let balance = balance
                 .checked_add(amount.0)
                 .ok_or_else(|| LedgerError::BadReceipt("balance overflows".into()))?;
@@ -255,11 +247,7 @@ impl Ledger {
                 return Err(LedgerError::DuplicateJob(job));
             }
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = accounts
-                .get(account)
-                .map_err(db)?
-                .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
-                .value();
+            let (balance, reserved) = read_account(&accounts, account)?;
             let available = balance - reserved;
             if amount.0 > available {
                 return Err(LedgerError::InsufficientBalance {
@@ -283,19 +271,9 @@ impl Ledger {
         let tx = self.db.begin_write().map_err(db)?;
         let amount = {
             let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
-            let (account, amount) = match reservations.remove(&job.0).map_err(db)? {
-                Some(r) => {
-                    let (a, amount) = r.value();
-                    (a.to_owned(), amount)
-                }
-                None => return Err(LedgerError::NoReservation(job)),
-            };
+            let (account, amount) = take_reservation(&mut reservations, job)?;
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = accounts
-                .get(account.as_str())
-                .map_err(db)?
-                .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?
-                .value();
+            let (balance, reserved) = read_account(&accounts, account.as_str())?;
             accounts
                 .insert(account.as_str(), (balance, reserved - amount))
                 .map_err(db)?;
@@ -324,20 +302,10 @@ impl Ledger {
                 return Err(LedgerError::AlreadySettled(job));
             }
             let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
-            let (account, held) = match reservations.remove(&job.0).map_err(db)? {
-                Some(r) => {
-                    let (a, held) = r.value();
-                    (a.to_owned(), held)
-                }
-                None => return Err(LedgerError::NoReservation(job)),
-            };
+            let (account, held) = take_reservation(&mut reservations, job)?;
             let charged = receipt.body.cost.0.min(held);
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = accounts
-                .get(account.as_str())
-                .map_err(db)?
-                .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?
-                .value();
+            let (balance, reserved) = read_account(&accounts, account.as_str())?;
             // Invariants: reserved ≥ held (it includes this reservation) and
             // balance ≥ reserved (reserve checks available balance).
             accounts
@@ -370,6 +338,31 @@ impl Ledger {
             .map_err(|e| LedgerError::BadReceipt(format!("stored receipt unreadable: {e}")))?;
         Ok(Some((account.to_owned(), Amount(charged), signed)))
     }
+}
+
+/// An account's (balance, reserved), or `UnknownAccount`.
+fn read_account(
+    accounts: &impl ReadableTable<&'static str, (u128, u128)>,
+    account: &str,
+) -> Result<(u128, u128), LedgerError> {
+    Ok(accounts
+        .get(account)
+        .map_err(db)?
+        .ok_or_else(|| LedgerError::UnknownAccount(account.to_owned()))?
+        .value())
+}
+
+/// Removes a job's reservation, returning (account, amount held).
+fn take_reservation(
+    reservations: &mut redb::Table<&'static [u8; 16], (&'static str, u128)>,
+    job: JobId,
+) -> Result<(String, u128), LedgerError> {
+    let row = reservations
+        .remove(&job.0)
+        .map_err(db)?
+        .ok_or(LedgerError::NoReservation(job))?;
+    let (account, held) = row.value();
+    Ok((account.to_owned(), held))
 }
 
 fn random_bytes() -> [u8; 32] {

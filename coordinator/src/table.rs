@@ -242,11 +242,12 @@ impl NodeTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tessera_protocol::{Address, Load, PROTOCOL_VERSION};
 
-    fn advert(node: PeerId, seq: u64, status: AdvertStatus) -> NodeAdvert {
+    /// A minimal valid advert, for tests here and in the API.
+    pub(crate) fn advert(node: PeerId, seq: u64, status: AdvertStatus) -> NodeAdvert {
         NodeAdvert {
             version: PROTOCOL_VERSION,
             node,
