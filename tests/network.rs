@@ -136,6 +136,17 @@ async fn coordinator_on(listen: &str) -> (CoordinatorNet, Multiaddr) {
     }
 }
 
+/// A coordinator swarm and one node (started with `extra` flags) it has discovered, with
+/// the module the node serves.
+async fn one_node(extra: &[&str]) -> (CoordinatorNet, NodeProc, ModuleId) {
+    let (net, addr) = coordinator().await;
+    let node = NodeProc::spawn(&addr, extra);
+    let module = discovered(&net, &node).await.advert.modules[0]
+        .module
+        .clone();
+    (net, node, module)
+}
+
 fn entry(net: &CoordinatorNet, peer: &PeerId) -> Option<NodeEntry> {
     net.table().read().expect("table lock").get(peer).cloned()
 }
@@ -392,11 +403,7 @@ async fn error_reply(stream: &mut tessera_net::Stream) -> Option<ErrorCode> {
 #[tokio::test]
 async fn garbage_oversized_frames_unknown_modules_and_bad_signatures_are_refused_and_the_node_keeps_serving(
 ) {
-    let (net, addr) = coordinator().await;
-    let node = NodeProc::spawn(&addr, &[]);
-    let module = discovered(&net, &node).await.advert.modules[0]
-        .module
-        .clone();
+    let (net, node, module) = one_node(&[]).await;
 
     // Garbage inside a well-formed frame.
     let mut s = raw_stream(&net, node.peer).await;
@@ -503,11 +510,7 @@ async fn garbage_oversized_frames_unknown_modules_and_bad_signatures_are_refused
 
 #[tokio::test]
 async fn a_node_at_capacity_answers_busy_and_a_closed_stream_stops_generation() {
-    let (net, addr) = coordinator().await;
-    let node = NodeProc::spawn(&addr, &["--max-jobs", "1"]);
-    let module = discovered(&net, &node).await.advert.modules[0]
-        .module
-        .clone();
+    let (net, node, module) = one_node(&["--max-jobs", "1"]).await;
     let client = net.client();
 
     let mut running = client
@@ -699,11 +702,7 @@ async fn tessera_ask_streams_an_answer_over_quic_and_prints_the_verified_receipt
 
 #[tokio::test]
 async fn a_burst_of_jobs_is_admitted_up_to_capacity_and_the_rest_are_told_busy() {
-    let (net, addr) = coordinator().await;
-    let node = NodeProc::spawn(&addr, &["--max-jobs", "3"]);
-    let module = discovered(&net, &node).await.advert.modules[0]
-        .module
-        .clone();
+    let (net, node, module) = one_node(&["--max-jobs", "3"]).await;
     let client = net.client();
     // Eight jobs opened at once: every stream must reach the node (none lost in the
     // libp2p-stream hand-off), three are admitted, five are refused busy.
