@@ -13,8 +13,8 @@ use tessera_net::{Multiaddr, NetConfig, PeerId};
 use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
 use tessera_protocol::wire::{read_frame, write_frame};
 use tessera_protocol::{
-    Amount, ChatMessage, ErrorCode, JobEvent, JobId, JobInput, JobRequest, Keypair, ModuleId,
-    Price, SamplingParams, Signed,
+    Amount, ChatMessage, ErrorCode, FinishReason, JobEvent, JobId, JobInput, JobRequest, Keypair,
+    ModuleId, Price, SamplingParams, Signed,
 };
 
 const ALIAS: &str = "smollm2-135m-instruct";
@@ -546,8 +546,24 @@ async fn a_node_at_capacity_answers_busy_and_a_closed_stream_stops_generation() 
     .expect("entry");
     assert_eq!(climbing.advert.load.running, 1);
 
-    // ...and stops once the coordinator closes the stream.
-    running.cancel().await;
+    // ...and stops once the coordinator cancels, which still gets a signed receipt for
+    // what was generated until then.
+    let cancelled = running.cancel().await.unwrap_or_else(|| {
+        panic!(
+            "a cancelled job still ends with a result; node log:\n{}",
+            node.log()
+        )
+    });
+    assert_eq!(cancelled.finish_reason, FinishReason::Cancelled);
+    assert_eq!(
+        cancelled.receipt.body.finish_reason,
+        FinishReason::Cancelled
+    );
+    assert!(
+        (5..4000).contains(&cancelled.usage.completion_tokens),
+        "receipt covers the tokens delivered before the cancel: {:?}",
+        cancelled.usage
+    );
     let settled = wait_for(&net, &node, "an advert showing no running job", 10, |e| {
         e.is_some_and(|e| e.advert.load.running == 0)
     })
@@ -580,7 +596,7 @@ async fn a_node_at_capacity_answers_busy_and_a_closed_stream_stops_generation() 
         "the job did not run to its end ({rest} tokens)"
     );
     assert!(
-        node.log().contains("generation stopped"),
+        node.log().contains("cancelled by the client"),
         "the node saw the stream close: {}",
         node.log()
     );

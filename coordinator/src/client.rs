@@ -18,6 +18,8 @@ use tessera_protocol::{
 
 /// Longest wait for a stream to open, within the job's own deadline.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a cancelled job's final result.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// Longest a job may be given.
 pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -375,10 +377,32 @@ impl JobStream {
         })
     }
 
-    /// Closes the stream; the node stops generating.
-    pub async fn cancel(mut self) {
-        self.finished = true;
+    /// Cancels the job: closes this side of the stream, so the node stops after the token
+    /// in progress and answers with a `cancelled` result whose receipt covers the tokens it
+    /// generated. Returns that result, checked like any other; `None` when the node sent
+    /// none within [`CANCEL_GRACE`] (or had not started: nothing is owed then).
+    pub async fn cancel(mut self) -> Option<JobResult> {
+        if self.finished {
+            return None;
+        }
         let _ = self.writer.close().await;
+        let drain = async {
+            while let Some(event) = self.next().await {
+                match event {
+                    Ok(JobEvent::Result(result)) => return Some(*result),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(node = %self.node, error = %e, "cancelled job ended without a result");
+                        return None;
+                    }
+                }
+            }
+            None
+        };
+        tokio::time::timeout(CANCEL_GRACE, drain)
+            .await
+            .ok()
+            .flatten()
     }
 }
 

@@ -9,8 +9,11 @@ use std::path::Path;
 use tessera_protocol::job::MAX_EVENT_FRAME;
 use tessera_protocol::{Amount, JobId, Receipt, Signed};
 
-/// account id → (balance, reserved), base units. Available = balance − reserved.
-const ACCOUNTS: TableDefinition<&str, (u128, u128)> = TableDefinition::new("accounts");
+/// account id → (credited, charged, reserved), base units. Balance = credited − charged;
+/// available = balance − reserved.
+const ACCOUNTS: TableDefinition<&str, (u128, u128, u128)> = TableDefinition::new("accounts");
+/// node peer id → (base units earned, jobs settled): the other side of every charge.
+const NODES: TableDefinition<&str, (u128, u64)> = TableDefinition::new("node_earnings");
 /// blake3(api key) → account id.
 const KEYS: TableDefinition<&[u8; 32], &str> = TableDefinition::new("api_keys");
 /// job id → (account id, amount reserved).
@@ -75,13 +78,51 @@ pub struct Balance {
     pub balance: Amount,
     /// Held for running jobs.
     pub reserved: Amount,
+    /// Everything ever credited.
+    pub credited: Amount,
+    /// Everything ever charged (the sum of this account's receipts).
+    pub charged: Amount,
 }
 
 impl Balance {
+    fn from_row((credited, charged, reserved): (u128, u128, u128)) -> Self {
+        Self {
+            balance: Amount(credited - charged),
+            reserved: Amount(reserved),
+            credited: Amount(credited),
+            charged: Amount(charged),
+        }
+    }
+
     /// What a new job may reserve.
     pub fn available(&self) -> Amount {
         Amount(self.balance.0 - self.reserved.0)
     }
+}
+
+/// The ledger's books, totalled, with every invariant that failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerCheck {
+    /// Accounts.
+    pub accounts: u64,
+    /// Sum of credits.
+    pub credited: Amount,
+    /// Sum of account charges (debits).
+    pub charged: Amount,
+    /// Sum of open reservations as the accounts hold them.
+    pub reserved: Amount,
+    /// Open reservations (jobs running, or left by a crash until the next start).
+    pub open_reservations: u64,
+    /// Receipts stored.
+    pub receipts: u64,
+    /// Sum charged over the stored receipts.
+    pub receipts_charged: Amount,
+    /// Sum credited to nodes.
+    pub node_credits: Amount,
+    /// Per node: (peer id, earned, jobs).
+    pub nodes: Vec<(String, Amount, u64)>,
+    /// Invariants that do not hold; empty when the books balance.
+    pub problems: Vec<String>,
 }
 
 /// What settling a job did.
@@ -145,6 +186,7 @@ impl Ledger {
         })?;
         let tx = database.begin_write().map_err(db)?;
         tx.open_table(ACCOUNTS).map_err(db)?;
+        tx.open_table(NODES).map_err(db)?;
         tx.open_table(KEYS).map_err(db)?;
         tx.open_table(RESERVATIONS).map_err(db)?;
         tx.open_table(RECEIPTS).map_err(db)?;
@@ -161,7 +203,7 @@ impl Ledger {
             if accounts.get(id).map_err(db)?.is_some() {
                 return Err(LedgerError::AccountExists(id.to_owned()));
             }
-            accounts.insert(id, (0u128, 0u128)).map_err(db)?;
+            accounts.insert(id, (0u128, 0u128, 0u128)).map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(())
@@ -205,11 +247,19 @@ impl Ledger {
     pub fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
         let tx = self.db.begin_read().map_err(db)?;
         let accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-        let (balance, reserved) = read_account(&accounts, account)?;
-        Ok(Balance {
-            balance: Amount(balance),
-            reserved: Amount(reserved),
-        })
+        Ok(Balance::from_row(read_account(&accounts, account)?))
+    }
+
+    /// Every account with its money, in id order.
+    pub fn accounts(&self) -> Result<Vec<(String, Balance)>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in accounts.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push((k.value().to_owned(), Balance::from_row(v.value())));
+        }
+        Ok(out)
     }
 
     /// Adds `amount` to an account (admin credit; deposits replace it later).
@@ -217,15 +267,13 @@ impl Ledger {
         let tx = self.db.begin_write().map_err(db)?;
         let after = {
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = read_account(&accounts, account)?;
-            let balance = balance
+            let (credited, charged, reserved) = read_account(&accounts, account)?;
+            let credited = credited
                 .checked_add(amount.0)
                 .ok_or_else(|| LedgerError::BadReceipt("balance overflows".into()))?;
-            accounts.insert(account, (balance, reserved)).map_err(db)?;
-            Balance {
-                balance: Amount(balance),
-                reserved: Amount(reserved),
-            }
+            let row = (credited, charged, reserved);
+            accounts.insert(account, row).map_err(db)?;
+            Balance::from_row(row)
         };
         tx.commit().map_err(db)?;
         Ok(after)
@@ -247,8 +295,8 @@ impl Ledger {
                 return Err(LedgerError::DuplicateJob(job));
             }
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = read_account(&accounts, account)?;
-            let available = balance - reserved;
+            let (credited, charged, reserved) = read_account(&accounts, account)?;
+            let available = credited - charged - reserved;
             if amount.0 > available {
                 return Err(LedgerError::InsufficientBalance {
                     needed: amount,
@@ -256,7 +304,7 @@ impl Ledger {
                 });
             }
             accounts
-                .insert(account, (balance, reserved + amount.0))
+                .insert(account, (credited, charged, reserved + amount.0))
                 .map_err(db)?;
             reservations
                 .insert(&job.0, (account, amount.0))
@@ -273,9 +321,9 @@ impl Ledger {
             let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
             let (account, amount) = take_reservation(&mut reservations, job)?;
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = read_account(&accounts, account.as_str())?;
+            let (credited, charged, reserved) = read_account(&accounts, account.as_str())?;
             accounts
-                .insert(account.as_str(), (balance, reserved - amount))
+                .insert(account.as_str(), (credited, charged, reserved - amount))
                 .map_err(db)?;
             Amount(amount)
         };
@@ -303,17 +351,33 @@ impl Ledger {
             }
             let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
             let (account, held) = take_reservation(&mut reservations, job)?;
-            let charged = receipt.body.cost.0.min(held);
+            let cost = receipt.body.cost.0.min(held);
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
-            let (balance, reserved) = read_account(&accounts, account.as_str())?;
+            let (credited, charged, reserved) = read_account(&accounts, account.as_str())?;
             // Invariants: reserved ≥ held (it includes this reservation) and
-            // balance ≥ reserved (reserve checks available balance).
+            // credited − charged ≥ reserved (reserve checks available balance).
             accounts
-                .insert(account.as_str(), (balance - charged, reserved - held))
+                .insert(
+                    account.as_str(),
+                    (credited, charged + cost, reserved - held),
+                )
+                .map_err(db)?;
+            let mut nodes = tx.open_table(NODES).map_err(db)?;
+            let node = receipt.body.node.to_string();
+            let (earned, jobs) = nodes
+                .get(node.as_str())
+                .map_err(db)?
+                .map_or((0, 0), |v| v.value());
+            let earned = earned
+                .checked_add(cost)
+                .ok_or_else(|| LedgerError::BadReceipt("node earnings overflow".into()))?;
+            nodes
+                .insert(node.as_str(), (earned, jobs + 1))
                 .map_err(db)?;
             receipts
-                .insert(&job.0, (account.as_str(), charged, encoded.as_slice()))
+                .insert(&job.0, (account.as_str(), cost, encoded.as_slice()))
                 .map_err(db)?;
+            let charged = cost;
             Settlement {
                 charged: Amount(charged),
                 released: Amount(held - charged),
@@ -340,11 +404,123 @@ impl Ledger {
     }
 }
 
-/// An account's (balance, reserved), or `UnknownAccount`.
+impl Ledger {
+    /// Releases every open reservation, in one transaction: run at start, when no job can
+    /// be running, so holds left by a crash become available again (their jobs died with
+    /// the process, and their nodes stopped when the streams broke). Returns how many.
+    pub fn recover(&self) -> Result<(u64, Amount), LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let (count, total) = {
+            let mut reservations = tx.open_table(RESERVATIONS).map_err(db)?;
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            let mut held: Vec<(String, u128)> = Vec::new();
+            for row in reservations.iter().map_err(db)? {
+                let (_, v) = row.map_err(db)?;
+                let (account, amount) = v.value();
+                held.push((account.to_owned(), amount));
+            }
+            reservations.retain(|_, _| false).map_err(db)?;
+            let mut total = 0u128;
+            for (account, amount) in &held {
+                let (credited, charged, reserved) = read_account(&accounts, account)?;
+                accounts
+                    .insert(
+                        account.as_str(),
+                        (credited, charged, reserved.saturating_sub(*amount)),
+                    )
+                    .map_err(db)?;
+                total += amount;
+            }
+            (held.len() as u64, Amount(total))
+        };
+        tx.commit().map_err(db)?;
+        Ok((count, total))
+    }
+
+    /// Totals the books and checks that they balance: each account's charges equal its
+    /// receipts, its reservation equals its open holds, and what nodes were credited
+    /// equals what accounts were charged.
+    pub fn check(&self) -> Result<LedgerCheck, LedgerError> {
+        use std::collections::BTreeMap;
+        let tx = self.db.begin_read().map_err(db)?;
+        let mut out = LedgerCheck::default();
+        let mut per_account: BTreeMap<String, (u128, u128)> = BTreeMap::new();
+        for row in tx.open_table(RECEIPTS).map_err(db)?.iter().map_err(db)? {
+            let (_, v) = row.map_err(db)?;
+            let (account, charged, _) = v.value();
+            out.receipts += 1;
+            out.receipts_charged.0 += charged;
+            per_account.entry(account.to_owned()).or_default().0 += charged;
+        }
+        for row in tx
+            .open_table(RESERVATIONS)
+            .map_err(db)?
+            .iter()
+            .map_err(db)?
+        {
+            let (_, v) = row.map_err(db)?;
+            let (account, held) = v.value();
+            out.open_reservations += 1;
+            per_account.entry(account.to_owned()).or_default().1 += held;
+        }
+        for row in tx.open_table(ACCOUNTS).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (credited, charged, reserved) = v.value();
+            out.accounts += 1;
+            out.credited.0 += credited;
+            out.charged.0 += charged;
+            out.reserved.0 += reserved;
+            let (receipts, holds) = per_account.remove(k.value()).unwrap_or_default();
+            if charged != receipts {
+                out.problems.push(format!(
+                    "account {}: charged {charged} but its receipts sum to {receipts}",
+                    k.value()
+                ));
+            }
+            if reserved != holds {
+                out.problems.push(format!(
+                    "account {}: reserved {reserved} but its open holds sum to {holds}",
+                    k.value()
+                ));
+            }
+            if charged + reserved > credited {
+                out.problems.push(format!(
+                    "account {}: charged and reserved exceed credits",
+                    k.value()
+                ));
+            }
+        }
+        for account in per_account.keys() {
+            out.problems
+                .push(format!("receipts or holds name unknown account {account}"));
+        }
+        for row in tx.open_table(NODES).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (earned, jobs) = v.value();
+            out.node_credits.0 += earned;
+            out.nodes.push((k.value().to_owned(), Amount(earned), jobs));
+        }
+        if out.charged != out.receipts_charged {
+            out.problems.push(format!(
+                "accounts were charged {} but receipts sum to {}",
+                out.charged, out.receipts_charged
+            ));
+        }
+        if out.node_credits != out.receipts_charged {
+            out.problems.push(format!(
+                "nodes were credited {} but receipts sum to {}",
+                out.node_credits, out.receipts_charged
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// An account's (credited, charged, reserved), or `UnknownAccount`.
 fn read_account(
-    accounts: &impl ReadableTable<&'static str, (u128, u128)>,
+    accounts: &impl ReadableTable<&'static str, (u128, u128, u128)>,
     account: &str,
-) -> Result<(u128, u128), LedgerError> {
+) -> Result<(u128, u128, u128), LedgerError> {
     Ok(accounts
         .get(account)
         .map_err(db)?
@@ -524,6 +700,20 @@ mod tests {
         ));
         let bal = ledger.balance("alice").expect("balance");
         assert_eq!((bal.balance, bal.reserved), (Amount(650), Amount(0)));
+        assert_eq!((bal.credited, bal.charged), (Amount(1_000), Amount(350)));
+
+        // The books balance: debits = receipts = node credits.
+        ledger
+            .reserve("alice", c, Amount(10))
+            .expect("reserve again");
+        let check = ledger.check().expect("check");
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        assert_eq!(check.charged, Amount(350));
+        assert_eq!(check.receipts_charged, Amount(350));
+        assert_eq!(check.node_credits, Amount(350));
+        assert_eq!((check.receipts, check.open_reservations), (2, 1));
+        assert_eq!(check.reserved, Amount(10));
+        assert_eq!(check.nodes.len(), 2, "each test receipt has its own node");
     }
 
     #[test]
@@ -550,11 +740,21 @@ mod tests {
         assert_eq!((bal.balance, bal.reserved), (Amount(460), Amount(200)));
         assert_eq!(ledger.authenticate(key.expose()).expect("auth"), "alice");
         assert!(ledger.receipt(JobId([8; 16])).expect("read").is_some());
+        assert!(ledger.check().expect("check").problems.is_empty());
+        // A restart releases holds whose jobs died with the old process.
         assert_eq!(
-            ledger
-                .release(JobId([7; 16]))
-                .expect("open reservation kept"),
-            Amount(200)
+            ledger.recover().expect("recover"),
+            (1, Amount(200)),
+            "the open reservation was kept until recovery"
         );
+        let bal = ledger.balance("alice").expect("balance");
+        assert_eq!((bal.balance, bal.reserved), (Amount(460), Amount(0)));
+        assert!(matches!(
+            ledger.release(JobId([7; 16])),
+            Err(LedgerError::NoReservation(_))
+        ));
+        let check = ledger.check().expect("check");
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        assert_eq!(check.receipts_charged, Amount(40));
     }
 }

@@ -10,6 +10,6 @@ pub mod network;
 pub mod table;
 
 pub use client::{check_result, ClientError, JobClient, JobOutcome, JobSpec, JobStream};
-pub use ledger::{ApiKey, Balance, Ledger, LedgerError, Settlement};
+pub use ledger::{ApiKey, Balance, Ledger, LedgerCheck, LedgerError, Settlement};
 pub use network::{CoordinatorNet, CoordinatorNetError};
 pub use table::{NodeEntry, NodeTable, Throughput};

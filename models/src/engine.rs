@@ -443,6 +443,21 @@ impl Model {
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Completion, GenerateError> {
+        let done = self.generate_until(req, on_text)?;
+        if done.finish_reason == FinishReason::Cancelled {
+            return Err(GenerateError::Cancelled);
+        }
+        Ok(done)
+    }
+
+    /// Like [`Model::generate`], but `ControlFlow::Break` ends the request with what was
+    /// delivered: finish reason `Cancelled`, and the tokens, transcript and commitment of
+    /// every token whose text `on_text` accepted (a node still signs a receipt for those).
+    pub fn generate_until(
+        &mut self,
+        req: &GenerateRequest,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
         req.sampling.validate()?;
@@ -495,10 +510,16 @@ impl Model {
                     Push::Stopped(t) => (t, true),
                 };
                 if !piece.is_empty() {
-                    text_out.push_str(piece);
                     if on_text(piece).is_break() {
-                        return Err(GenerateError::Cancelled);
+                        // This token's text was refused: it is not part of what was delivered.
+                        tokens.pop();
+                        transcript.pop();
+                        history.pop();
+                        finish = FinishReason::Cancelled;
+                        stream_stopped = true;
+                        break;
                     }
+                    text_out.push_str(piece);
                 }
                 if stopped {
                     stream_stopped = true;
@@ -517,9 +538,10 @@ impl Model {
         if !stream_stopped {
             let rest = stream.finish();
             if !rest.is_empty() {
-                text_out.push_str(&rest);
                 if on_text(&rest).is_break() {
-                    return Err(GenerateError::Cancelled);
+                    finish = FinishReason::Cancelled;
+                } else {
+                    text_out.push_str(&rest);
                 }
             }
         }
@@ -545,8 +567,27 @@ pub enum GenerateEvent {
     Done(Box<Completion>),
 }
 
-/// Events of one request; an `Err` is always the last item.
-pub type EventStream = tokio::sync::mpsc::Receiver<Result<GenerateEvent, GenerateError>>;
+/// Events of one request; an `Err` is always the last item. Dropping it cancels the
+/// request outright; [`EventStream::stop`] ends it early but still delivers its `Done`.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: tokio::sync::mpsc::Receiver<Result<GenerateEvent, GenerateError>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EventStream {
+    /// The next event; `None` after the last.
+    pub async fn recv(&mut self) -> Option<Result<GenerateEvent, GenerateError>> {
+        self.rx.recv().await
+    }
+
+    /// Asks the engine to stop after the token in progress: the request then ends with a
+    /// `Done` whose finish reason is `Cancelled`, covering the text delivered so far (or
+    /// with `Err(Cancelled)` if it had not started).
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Deltas buffered per request before generation waits for the consumer (back-pressure).
 const EVENT_BUFFER: usize = 64;
@@ -555,6 +596,7 @@ enum Command {
     Generate {
         req: Box<GenerateRequest>,
         events: tokio::sync::mpsc::Sender<Result<GenerateEvent, GenerateError>>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     },
     Shutdown,
 }
@@ -603,16 +645,22 @@ impl Engine {
             .name(format!("engine-{}", model.name))
             .spawn(move || {
                 while let Some(cmd) = rx.blocking_recv() {
-                    let Command::Generate { req, events } = cmd else {
+                    let Command::Generate { req, events, stop } = cmd else {
                         break;
                     };
                     if events.is_closed() {
                         continue;
                     }
-                    let result = model.generate(&req, |text| {
-                        if events
-                            .blocking_send(Ok(GenerateEvent::Delta(text.to_owned())))
-                            .is_err()
+                    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+                    if stopped() {
+                        let _ = events.blocking_send(Err(GenerateError::Cancelled));
+                        continue;
+                    }
+                    let result = model.generate_until(&req, |text| {
+                        if stopped()
+                            || events
+                                .blocking_send(Ok(GenerateEvent::Delta(text.to_owned())))
+                                .is_err()
                         {
                             ControlFlow::Break(())
                         } else {
@@ -620,11 +668,11 @@ impl Engine {
                         }
                     });
                     let last = match result {
-                        Ok(done) => Ok(GenerateEvent::Done(Box::new(done))),
-                        Err(GenerateError::Cancelled) => {
+                        Ok(_) if events.is_closed() => {
                             tracing::debug!("request cancelled by its consumer");
                             continue;
                         }
+                        Ok(done) => Ok(GenerateEvent::Done(Box::new(done))),
                         Err(e) => Err(e),
                     };
                     let _ = events.blocking_send(last);
@@ -681,25 +729,30 @@ impl EngineHandle {
     /// Queues `req`, waiting for room in the queue; events arrive on the returned stream.
     /// Dropping the stream cancels the request.
     pub async fn generate(&self, req: GenerateRequest) -> Result<EventStream, GenerateError> {
-        let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        let (command, stream) = Self::command(req);
         self.tx
-            .send(Command::Generate {
-                req: Box::new(req),
-                events,
-            })
+            .send(command)
             .await
             .map_err(|_| GenerateError::EngineGone)?;
-        Ok(rx)
+        Ok(stream)
+    }
+
+    fn command(req: GenerateRequest) -> (Command, EventStream) {
+        let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let command = Command::Generate {
+            req: Box::new(req),
+            events,
+            stop: stop.clone(),
+        };
+        (command, EventStream { rx, stop })
     }
 
     /// Queues `req` only if there is room now; `Ok(None)` means busy.
     pub fn try_generate(&self, req: GenerateRequest) -> Result<Option<EventStream>, GenerateError> {
-        let (events, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-        match self.tx.try_send(Command::Generate {
-            req: Box::new(req),
-            events,
-        }) {
-            Ok(()) => Ok(Some(rx)),
+        let (command, stream) = Self::command(req);
+        match self.tx.try_send(command) {
+            Ok(()) => Ok(Some(stream)),
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Ok(None),
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
                 Err(GenerateError::EngineGone)

@@ -231,6 +231,73 @@ fn cancelling_by_returning_break_stops_generation() {
     assert_eq!(calls, 1);
 }
 
+#[test]
+fn generate_until_keeps_what_was_delivered_when_cancelled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut m = model(dir.path());
+    let full = m
+        .generate(&sampled(3, 1.0), |_| ControlFlow::Continue(()))
+        .expect("full run");
+    let mut delivered = String::new();
+    let mut calls = 0;
+    let part = m
+        .generate_until(&sampled(3, 1.0), |t| {
+            calls += 1;
+            if calls > 5 {
+                return ControlFlow::Break(());
+            }
+            delivered.push_str(t);
+            ControlFlow::Continue(())
+        })
+        .expect("cancelled, not failed");
+    assert_eq!(part.finish_reason, FinishReason::Cancelled);
+    assert_eq!(part.text, delivered);
+    // The refused token is not counted; every accepted one is, and they are the same
+    // tokens (and transcript records) the uncancelled run produced.
+    assert!(part.completion_tokens >= 5 && part.completion_tokens < full.completion_tokens);
+    let n = part.tokens.len();
+    assert_eq!(part.tokens, full.tokens[..n]);
+    assert_eq!(part.transcript, full.transcript[..n]);
+    assert_eq!(
+        part.commitment,
+        TranscriptCommitment::from_records(&full.transcript[..n])
+    );
+}
+
+#[tokio::test]
+async fn stopping_a_stream_ends_it_with_a_cancelled_done() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::spawn(model(dir.path()), 4).expect("spawn");
+    let handle = engine.handle();
+    let mut events = handle.generate(sampled(11, 1.0)).await.expect("queued");
+    let mut deltas = 0;
+    let done = loop {
+        match events.recv().await.expect("stream ends with Done") {
+            Ok(GenerateEvent::Delta(_)) => {
+                deltas += 1;
+                if deltas == 3 {
+                    events.stop();
+                }
+            }
+            Ok(GenerateEvent::Done(done)) => break done,
+            Err(e) => panic!("engine error: {e}"),
+        }
+    };
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(done.completion_tokens >= 3 && done.completion_tokens < 20);
+    // A stream stopped before the engine took it ends with Err(Cancelled).
+    let blocker = handle.generate(sampled(12, 1.0)).await.expect("queued");
+    let waiting = handle.generate(sampled(13, 1.0)).await.expect("queued");
+    waiting.stop();
+    let mut waiting = waiting;
+    drop(blocker);
+    assert!(matches!(
+        waiting.recv().await,
+        Some(Err(GenerateError::Cancelled))
+    ));
+    engine.shutdown();
+}
+
 fn load_err(path: &Path) -> String {
     let err = Model::load(path, "x").expect_err("must fail");
     let msg = err.to_string();

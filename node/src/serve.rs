@@ -568,9 +568,8 @@ fn engine_error(e: GenerateError) -> JobError {
         | GenerateError::Sampling(_)
         | GenerateError::BadStop { .. }
         | GenerateError::Chat(_) => ErrorCode::BadRequest,
-        GenerateError::Cancelled | GenerateError::EngineGone | GenerateError::Candle(_) => {
-            ErrorCode::Internal
-        }
+        GenerateError::Cancelled => ErrorCode::Cancelled,
+        GenerateError::EngineGone | GenerateError::Candle(_) => ErrorCode::Internal,
     };
     JobError::new(code, e.to_string())
 }
@@ -618,11 +617,14 @@ async fn run_job(
     );
     let deadline = tokio::time::sleep(deadline_in);
     tokio::pin!(deadline);
-    // The client sends nothing after its request: any read completing means it closed
-    // (or broke) the stream, which cancels the job.
+    // The client sends nothing after its request. When it closes its side cleanly (end of
+    // stream), it cancels the job but still wants the receipt for what was delivered: the
+    // engine stops after the current token and the job ends with a `cancelled` result.
+    // When the stream breaks instead, nobody is left to receive anything: stop at once.
     let mut probe = [0u8; 1];
     let peer_gone = reader.read(&mut probe);
     tokio::pin!(peer_gone);
+    let mut cancelling = false;
     let mut first_token: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -692,9 +694,15 @@ async fn run_job(
             () = &mut deadline => {
                 return fail(&mut writer, reject(ErrorCode::DeadlineExceeded, "deadline reached while generating")).await;
             }
-            _ = &mut peer_gone => {
-                tracing::info!(job_id = %request.job_id, "stream closed by the client; generation stopped");
-                return;
+            read = &mut peer_gone, if !cancelling => {
+                if matches!(read, Ok(0)) {
+                    tracing::info!(job_id = %request.job_id, "cancelled by the client; stopping after this token");
+                    events.stop();
+                    cancelling = true;
+                } else {
+                    tracing::info!(job_id = %request.job_id, "stream broken by the client; generation stopped");
+                    return;
+                }
             }
             () = shared.abort_jobs.cancelled() => {
                 return fail(&mut writer, reject(ErrorCode::ShuttingDown, "node shut down before the job finished")).await;

@@ -227,6 +227,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The node failed while running the job.
     Internal,
+    /// The coordinator cancelled the job before its first token.
+    Cancelled,
 }
 
 impl ErrorCode {

@@ -84,14 +84,18 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// The coordinator cancelled the job (its caller went away); the receipt covers the
+    /// tokens generated until then.
+    Cancelled,
 }
 
 impl FinishReason {
-    /// The wire name (`stop`, `length`).
+    /// The wire name (`stop`, `length`, `cancelled`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::Cancelled => "cancelled",
         }
     }
 }
