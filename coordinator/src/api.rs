@@ -1,18 +1,28 @@
-//! The OpenAI-compatible HTTP API, first slice: errors in OpenAI's shape (one place turns
-//! them into responses), JSON bodies whose rejections become those errors, and the
-//! read-only endpoints `/health` and `/v1/models`, served from the live node table.
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions` and `/v1/completions` (JSON or
+//! server-sent events), `/v1/models`, `/v1/receipts/{id}`, `/v1/account`, `/health` and
+//! `/metrics`. Errors take OpenAI's shape in one place ([`ApiError`]); JSON bodies whose
+//! rejections would be axum's plain text become those errors too.
 
+use crate::jobs::{Dispatcher, JobHandle, JobUpdate, Started};
+use crate::ledger::LedgerError;
+use crate::limits::{Limited, Limiter};
+use crate::metrics::Metrics;
+use crate::openai::{self, CompletionRequest, Endpoint, Head};
 use crate::table::NodeTable;
-use axum::extract::{FromRequest, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
-use tessera_protocol::Amount;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tessera_protocol::{Amount, JobId};
 
 /// Largest request body, in bytes: a full context of text with JSON overhead.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -22,6 +32,12 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct ApiState {
     /// The live node table.
     pub table: Arc<RwLock<NodeTable>>,
+    /// Runs jobs; holds the ledger.
+    pub dispatcher: Dispatcher,
+    /// Per-account request limits.
+    pub limiter: Limiter,
+    /// Figures for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// An error as OpenAI clients expect it: `{"error": {"message", "type", "param", "code"}}`
@@ -36,67 +52,179 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// For people.
     pub message: String,
+    /// The request parameter at fault, if one is.
+    pub param: Option<String>,
+    /// Seconds to wait before retrying (429), sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
     /// 400: the request is malformed or out of range.
     pub fn invalid_request(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            code: None,
-            message: message.into(),
-        }
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            message,
+        )
+    }
+
+    /// Names the parameter at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_owned());
+        self
+    }
+
+    /// Sets OpenAI's `code`.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// 429: over the account's rate or concurrency limit.
+    pub fn rate_limited(limited: &Limited) -> Self {
+        let (message, retry) = match limited {
+            Limited::Rate(wait) => (
+                format!(
+                    "Rate limit reached for requests: retry in {:.1} s",
+                    wait.as_secs_f64()
+                ),
+                wait.as_secs().max(1),
+            ),
+            Limited::Concurrency(n) => (
+                format!(
+                    "Too many requests in flight: at most {n} jobs may run at once per account"
+                ),
+                1,
+            ),
+        };
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            Some("rate_limit_exceeded"),
+            message,
+        );
+        e.retry_after = Some(retry);
+        e
+    }
+
+    /// 500: something failed on our side.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            Some("internal_error"),
+            message,
+        )
+    }
+
+    /// 503: the coordinator is stopping.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            Some("shutting_down"),
+            "the coordinator is shutting down; retry shortly",
+        )
+    }
+
+    /// The HTTP client went away (never sent: nobody is left to read it).
+    pub fn client_gone() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("client_closed"),
+            "the client closed the request",
+        )
+    }
+
+    /// 503: the node(s) tried failed before answering; nothing was charged.
+    pub fn node_failed(why: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            Some("node_failed"),
+            format!("{why}; nothing was charged"),
+        )
+    }
+
+    /// 503: no node can take the job, for the reason given.
+    pub fn no_node_because(why: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            Some("no_node_available"),
+            why,
+        )
     }
 
     /// 401: missing or unknown API key.
     pub fn invalid_api_key() -> Self {
-        Self {
-            status: StatusCode::UNAUTHORIZED,
-            kind: "invalid_request_error",
-            code: Some("invalid_api_key"),
-            message: "Incorrect or missing API key: send `Authorization: Bearer tsk_…` (create one with `tessera keys create ACCOUNT`)".into(),
-        }
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Incorrect or missing API key: send `Authorization: Bearer tsk_…` (create one with `tessera keys create ACCOUNT`)",
+        )
     }
 
     /// 402: the account cannot cover the job's maximum cost.
     pub fn insufficient_balance(needed: Amount, available: Amount) -> Self {
-        Self {
-            status: StatusCode::PAYMENT_REQUIRED,
-            kind: "insufficient_quota",
-            code: Some("insufficient_balance"),
-            message: format!("insufficient balance: this request may cost up to {needed} base units and {available} are available"),
-        }
+        Self::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            Some("insufficient_balance"),
+            format!("insufficient balance: this request may cost up to {needed} base units and {available} are available (lower max_tokens, or add funds)"),
+        )
     }
 
     /// 404: no such model on the network, or no such route.
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            kind: "invalid_request_error",
-            code: Some(code),
-            message: message.into(),
-        }
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some(code),
+            message,
+        )
     }
 
     /// 413: the body is over [`MAX_BODY_BYTES`].
     pub fn too_large() -> Self {
-        Self {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            kind: "invalid_request_error",
-            code: Some("request_too_large"),
-            message: format!("request body exceeds {MAX_BODY_BYTES} bytes"),
-        }
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large"),
+            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+        )
     }
 
     /// 503: no node can take the job now.
     pub fn no_node(model: &str) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "service_unavailable_error",
-            code: Some("no_node_available"),
-            message: format!("no node serving {model} can take the job now; retry shortly"),
-        }
+        Self::no_node_because(format!(
+            "no node serving {model} can take the job now; retry shortly"
+        ))
+    }
+
+    fn body(&self) -> Value {
+        json!({
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        })
     }
 }
 
@@ -105,10 +233,12 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, message = %self.message, "API error");
         }
-        let body = json!({
-            "error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}
-        });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -132,10 +262,342 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/receipts/{id}", get(receipt))
+        .route("/v1/account", get(account))
         .fallback(|| async { ApiError::not_found("unknown_url", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
+}
+
+/// Records every response's status and time in `/metrics` (streams: time to headers).
+async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let endpoint = match req.uri().path() {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        "/v1/models" => "models",
+        "/health" => "health",
+        "/metrics" => "metrics",
+        "/v1/account" => "account",
+        p if p.starts_with("/v1/receipts/") => "receipts",
+        _ => "other",
+    };
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .request(endpoint, resp.status().as_u16(), t0.elapsed());
+    resp
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let text = match state.table.read() {
+        Ok(t) => state.metrics.render(&t),
+        Err(_) => String::new(),
+    };
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// The account behind the request's `Authorization: Bearer` key.
+fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(ApiError::invalid_api_key)?;
+    match state.dispatcher.ledger().authenticate(key) {
+        Ok(account) => Ok(account),
+        Err(LedgerError::BadKey) => Err(ApiError::invalid_api_key()),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+async fn chat_completions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    complete(state, headers, Endpoint::Chat, body).await
+}
+
+async fn completions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    complete(state, headers, Endpoint::Completions, body).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn complete(
+    state: ApiState,
+    headers: HeaderMap,
+    endpoint: Endpoint,
+    body: Value,
+) -> Result<Response, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let req = CompletionRequest::parse(endpoint, body)?;
+    let permit = state
+        .limiter
+        .admit(&account, Instant::now())
+        .map_err(|l| ApiError::rate_limited(&l))?;
+    tracing::debug!(%account, model = %req.model, stream = req.stream, user = ?req.user, "completion request");
+    let mut job = state
+        .dispatcher
+        .submit(account, req.clone(), permit)
+        .await?;
+    let started = match job.updates.recv().await {
+        Some(JobUpdate::Started(s)) => s,
+        Some(JobUpdate::Failed(e)) => return Err(e),
+        Some(_) | None => return Err(ApiError::internal("the job ended before it started")),
+    };
+    let id = match endpoint {
+        Endpoint::Chat => format!("chatcmpl-{}", job.job_id),
+        Endpoint::Completions => format!("cmpl-{}", job.job_id),
+    };
+    let created = unix_now();
+    let mut response = if req.stream {
+        stream_response(endpoint, id, created, req, *started.clone(), job)
+    } else {
+        whole_response(endpoint, &id, created, &req, &started, job).await?
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&started.node.to_string()) {
+        h.insert("x-tessera-node", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&started.job_id.to_hex()) {
+        h.insert("x-tessera-receipt", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&started.module.to_string()) {
+        h.insert("x-tessera-module", v);
+    }
+    Ok(response)
+}
+
+async fn whole_response(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    req: &CompletionRequest,
+    started: &Started,
+    mut job: JobHandle,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match job.updates.recv().await {
+            Some(JobUpdate::Delta(t)) => text.push_str(&t),
+            Some(JobUpdate::Done(done)) => {
+                let fingerprint = started.module.to_string();
+                let head = Head {
+                    id,
+                    created,
+                    model: &req.model,
+                    fingerprint: &fingerprint,
+                };
+                let body = openai::full_response(
+                    endpoint,
+                    &head,
+                    &text,
+                    done.finish_reason,
+                    &done.usage,
+                    &done.provenance,
+                );
+                return Ok(Json(body).into_response());
+            }
+            Some(JobUpdate::Failed(e)) => return Err(e),
+            Some(JobUpdate::Started(_)) => {}
+            None => return Err(ApiError::internal("the job ended without a result")),
+        }
+    }
+}
+
+/// The SSE body: OpenAI's chunks, then `data: [DONE]`; a failure mid-stream is an
+/// `{"error": …}` event (what OpenAI's SDKs raise as an API error) and no `[DONE]`.
+fn stream_response(
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    req: CompletionRequest,
+    started: Started,
+    job: JobHandle,
+) -> Response {
+    struct S {
+        endpoint: Endpoint,
+        id: String,
+        created: u64,
+        model: String,
+        fingerprint: String,
+        include_usage: bool,
+        pending: std::collections::VecDeque<Event>,
+        job: Option<JobHandle>,
+    }
+    let mut s = S {
+        endpoint,
+        id,
+        created,
+        model: req.model.clone(),
+        fingerprint: started.module.to_string(),
+        include_usage: req.include_usage,
+        pending: Default::default(),
+        job: Some(job),
+    };
+    let data = |v: &Value| Event::default().data(v.to_string());
+    if endpoint == Endpoint::Chat {
+        let head = Head {
+            id: &s.id,
+            created,
+            model: &s.model,
+            fingerprint: &s.fingerprint,
+        };
+        s.pending.push_back(data(&openai::chunk(
+            endpoint,
+            &head,
+            None,
+            None,
+            s.include_usage,
+        )));
+    }
+    let stream = futures::stream::unfold(s, move |mut s| async move {
+        loop {
+            if let Some(ev) = s.pending.pop_front() {
+                return Some((Ok::<Event, Infallible>(ev), s));
+            }
+            let job = s.job.as_mut()?;
+            let head = Head {
+                id: &s.id,
+                created: s.created,
+                model: &s.model,
+                fingerprint: &s.fingerprint,
+            };
+            match job.updates.recv().await {
+                Some(JobUpdate::Delta(t)) => {
+                    s.pending.push_back(data(&openai::chunk(
+                        s.endpoint,
+                        &head,
+                        Some(&t),
+                        None,
+                        s.include_usage,
+                    )));
+                }
+                Some(JobUpdate::Done(done)) => {
+                    let mut last = openai::chunk(
+                        s.endpoint,
+                        &head,
+                        None,
+                        Some(done.finish_reason),
+                        s.include_usage,
+                    );
+                    last["tessera"] = serde_json::to_value(&done.provenance).unwrap_or(Value::Null);
+                    s.pending.push_back(data(&last));
+                    if s.include_usage {
+                        s.pending.push_back(data(&openai::usage_chunk(
+                            s.endpoint,
+                            &head,
+                            &done.usage,
+                            &done.provenance,
+                        )));
+                    }
+                    s.pending.push_back(Event::default().data("[DONE]"));
+                    s.job = None;
+                }
+                Some(JobUpdate::Failed(e)) => {
+                    s.pending.push_back(data(&e.body()));
+                    s.job = None;
+                }
+                Some(JobUpdate::Started(_)) => {}
+                None => {
+                    s.pending.push_back(data(
+                        &ApiError::internal("the job ended without a result").body(),
+                    ));
+                    s.job = None;
+                }
+            }
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+/// `GET /v1/receipts/{id}`: the node-signed receipt of one of the caller's jobs, with the
+/// amount charged, so a developer can check their bill against the node's signature.
+async fn receipt(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let not_found = || {
+        ApiError::not_found(
+            "receipt_not_found",
+            format!("no receipt {id} for this account"),
+        )
+    };
+    let mut bytes = [0u8; 16];
+    hex::decode_to_slice(
+        id.trim_start_matches("chatcmpl-")
+            .trim_start_matches("cmpl-"),
+        &mut bytes,
+    )
+    .map_err(|_| not_found())?;
+    let ledger = state.dispatcher.ledger().clone();
+    let found = tokio::task::spawn_blocking(move || ledger.receipt(JobId(bytes)))
+        .await
+        .map_err(|_| ApiError::internal("ledger task failed"))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let Some((owner, charged, signed)) = found.filter(|(owner, ..)| *owner == account) else {
+        return Err(not_found());
+    };
+    let verified = signed.verify().is_ok();
+    Ok(Json(json!({
+        "object": "tessera.receipt",
+        "id": id,
+        "account": owner,
+        "charged": charged,
+        "signature_valid": verified,
+        "receipt": signed,
+    })))
+}
+
+/// `GET /v1/account`: the caller's balance.
+async fn account(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let b = state
+        .dispatcher
+        .ledger()
+        .balance(&account)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({
+        "object": "tessera.account",
+        "account": account,
+        "balance": b.balance,
+        "reserved": b.reserved,
+        "available": b.available(),
+        "credited": b.credited,
+        "charged": b.charged,
+    })))
 }
 
 async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
@@ -194,17 +656,47 @@ async fn models(State(state): State<ApiState>) -> Json<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::DispatchConfig;
+    use crate::ledger::Ledger;
+    use crate::limits::RateLimits;
+    use crate::network::CoordinatorNet;
     use axum::body::Body;
-    use axum::routing::post;
-    use std::time::Instant;
-    use tessera_net::NetEvent;
+    use std::time::Duration;
+    use tessera_net::{NetConfig, NetEvent};
     use tessera_protocol::{
         AdvertStatus, Keypair, LatencyStats, ModuleId, ModuleOffer, Price, Quantization,
         WeightsHash,
     };
     use tower::ServiceExt;
 
-    fn state_with_nodes(prices: &[u128]) -> ApiState {
+    const MODEL: &str = "smollm2-135m-instruct";
+
+    struct Fixture {
+        app: Router,
+        state: ApiState,
+        key: String,
+        poor_key: String,
+        _net: CoordinatorNet,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A real swarm and ledger; the table holds adverts of nodes that do not exist, so
+    /// every job to them fails to open (what a vanished node looks like).
+    async fn fixture(prices: &[u128], limits: RateLimits, full: bool) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("ledger.redb")).expect("ledger");
+        ledger.create_account("alice").expect("account");
+        ledger.credit("alice", Amount(10_000_000)).expect("credit");
+        let key = ledger.create_key("alice").expect("key").expose().to_owned();
+        ledger.create_account("poor").expect("account");
+        let poor_key = ledger.create_key("poor").expect("key").expose().to_owned();
+        let config = NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NetConfig::default()
+        };
+        let net = CoordinatorNet::start(Keypair::generate_ed25519(), &config)
+            .await
+            .expect("net");
         let module = ModuleId::new(
             "llama",
             Quantization::from_gguf_file_type(3),
@@ -212,69 +704,297 @@ mod tests {
             WeightsHash([1; 32]),
         )
         .expect("id");
-        let mut table = NodeTable::default();
-        for &out in prices {
-            let key = Keypair::generate_ed25519();
-            let mut advert =
-                crate::table::tests::advert(key.public().to_peer_id(), 1, AdvertStatus::Online);
-            advert.modules = vec![ModuleOffer {
-                module: module.clone(),
-                alias: "smollm2-135m-instruct".into(),
-                price: Price {
-                    per_1k_input: Amount(1000),
-                    per_1k_output: Amount(out),
-                },
-                latency: LatencyStats::default(),
-            }];
-            table.apply(&NetEvent::Advert(Box::new(advert)), Instant::now());
+        {
+            let table = net.table();
+            let mut table = table.write().expect("table");
+            for &out in prices {
+                let key = Keypair::generate_ed25519();
+                let mut advert =
+                    crate::table::tests::advert(key.public().to_peer_id(), 1, AdvertStatus::Online);
+                advert.capacity = 2;
+                advert.load.running = if full { 2 } else { 0 };
+                advert.modules = vec![ModuleOffer {
+                    module: module.clone(),
+                    alias: MODEL.into(),
+                    price: Price {
+                        per_1k_input: Amount(1000),
+                        per_1k_output: Amount(out),
+                    },
+                    latency: LatencyStats::default(),
+                }];
+                table.apply(
+                    &NetEvent::Advert(Box::new(advert)),
+                    std::time::Instant::now(),
+                );
+            }
         }
-        ApiState {
-            table: Arc::new(RwLock::new(table)),
+        let metrics = Arc::new(Metrics::new());
+        let dispatcher = Dispatcher::new(
+            net.client(),
+            net.table(),
+            Arc::new(ledger),
+            metrics.clone(),
+            DispatchConfig {
+                queue_timeout: Duration::from_millis(300),
+                ..DispatchConfig::default()
+            },
+        );
+        let state = ApiState {
+            table: net.table(),
+            dispatcher,
+            limiter: Limiter::new(limits),
+            metrics,
+        };
+        Fixture {
+            app: router(state.clone()),
+            state,
+            key,
+            poor_key,
+            _net: net,
+            _dir: dir,
         }
     }
 
-    async fn call(app: Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+    async fn call(app: Router, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
         let resp = app.oneshot(req).await.expect("response");
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await
             .expect("body");
-        (status, serde_json::from_slice(&bytes).expect("JSON body"))
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, headers, body)
     }
 
-    fn get_req(uri: &str) -> Request<Body> {
-        Request::builder()
+    fn get_req(uri: &str, key: Option<&str>) -> Request<Body> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(Body::empty()).expect("request")
+    }
+
+    fn post_req(uri: &str, key: Option<&str>, body: Value) -> Request<Body> {
+        let mut b = Request::builder()
+            .method("POST")
             .uri(uri)
-            .body(Body::empty())
-            .expect("request")
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(Body::from(body.to_string())).expect("request")
+    }
+
+    fn chat_body(model: &str) -> Value {
+        json!({"model": model, "messages": [{"role": "user", "content": "Name the capital of France."}], "max_tokens": 8})
+    }
+
+    fn assert_openai_error(body: &Value, code: &str) {
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["type"].is_string(), "{body}");
+        assert!(body["error"].get("param").is_some(), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
     }
 
     #[tokio::test]
     async fn models_lists_each_alias_with_its_modules_nodes_and_price_range() {
-        let app = router(state_with_nodes(&[4000, 6000]));
-        let (status, body) = call(app.clone(), get_req("/v1/models")).await;
+        let f = fixture(&[4000, 6000], RateLimits::default(), false).await;
+        let (status, _, body) = call(f.app.clone(), get_req("/v1/models", None)).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["object"], "list");
         let model = &body["data"][0];
-        assert_eq!(model["id"], "smollm2-135m-instruct");
+        assert_eq!(model["id"], MODEL);
         assert_eq!(model["object"], "model");
         let module = &model["tessera"]["modules"][0];
         assert_eq!(module["nodes"], 2);
         assert_eq!(module["price_per_1k_output"]["min"], "4000");
         assert_eq!(module["price_per_1k_output"]["max"], "6000");
-        let (status, body) = call(app, get_req("/health")).await;
+        let (status, _, body) = call(f.app, get_req("/health", None)).await;
         assert_eq!((status, body["nodes"].clone()), (StatusCode::OK, json!(2)));
     }
 
     #[tokio::test]
-    async fn errors_have_openai_shape_and_status() {
-        let app = router(state_with_nodes(&[]));
-        let (status, body) = call(app, get_req("/v1/nope")).await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
+    async fn each_error_status_has_openai_shape() {
+        let f = fixture(
+            &[4000],
+            RateLimits {
+                requests_per_minute: 3,
+                concurrent_jobs: 8,
+            },
+            false,
+        )
+        .await;
+        let chat = "/v1/chat/completions";
+        // 401: no key, wrong key.
+        for key in [None, Some("tsk_wrong")] {
+            let (status, _, body) =
+                call(f.app.clone(), post_req(chat, key, chat_body(MODEL))).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_openai_error(&body, "invalid_api_key");
+        }
+        // 400: malformed body, bad parameter.
+        let bad = Request::builder()
+            .method("POST")
+            .uri(chat)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", f.key))
+            .body(Body::from("{nope"))
+            .expect("req");
+        let (status, _, body) = call(f.app.clone(), bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["type"], "invalid_request_error");
-        assert_eq!(body["error"]["code"], "unknown_url");
-        assert!(body["error"]["param"].is_null());
+        let mut two = chat_body(MODEL);
+        two["n"] = json!(2);
+        let (status, _, body) = call(f.app.clone(), post_req(chat, Some(&f.key), two)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["param"], "n");
+        // 404: unknown model.
+        let (status, _, body) = call(
+            f.app.clone(),
+            post_req(chat, Some(&f.key), chat_body("gpt-17")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_openai_error(&body, "model_not_found");
+        // 429: the bucket holds 3 requests a minute; the limiter counts requests that
+        // authenticated and parsed (the unknown-model one above), so a few more reach it.
+        let mut limited = None;
+        for _ in 0..4 {
+            let (status, headers, body) = call(
+                f.app.clone(),
+                post_req(chat, Some(&f.key), chat_body("gpt-17")),
+            )
+            .await;
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                limited = Some((headers, body));
+                break;
+            }
+        }
+        let (headers, body) = limited.expect("rate limit reached");
+        assert_openai_error(&body, "rate_limit_exceeded");
+        assert!(headers.get("retry-after").is_some());
+        // 402: an account that cannot cover max_tokens at the node's price.
+        let (status, _, body) = call(
+            f.app.clone(),
+            post_req(chat, Some(&f.poor_key), chat_body(MODEL)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+        assert_openai_error(&body, "insufficient_balance");
+        // 413: too large.
+        let mut huge = chat_body(MODEL);
+        huge["messages"][0]["content"] = json!("x".repeat(MAX_BODY_BYTES));
+        let (status, _, body) = call(f.app.clone(), post_req(chat, Some(&f.poor_key), huge)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_openai_error(&body, "request_too_large");
+        // Unknown route.
+        let (status, _, body) = call(f.app, get_req("/v1/nope", None)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_openai_error(&body, "unknown_url");
+    }
 
+    #[tokio::test]
+    async fn unreachable_nodes_are_503_after_fallbacks_and_nothing_stays_reserved() {
+        let f = fixture(&[4000, 5000], RateLimits::default(), false).await;
+        let (status, _, body) = call(
+            f.app.clone(),
+            post_req(
+                "/v1/completions",
+                Some(&f.key),
+                json!({"model": MODEL, "prompt": "Hi"}),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_openai_error(&body, "node_failed");
+        let b = f
+            .state
+            .dispatcher
+            .ledger()
+            .balance("alice")
+            .expect("balance");
+        assert_eq!((b.balance, b.reserved), (Amount(10_000_000), Amount::ZERO));
+        // Both nodes were tried, and both are now marked as failed.
+        let table = f.state.table.read().expect("table");
+        assert!(
+            table.nodes().all(|e| e.failures == 1),
+            "each node tried once"
+        );
+        drop(table);
+        let (_, _, text) = call(f.app, get_req("/metrics", None)).await;
+        let text = text.as_str().expect("text").to_owned();
+        assert!(text.contains("tessera_job_retries_total 1"), "{text}");
+        assert!(
+            text.contains("tessera_jobs_total{outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_http_requests_total{endpoint=\"completions\",status=\"503\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_module_nodes{model=\"smollm2-135m-instruct\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_nodes_make_requests_wait_then_503_no_node_available() {
+        let f = fixture(&[4000], RateLimits::default(), true).await;
+        let t0 = Instant::now();
+        let (status, _, body) = call(
+            f.app.clone(),
+            post_req("/v1/chat/completions", Some(&f.key), chat_body(MODEL)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_openai_error(&body, "no_node_available");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "waited for the queue timeout"
+        );
+        assert_eq!(
+            f.state
+                .dispatcher
+                .ledger()
+                .balance("alice")
+                .expect("b")
+                .reserved,
+            Amount::ZERO
+        );
+    }
+
+    #[tokio::test]
+    async fn receipts_and_accounts_need_the_owner_key() {
+        let f = fixture(&[], RateLimits::default(), false).await;
+        let (status, _, body) = call(
+            f.app.clone(),
+            get_req(
+                "/v1/receipts/00112233445566778899aabbccddeeff",
+                Some(&f.key),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_openai_error(&body, "receipt_not_found");
+        let (status, _, _) = call(f.app.clone(), get_req("/v1/receipts/zz", None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(f.app, get_req("/v1/account", Some(&f.key))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (body["account"].as_str(), body["available"].as_str()),
+            (Some("alice"), Some("10000000"))
+        );
+    }
+
+    #[tokio::test]
+    async fn error_constructors_have_the_documented_status() {
         let cases = [
             (ApiError::invalid_api_key(), 401, "invalid_api_key"),
             (
@@ -289,10 +1009,11 @@ mod tests {
             ),
             (ApiError::too_large(), 413, "request_too_large"),
             (
-                ApiError::no_node("smollm2-135m-instruct"),
-                503,
-                "no_node_available",
+                ApiError::rate_limited(&Limited::Concurrency(2)),
+                429,
+                "rate_limit_exceeded",
             ),
+            (ApiError::no_node(MODEL), 503, "no_node_available"),
         ];
         for (err, status, code) in cases {
             let resp = err.into_response();
@@ -300,44 +1021,8 @@ mod tests {
             let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
                 .await
                 .expect("body");
-            let body: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
-            assert_eq!(body["error"]["code"], code);
-            assert!(body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()));
+            let body: Value = serde_json::from_slice(&bytes).expect("JSON");
+            assert_openai_error(&body, code);
         }
-    }
-
-    #[tokio::test]
-    async fn malformed_and_oversized_bodies_are_openai_400_and_413() {
-        async fn echo(ApiJson(v): ApiJson<serde_json::Value>) -> Json<serde_json::Value> {
-            Json(v)
-        }
-        let app = Router::new()
-            .route("/echo", post(echo))
-            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
-        let post_req = |body: Vec<u8>, json: bool| {
-            let mut b = Request::builder().method("POST").uri("/echo");
-            if json {
-                b = b.header("content-type", "application/json");
-            }
-            b.body(Body::from(body)).expect("request")
-        };
-        let (status, body) = call(app.clone(), post_req(br#"{"a": 1}"#.to_vec(), true)).await;
-        assert_eq!((status, body), (StatusCode::OK, json!({"a": 1})));
-        for (bytes, json) in [(b"{not json".to_vec(), true), (b"{}".to_vec(), false)] {
-            let (status, body) = call(app.clone(), post_req(bytes, json)).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST);
-            assert_eq!(body["error"]["type"], "invalid_request_error");
-            assert!(body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()));
-        }
-        let mut big = br#"{"a": ""#.to_vec();
-        big.resize(MAX_BODY_BYTES + 10, b'x');
-        big.extend_from_slice(br#""}"#);
-        let (status, body) = call(app, post_req(big, true)).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(body["error"]["code"], "request_too_large");
     }
 }

@@ -107,11 +107,22 @@ impl JobClient {
     /// Starts `spec` on `node`: opens a stream, sends the signed request, and returns the
     /// stream of its events.
     pub async fn start(&self, node: PeerId, spec: JobSpec) -> Result<JobStream, ClientError> {
+        self.start_with_id(node, spec, new_job_id()).await
+    }
+
+    /// Like [`JobClient::start`] with the job id chosen by the caller, who may hold a
+    /// reservation under it (and keep it across attempts on several nodes).
+    pub async fn start_with_id(
+        &self,
+        node: PeerId,
+        spec: JobSpec,
+        job_id: JobId,
+    ) -> Result<JobStream, ClientError> {
         let started = Instant::now();
         let timeout = spec.timeout.min(MAX_JOB_TIMEOUT);
         let deadline = started + timeout;
         let request = JobRequest {
-            job_id: JobId(rand_bytes()),
+            job_id,
             node,
             module: spec.module,
             payer: spec.payer,
@@ -205,7 +216,8 @@ impl JobClient {
     }
 }
 
-fn rand_bytes() -> [u8; 16] {
+/// A fresh job id.
+pub fn new_job_id() -> JobId {
     // Job ids need uniqueness, not secrecy: hash a fresh key's public bytes, the clock
     // and a process-wide counter.
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -220,7 +232,7 @@ fn rand_bytes() -> [u8; 16] {
     h.update(&Keypair::generate_ed25519().public().encode_protobuf());
     let mut out = [0u8; 16];
     out.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    out
+    JobId(out)
 }
 
 /// A running job's events, in order: `Accepted`, `Delta`s, then a `Result` (checked) or

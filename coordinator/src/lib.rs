@@ -1,15 +1,25 @@
 //! The Tessera coordinator: a live table of nodes built from the swarm's adverts, identify
 //! and ping; a job client that streams jobs from nodes with deadlines and checked receipts
-//! (`docs/network.md`); and the ledger of accounts, API keys, reservations and receipts.
-//! The HTTP API sits on top of these.
+//! (`docs/network.md`); the ledger of accounts, API keys, reservations and receipts; and
+//! the OpenAI-compatible HTTP API that routes, meters and settles jobs (`docs/api.md`).
 
 pub mod api;
 pub mod client;
+pub mod jobs;
 pub mod ledger;
+pub mod limits;
+pub mod metrics;
 pub mod network;
+pub mod openai;
+pub mod route;
+pub mod server;
 pub mod table;
 
 pub use client::{check_result, ClientError, JobClient, JobOutcome, JobSpec, JobStream};
+pub use jobs::{DispatchConfig, Dispatcher};
 pub use ledger::{ApiKey, Balance, Ledger, LedgerCheck, LedgerError, Settlement};
+pub use limits::{Limiter, RateLimits};
+pub use metrics::Metrics;
 pub use network::{CoordinatorNet, CoordinatorNetError};
+pub use server::{Coordinator, CoordinatorConfig, StartError};
 pub use table::{NodeEntry, NodeTable, Throughput};

@@ -51,6 +51,10 @@ pub struct NodeEntry {
     pub observed: Throughput,
     /// Jobs that failed on this node (transport or node error) since it joined.
     pub failures: u64,
+    /// When the latest failure happened.
+    pub last_failure: Option<Instant>,
+    /// Jobs this coordinator has running on it now (adverts lag behind dispatch).
+    pub inflight: u32,
 }
 
 /// Every node currently advertising.
@@ -153,6 +157,8 @@ impl NodeTable {
                         connected: rtt.is_some(),
                         observed: Throughput::default(),
                         failures: 0,
+                        last_failure: None,
+                        inflight: 0,
                     },
                 );
             }
@@ -233,10 +239,25 @@ impl NodeTable {
         }
     }
 
+    /// Counts a job dispatched to `peer` until [`NodeTable::end_job`].
+    pub fn begin_job(&mut self, peer: &PeerId) {
+        if let Some(e) = self.nodes.get_mut(peer) {
+            e.inflight = e.inflight.saturating_add(1);
+        }
+    }
+
+    /// The job begun on `peer` ended, however.
+    pub fn end_job(&mut self, peer: &PeerId) {
+        if let Some(e) = self.nodes.get_mut(peer) {
+            e.inflight = e.inflight.saturating_sub(1);
+        }
+    }
+
     /// Records a job that failed on `peer`.
     pub fn record_failure(&mut self, peer: &PeerId) {
         if let Some(e) = self.nodes.get_mut(peer) {
             e.failures += 1;
+            e.last_failure = Some(Instant::now());
         }
     }
 }

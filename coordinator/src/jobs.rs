@@ -1,0 +1,596 @@
+//! Running an API request as a job: reserve its maximum cost, pick a node, stream its
+//! tokens, settle its receipt. Each job runs on its own task (tracked, stopped on
+//! shutdown) that owns the reservation from start to end, so whatever happens to the HTTP
+//! side (a client that disconnects, a handler dropped mid-await) the money ends in
+//! exactly one state: settled by a receipt, or released. The HTTP side reads the job's
+//! updates from a bounded channel; when it goes away the job is cancelled on its node,
+//! which still signs a receipt for the tokens it delivered, and only those are charged.
+
+use crate::api::ApiError;
+use crate::client::{ClientError, JobClient, JobSpec, JobStream};
+use crate::ledger::{Ledger, LedgerError};
+use crate::limits::Permit;
+use crate::metrics::Metrics;
+use crate::openai::{CompletionRequest, Provenance};
+use crate::route::{candidates, Candidate, RouteError};
+use crate::table::NodeTable;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tessera_net::PeerId;
+use tessera_protocol::job::MAX_JOB_TOKENS;
+use tessera_protocol::{
+    Amount, ErrorCode, FinishReason, JobEvent, JobId, JobResult, ModuleId, Price, Usage,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Updates buffered between a job and its HTTP response.
+const UPDATE_BUFFER: usize = 64;
+/// How often a job waiting for a free node looks again (besides being woken).
+const WAIT_TICK: Duration = Duration::from_millis(250);
+
+/// How jobs are run.
+#[derive(Clone, Debug)]
+pub struct DispatchConfig {
+    /// Longest a request waits for a node with a free slot before 503.
+    pub queue_timeout: Duration,
+    /// Longest a job may run.
+    pub job_timeout: Duration,
+    /// Most nodes tried for one request (before its first token).
+    pub max_attempts: u32,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            queue_timeout: Duration::from_secs(30),
+            job_timeout: Duration::from_secs(600),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// What a running job tells its HTTP response.
+#[derive(Debug)]
+pub enum JobUpdate {
+    /// A node took the job and produced its first token (or finished at once).
+    Started(Box<Started>),
+    /// More text.
+    Delta(String),
+    /// Finished and settled; always the last update.
+    Done(Box<Finished>),
+    /// Failed; always the last update. Nothing was charged.
+    Failed(ApiError),
+}
+
+/// Which node is serving a job.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The node.
+    pub node: PeerId,
+    /// The module it runs.
+    pub module: ModuleId,
+    /// The job id (the receipt's id).
+    pub job_id: JobId,
+    /// Its price.
+    pub price: Price,
+    /// Nodes tried so far, this one included.
+    pub attempts: u32,
+}
+
+/// A settled job.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Who served it and what it cost.
+    pub provenance: Provenance,
+}
+
+/// The HTTP side's end of a job.
+pub struct JobHandle {
+    /// The job id.
+    pub job_id: JobId,
+    /// Updates in order; dropping the receiver cancels the job.
+    pub updates: mpsc::Receiver<JobUpdate>,
+}
+
+/// Runs jobs for the API.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: JobClient,
+    table: Arc<RwLock<NodeTable>>,
+    ledger: Arc<Ledger>,
+    metrics: Arc<Metrics>,
+    config: DispatchConfig,
+    freed: Notify,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Dispatcher {
+    /// A dispatcher over the network's client and table, the ledger and the metrics.
+    pub fn new(
+        client: JobClient,
+        table: Arc<RwLock<NodeTable>>,
+        ledger: Arc<Ledger>,
+        metrics: Arc<Metrics>,
+        config: DispatchConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                table,
+                ledger,
+                metrics,
+                config,
+                freed: Notify::new(),
+                tasks: TaskTracker::new(),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.inner.ledger
+    }
+
+    /// Checks the model, reserves the request's maximum cost from `account`, and starts
+    /// the job. Errors here (404, 402, 503) happen before anything is charged.
+    pub async fn submit(
+        &self,
+        account: String,
+        req: CompletionRequest,
+        permit: Permit,
+    ) -> Result<JobHandle, ApiError> {
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return Err(ApiError::shutting_down());
+        }
+        // Size the job on every module the model name could route to, so that a fallback
+        // to a dearer node or a longer context stays within what was reserved.
+        let (max_tokens, reservation) = {
+            let table = inner
+                .table
+                .read()
+                .map_err(|_| ApiError::internal("node table poisoned"))?;
+            let list = candidates(
+                &table,
+                &req.model,
+                &req.provider,
+                req.max_tokens.unwrap_or(1024),
+                Instant::now(),
+            )
+            .map_err(|e| route_error(&req.model, e))?;
+            let context = list
+                .iter()
+                .map(|c| c.offer.module.context_length)
+                .max()
+                .unwrap_or(0);
+            let max_tokens = req.max_tokens.unwrap_or(context).clamp(1, MAX_JOB_TOKENS);
+            let prompt = u32::try_from(req.prompt_token_bound())
+                .unwrap_or(u32::MAX)
+                .min(context);
+            let output = max_tokens.min(context);
+            let mut most = Amount::ZERO;
+            for c in &list {
+                let cost = c
+                    .offer
+                    .price
+                    .cost(prompt, output)
+                    .ok_or_else(|| ApiError::internal("price overflows"))?;
+                most = most.max(cost);
+            }
+            (max_tokens, most)
+        };
+        let job_id = crate::client::new_job_id();
+        let ledger = inner.ledger.clone();
+        let acct = account.clone();
+        tokio::task::spawn_blocking(move || ledger.reserve(&acct, job_id, reservation))
+            .await
+            .map_err(|_| ApiError::internal("ledger task failed"))?
+            .map_err(|e| match e {
+                LedgerError::InsufficientBalance { needed, available } => {
+                    ApiError::insufficient_balance(needed, available)
+                }
+                LedgerError::UnknownAccount(_) => ApiError::invalid_api_key(),
+                e => ApiError::internal(e.to_string()),
+            })?;
+        tracing::debug!(%job_id, %account, %reservation, "reserved");
+        let (tx, updates) = mpsc::channel(UPDATE_BUFFER);
+        let job = Job {
+            inner: self.inner.clone(),
+            account,
+            req,
+            max_tokens,
+            job_id,
+            tx,
+            _permit: permit,
+        };
+        inner.tasks.spawn(job.run());
+        Ok(JobHandle { job_id, updates })
+    }
+
+    /// Stops taking jobs, cancels running ones (each still settles what it delivered) and
+    /// waits for them to end.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+fn route_error(model: &str, e: RouteError) -> ApiError {
+    match e {
+        RouteError::UnknownModel => ApiError::not_found(
+            "model_not_found",
+            format!("The model `{model}` does not exist on the network: GET /v1/models lists what is served"),
+        )
+        .with_param("model"),
+        RouteError::Filtered(why) => ApiError::no_node_because(why),
+    }
+}
+
+/// One job's task.
+struct Job {
+    inner: Arc<Inner>,
+    account: String,
+    req: CompletionRequest,
+    max_tokens: u32,
+    job_id: JobId,
+    tx: mpsc::Sender<JobUpdate>,
+    _permit: Permit,
+}
+
+/// How an attempt on one node ended.
+enum Attempt {
+    /// Before any token: try another node if allowed.
+    Retry(ApiError),
+    /// The job is over (settled, released, or failed after its first token).
+    Over,
+}
+
+impl Job {
+    async fn run(self) {
+        let started = Instant::now();
+        let queue_deadline = started + self.inner.config.queue_timeout;
+        let mut tried: Vec<PeerId> = Vec::new();
+        let mut last: Option<ApiError> = None;
+        loop {
+            let allowed = if self.req.provider.allow_fallbacks() {
+                self.inner.config.max_attempts
+            } else {
+                1
+            };
+            if tried.len() as u32 >= allowed {
+                return self
+                    .fail(last.unwrap_or_else(|| ApiError::no_node(&self.req.model)))
+                    .await;
+            }
+            let candidate = match self.next_candidate(&tried, queue_deadline).await {
+                Ok(c) => c,
+                Err(e) => return self.fail(last.unwrap_or(e)).await,
+            };
+            if !tried.is_empty() {
+                self.inner.metrics.retry();
+            }
+            tried.push(candidate.node);
+            match self.attempt(&candidate, tried.len() as u32, started).await {
+                Attempt::Over => return,
+                Attempt::Retry(e) => {
+                    tracing::info!(job_id = %self.job_id, node = %candidate.node, error = %e.message, "attempt failed before its first token");
+                    last = Some(e);
+                }
+            }
+        }
+    }
+
+    /// The best untried node with a free slot, waiting for one up to `deadline`.
+    async fn next_candidate(
+        &self,
+        tried: &[PeerId],
+        deadline: Instant,
+    ) -> Result<Candidate, ApiError> {
+        loop {
+            let pick = {
+                let table = self
+                    .inner
+                    .table
+                    .read()
+                    .map_err(|_| ApiError::internal("node table poisoned"))?;
+                let list = candidates(
+                    &table,
+                    &self.req.model,
+                    &self.req.provider,
+                    self.max_tokens,
+                    Instant::now(),
+                )
+                .map_err(|e| route_error(&self.req.model, e))?;
+                let untried: Vec<Candidate> = list
+                    .into_iter()
+                    .filter(|c| !tried.contains(&c.node))
+                    .collect();
+                if untried.is_empty() {
+                    return Err(ApiError::no_node(&self.req.model));
+                }
+                untried.into_iter().find(Candidate::has_room)
+            };
+            if let Some(c) = pick {
+                if let Ok(mut t) = self.inner.table.write() {
+                    t.begin_job(&c.node);
+                }
+                return Ok(c);
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::no_node_because(format!(
+                    "every node serving {} stayed busy for {:?}; retry shortly",
+                    self.req.model, self.inner.config.queue_timeout
+                )));
+            }
+            tokio::select! {
+                () = self.inner.freed.notified() => {}
+                () = tokio::time::sleep(WAIT_TICK) => {}
+                () = self.inner.stop.cancelled() => return Err(ApiError::shutting_down()),
+                () = self.tx.closed() => return Err(ApiError::client_gone()),
+            }
+        }
+    }
+
+    async fn attempt(&self, c: &Candidate, attempts: u32, t0: Instant) -> Attempt {
+        let spec = JobSpec {
+            module: c.offer.module.clone(),
+            payer: self.account.clone(),
+            input: self.req.input.clone(),
+            sampling: self.req.sampling.clone(),
+            max_tokens: self.max_tokens,
+            stop: self.req.stop.clone(),
+            max_price: c.offer.price,
+            timeout: self.inner.config.job_timeout,
+        };
+        let outcome = self.stream_job(c, spec, attempts, t0).await;
+        if let Ok(mut t) = self.inner.table.write() {
+            t.end_job(&c.node);
+        }
+        self.inner.freed.notify_waiters();
+        outcome
+    }
+
+    async fn stream_job(
+        &self,
+        c: &Candidate,
+        spec: JobSpec,
+        attempts: u32,
+        t0: Instant,
+    ) -> Attempt {
+        let mut stream = match self
+            .inner
+            .client
+            .start_with_id(c.node, spec, self.job_id)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return self.before_first_token(e).await,
+        };
+        let started = Started {
+            node: c.node,
+            module: c.offer.module.clone(),
+            job_id: self.job_id,
+            price: c.offer.price,
+            attempts,
+        };
+        let mut announced = false;
+        loop {
+            let event = tokio::select! {
+                e = stream.next() => e,
+                () = self.inner.stop.cancelled() => {
+                    return self.cancel(stream, &started, "the coordinator is shutting down").await;
+                }
+                () = self.tx.closed() => {
+                    return self.cancel(stream, &started, "the client went away").await;
+                }
+            };
+            match event {
+                None => {
+                    let e = ClientError::PeerGone {
+                        node: c.node,
+                        cause: "no result".into(),
+                    };
+                    return if announced {
+                        self.after_first_token(e).await
+                    } else {
+                        self.before_first_token(e).await
+                    };
+                }
+                Some(Err(e)) if !announced => return self.before_first_token(e).await,
+                Some(Err(e)) => return self.after_first_token(e).await,
+                Some(Ok(JobEvent::Accepted { .. })) => {}
+                Some(Ok(JobEvent::Delta(text))) => {
+                    if !announced {
+                        announced = true;
+                        self.inner.metrics.first_token(
+                            &self.req.model,
+                            &c.offer.module.to_string(),
+                            t0.elapsed(),
+                        );
+                        if !self
+                            .send(JobUpdate::Started(Box::new(started.clone())))
+                            .await
+                        {
+                            return self.cancel(stream, &started, "the client went away").await;
+                        }
+                    }
+                    if !self.send(JobUpdate::Delta(text)).await {
+                        return self.cancel(stream, &started, "the client went away").await;
+                    }
+                }
+                Some(Ok(JobEvent::Result(result))) => {
+                    if !announced {
+                        let _ = self
+                            .send(JobUpdate::Started(Box::new(started.clone())))
+                            .await;
+                    }
+                    if let Some(done) = self.settle(&started, &result).await {
+                        let _ = self.send(JobUpdate::Done(Box::new(done))).await;
+                    }
+                    return Attempt::Over;
+                }
+                Some(Ok(JobEvent::Error(e))) => {
+                    // `next` turns error frames into `ClientError::Node`; kept for completeness.
+                    let e = ClientError::Node(e);
+                    return if announced {
+                        self.after_first_token(e).await
+                    } else {
+                        self.before_first_token(e).await
+                    };
+                }
+            }
+        }
+    }
+
+    /// Sends an update; false when the HTTP side is gone (or stopped reading for good).
+    async fn send(&self, update: JobUpdate) -> bool {
+        tokio::select! {
+            r = self.tx.send(update) => r.is_ok(),
+            () = self.inner.stop.cancelled() => false,
+        }
+    }
+
+    async fn before_first_token(&self, e: ClientError) -> Attempt {
+        match &e {
+            ClientError::Node(je) if !je.code.is_retryable() => {
+                let err = match je.code {
+                    ErrorCode::PromptTooLong => ApiError::invalid_request(je.message.clone())
+                        .with_code("context_length_exceeded")
+                        .with_param("messages"),
+                    ErrorCode::BadRequest => ApiError::invalid_request(je.message.clone()),
+                    _ => ApiError::node_failed(&e.to_string()),
+                };
+                self.fail(err).await;
+                Attempt::Over
+            }
+            ClientError::Request(msg) => {
+                self.fail(ApiError::invalid_request(msg.clone())).await;
+                Attempt::Over
+            }
+            _ => Attempt::Retry(ApiError::node_failed(&e.to_string())),
+        }
+    }
+
+    async fn after_first_token(&self, e: ClientError) -> Attempt {
+        tracing::warn!(job_id = %self.job_id, error = %e, "job failed mid-stream; nothing is charged");
+        self.fail(ApiError::node_failed(&format!(
+            "the node failed mid-answer: {e}"
+        )))
+        .await;
+        Attempt::Over
+    }
+
+    async fn cancel(&self, stream: JobStream, started: &Started, why: &str) -> Attempt {
+        tracing::info!(job_id = %self.job_id, node = %started.node, "cancelling: {why}");
+        match stream.cancel().await {
+            // What was delivered is charged; the caller (if still there) gets an error, not
+            // a truncated answer that looks whole.
+            Some(result) => {
+                let _ = self.settle(started, &result).await;
+            }
+            None => {
+                self.release().await;
+                self.inner
+                    .metrics
+                    .job(&self.req.model, "cancelled", 0, 0, 0);
+            }
+        }
+        if self.inner.stop.is_cancelled() {
+            let _ = self
+                .tx
+                .try_send(JobUpdate::Failed(ApiError::shutting_down()));
+        }
+        Attempt::Over
+    }
+
+    /// Stores the receipt and charges it, in one ledger transaction.
+    async fn settle(&self, started: &Started, result: &JobResult) -> Option<Finished> {
+        let ledger = self.inner.ledger.clone();
+        let receipt = result.receipt.clone();
+        let job = self.job_id;
+        let settled = tokio::task::spawn_blocking(move || ledger.settle(job, &receipt)).await;
+        let settlement = match settled {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::error!(job_id = %job, error = %e, "settling a receipt failed");
+                self.release().await;
+                let _ = self
+                    .tx
+                    .try_send(JobUpdate::Failed(ApiError::internal(format!(
+                        "cannot record the receipt: {e}"
+                    ))));
+                return None;
+            }
+            Err(_) => {
+                let _ = self
+                    .tx
+                    .try_send(JobUpdate::Failed(ApiError::internal("ledger task failed")));
+                return None;
+            }
+        };
+        let outcome = if result.finish_reason == FinishReason::Cancelled {
+            "cancelled"
+        } else {
+            "ok"
+        };
+        self.inner.metrics.job(
+            &self.req.model,
+            outcome,
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+            settlement.charged.0,
+        );
+        tracing::info!(job_id = %job, node = %started.node, charged = %settlement.charged, tokens = result.usage.completion_tokens, "settled");
+        let provenance = Provenance {
+            node: started.node.to_string(),
+            module: started.module.to_string(),
+            receipt: job.to_hex(),
+            receipt_url: format!("/v1/receipts/{}", job.to_hex()),
+            cost: settlement.charged,
+            price: started.price,
+            attempts: started.attempts,
+            ttft_ms: result.ttft_ms,
+        };
+        Some(Finished {
+            finish_reason: result.finish_reason,
+            usage: result.usage,
+            provenance,
+        })
+    }
+
+    async fn release(&self) {
+        let ledger = self.inner.ledger.clone();
+        let job = self.job_id;
+        match tokio::task::spawn_blocking(move || ledger.release(job)).await {
+            Ok(Ok(amount)) => tracing::debug!(job_id = %job, %amount, "reservation released"),
+            Ok(Err(e)) => {
+                tracing::error!(job_id = %job, error = %e, "releasing a reservation failed")
+            }
+            Err(_) => tracing::error!(job_id = %job, "ledger task failed"),
+        }
+    }
+
+    async fn fail(&self, error: ApiError) {
+        self.release().await;
+        let outcome = if error.code == Some("no_node_available") {
+            "no_node"
+        } else {
+            "failed"
+        };
+        self.inner.metrics.job(&self.req.model, outcome, 0, 0, 0);
+        let _ = self.tx.try_send(JobUpdate::Failed(error));
+    }
+}

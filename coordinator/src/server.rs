@@ -1,0 +1,261 @@
+//! A whole coordinator: its configuration (defaults → TOML → flags), and [`Coordinator`],
+//! which opens the ledger (releasing holds a crash left behind), joins the network, serves
+//! the HTTP API, and shuts all of it down in order: stop accepting requests, let running
+//! jobs finish within a grace period (then cancel them, settling what they delivered),
+//! close the swarm.
+
+use crate::api::{router, ApiState};
+use crate::jobs::{DispatchConfig, Dispatcher};
+use crate::ledger::{Ledger, LedgerError};
+use crate::limits::{Limiter, RateLimits};
+use crate::metrics::Metrics;
+use crate::network::{CoordinatorNet, CoordinatorNetError};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tessera_net::config::secs;
+use tessera_net::{Multiaddr, NetConfig, PeerId};
+use tokio_util::sync::CancellationToken;
+
+/// The coordinator's default libp2p port (nodes use 7400).
+pub const DEFAULT_P2P_PORT: u16 = 7300;
+
+/// Everything a coordinator needs to run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Where the API listens.
+    pub http: SocketAddr,
+    /// Where the identity key (`identity.key`) and the ledger (`ledger.redb`) live.
+    pub data_dir: PathBuf,
+    /// Requests per minute per account (bursts up to a minute's worth).
+    pub requests_per_minute: u32,
+    /// Jobs running at once per account.
+    pub concurrent_jobs: u32,
+    /// Seconds a request waits for a free node before 503.
+    #[serde(with = "secs")]
+    pub queue_timeout: Duration,
+    /// Seconds a job may run.
+    #[serde(with = "secs")]
+    pub job_timeout: Duration,
+    /// Most nodes tried per request before its first token.
+    pub max_attempts: u32,
+    /// Seconds running jobs get to finish on shutdown before they are cancelled.
+    #[serde(with = "secs")]
+    pub shutdown_grace: Duration,
+    /// Listen addresses, bootstrap peers, mDNS, liveness.
+    pub net: NetConfig,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        let limits = RateLimits::default();
+        let dispatch = DispatchConfig::default();
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("tessera-coordinator"),
+            requests_per_minute: limits.requests_per_minute,
+            concurrent_jobs: limits.concurrent_jobs,
+            queue_timeout: dispatch.queue_timeout,
+            job_timeout: dispatch.job_timeout,
+            max_attempts: dispatch.max_attempts,
+            shutdown_grace: Duration::from_secs(30),
+            net: NetConfig {
+                listen: vec![
+                    format!("/ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT}")
+                        .parse()
+                        .expect("static multiaddr"),
+                    format!("/ip4/0.0.0.0/udp/{DEFAULT_P2P_PORT}/quic-v1")
+                        .parse()
+                        .expect("static multiaddr"),
+                ],
+                ..NetConfig::default()
+            },
+        }
+    }
+}
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is out of range, or the config file is unreadable.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// The ledger could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The identity key could not be read or made.
+    #[error(transparent)]
+    Identity(#[from] tessera_net::IdentityError),
+    /// The swarm failed to start.
+    #[error(transparent)]
+    Net(#[from] CoordinatorNetError),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen for HTTP on {addr}: {cause}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        cause: std::io::Error,
+    },
+    /// The data directory could not be made.
+    #[error("cannot create {path}: {cause}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        cause: std::io::Error,
+    },
+}
+
+impl CoordinatorConfig {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_toml_file(path: &Path) -> Result<Self, StartError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StartError::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks ranges once, before anything starts.
+    pub fn validate(&self) -> Result<(), StartError> {
+        let bad = |m: String| Err(StartError::Config(m));
+        if self.requests_per_minute == 0 || self.concurrent_jobs == 0 {
+            return bad("requests_per_minute and concurrent_jobs must be at least 1".into());
+        }
+        if self.max_attempts == 0 || self.max_attempts > 16 {
+            return bad(format!(
+                "max_attempts must be 1..=16, got {}",
+                self.max_attempts
+            ));
+        }
+        if self.job_timeout.is_zero() || self.job_timeout > crate::client::MAX_JOB_TIMEOUT {
+            return bad("job_timeout must be between 1 s and 24 h".into());
+        }
+        self.net.validate().map_err(StartError::Config)
+    }
+
+    /// The ledger file.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.data_dir.join("ledger.redb")
+    }
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    net: CoordinatorNet,
+    dispatcher: Dispatcher,
+    http_addr: SocketAddr,
+    http_stop: CancellationToken,
+    http_task: tokio::task::JoinHandle<()>,
+    grace: Duration,
+}
+
+impl Coordinator {
+    /// Opens the ledger, joins the network and starts serving the API.
+    pub async fn start(config: CoordinatorConfig) -> Result<Self, StartError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|cause| StartError::DataDir {
+            path: config.data_dir.clone(),
+            cause,
+        })?;
+        let ledger = Ledger::open(&config.ledger_path())?;
+        let (count, amount) = ledger.recover()?;
+        if count > 0 {
+            tracing::warn!(count, %amount, "released reservations of jobs that were running when the coordinator stopped");
+        }
+        let (key, _) = tessera_net::load_or_create_identity(&config.data_dir.join("identity.key"))?;
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|cause| StartError::Http {
+                addr: config.http,
+                cause,
+            })?;
+        let http_addr = listener.local_addr().map_err(|cause| StartError::Http {
+            addr: config.http,
+            cause,
+        })?;
+        let net = CoordinatorNet::start(key, &config.net).await?;
+        let metrics = Arc::new(Metrics::new());
+        let dispatcher = Dispatcher::new(
+            net.client(),
+            net.table(),
+            Arc::new(ledger),
+            metrics.clone(),
+            DispatchConfig {
+                queue_timeout: config.queue_timeout,
+                job_timeout: config.job_timeout,
+                max_attempts: config.max_attempts,
+            },
+        );
+        let state = ApiState {
+            table: net.table(),
+            dispatcher: dispatcher.clone(),
+            limiter: Limiter::new(RateLimits {
+                requests_per_minute: config.requests_per_minute,
+                concurrent_jobs: config.concurrent_jobs,
+            }),
+            metrics,
+        };
+        let http_stop = CancellationToken::new();
+        let app = router(state);
+        let stop = http_stop.clone();
+        let http_task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(%http_addr, peer = %net.peer_id(), "coordinator started");
+        Ok(Self {
+            net,
+            dispatcher,
+            http_addr,
+            http_stop,
+            http_task,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// Where the API listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The coordinator's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.net.peer_id()
+    }
+
+    /// Its libp2p listen addresses.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.net.listen_addrs().await
+    }
+
+    /// The network side (node table, swarm).
+    pub fn net(&self) -> &CoordinatorNet {
+        &self.net
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        self.dispatcher.ledger()
+    }
+
+    /// Stops in order: no new requests; running jobs get the grace period to finish, then
+    /// are cancelled (each settling what it delivered); then the swarm closes.
+    pub async fn shutdown(self) {
+        self.http_stop.cancel();
+        let http = self.http_task;
+        tokio::pin!(http);
+        let finished = tokio::time::timeout(self.grace, &mut http).await.is_ok();
+        self.dispatcher.shutdown().await;
+        if !finished {
+            let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+        }
+        self.net.shutdown().await;
+    }
+}
