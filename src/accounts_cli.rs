@@ -48,6 +48,9 @@ pub enum AccountsCommand {
         /// The account.
         account: String,
     },
+    /// Total the books and check they balance (debits = receipts = node credits); prints
+    /// JSON and fails when an invariant does not hold.
+    Check,
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,6 +69,8 @@ fn show(ledger: &Ledger, account: &str) -> Result<()> {
         "balance": b.balance,
         "reserved": b.reserved,
         "available": b.available(),
+        "credited": b.credited,
+        "charged": b.charged,
     });
     println!("{json}");
     Ok(())
@@ -84,6 +89,14 @@ pub fn accounts(home: &Path, ledger: &LedgerArg, cmd: AccountsCommand) -> Result
             show(&l, &account)
         }
         AccountsCommand::Show { account } => show(&l, &account),
+        AccountsCommand::Check => {
+            let check = l.check()?;
+            println!("{}", serde_json::to_string_pretty(&check)?);
+            if !check.problems.is_empty() {
+                anyhow::bail!("the books do not balance: {}", check.problems.join("; "));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod accounts_cli;
+mod coord_cli;
 mod net_cli;
 
 use std::io::Write;
@@ -48,7 +49,11 @@ enum Command {
     Node(net_cli::NodeArgs),
     /// Send one job to a node and stream the answer (checks a node from the command line).
     Ask(net_cli::AskArgs),
-    /// Coordinator accounts: create, credit, show (on the ledger file).
+    /// Serve the OpenAI-compatible API: route jobs to nodes, meter and settle them (Ctrl-C stops).
+    Coordinator(coord_cli::CoordinatorArgs),
+    /// Run a whole local network: a coordinator, N nodes and a funded API key (Ctrl-C stops).
+    Devnet(coord_cli::DevnetArgs),
+    /// Coordinator accounts: create, credit, show, check (on the ledger file).
     Accounts {
         #[command(flatten)]
         ledger: accounts_cli::LedgerArg,
@@ -180,6 +185,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Fetches a catalogue model into the cache on first use (paths and cached models pass).
+fn fetch_if_needed(home: &Path, model: &str) -> Result<()> {
+    if let Some(entry) = catalog::find(model) {
+        if !entry.is_cached(home) {
+            eprintln!("{model} is not in the model cache yet; fetching it (once)");
+            fetch_with_progress(entry, home, &FetchOptions::default())?;
+        }
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -244,15 +260,11 @@ fn run() -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Command::Node(args) => net_cli::node(&home, args, |model| {
-            if let Some(entry) = catalog::find(model) {
-                if !entry.is_cached(&home) {
-                    eprintln!("{model} is not in the model cache yet; fetching it (once)");
-                    fetch_with_progress(entry, &home, &FetchOptions::default())?;
-                }
-            }
-            Ok(())
-        }),
+        Command::Node(args) => net_cli::node(&home, args, |model| fetch_if_needed(&home, model)),
+        Command::Coordinator(args) => coord_cli::coordinator(&home, args),
+        Command::Devnet(args) => {
+            coord_cli::devnet(&home, args, |model| fetch_if_needed(&home, model))
+        }
         Command::Ask(args) => net_cli::ask(args),
         Command::Accounts { ledger, command } => accounts_cli::accounts(&home, &ledger, command),
         Command::Keys { ledger, command } => accounts_cli::keys(&home, &ledger, command),

@@ -921,12 +921,13 @@ mod tests {
             .expect("balance");
         assert_eq!((b.balance, b.reserved), (Amount(10_000_000), Amount::ZERO));
         // Both nodes were tried, and both are now marked as failed.
-        let table = f.state.table.read().expect("table");
-        assert!(
-            table.nodes().all(|e| e.failures == 1),
-            "each node tried once"
-        );
-        drop(table);
+        {
+            let table = f.state.table.read().expect("table");
+            assert!(
+                table.nodes().all(|e| e.failures == 1),
+                "each node tried once"
+            );
+        }
         let (_, _, text) = call(f.app, get_req("/metrics", None)).await;
         let text = text.as_str().expect("text").to_owned();
         assert!(text.contains("tessera_job_retries_total 1"), "{text}");

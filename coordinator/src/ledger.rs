@@ -100,6 +100,17 @@ impl Balance {
     }
 }
 
+/// One node's side of the books.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeCredit {
+    /// Peer id.
+    pub node: String,
+    /// Base units earned.
+    pub earned: Amount,
+    /// Jobs settled.
+    pub jobs: u64,
+}
+
 /// The ledger's books, totalled, with every invariant that failed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LedgerCheck {
@@ -119,8 +130,8 @@ pub struct LedgerCheck {
     pub receipts_charged: Amount,
     /// Sum credited to nodes.
     pub node_credits: Amount,
-    /// Per node: (peer id, earned, jobs).
-    pub nodes: Vec<(String, Amount, u64)>,
+    /// What each node was credited.
+    pub nodes: Vec<NodeCredit>,
     /// Invariants that do not hold; empty when the books balance.
     pub problems: Vec<String>,
 }
@@ -498,7 +509,11 @@ impl Ledger {
             let (k, v) = row.map_err(db)?;
             let (earned, jobs) = v.value();
             out.node_credits.0 += earned;
-            out.nodes.push((k.value().to_owned(), Amount(earned), jobs));
+            out.nodes.push(NodeCredit {
+                node: k.value().to_owned(),
+                earned: Amount(earned),
+                jobs,
+            });
         }
         if out.charged != out.receipts_charged {
             out.problems.push(format!(

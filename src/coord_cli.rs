@@ -1,0 +1,304 @@
+//! `tessera coordinator` (serve the OpenAI-compatible API over the network) and
+//! `tessera devnet` (a coordinator and N nodes on loopback, with a funded API key: the
+//! whole system in one command).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tessera_coordinator::{Coordinator, CoordinatorConfig, Ledger};
+use tessera_net::{Multiaddr, NetConfig, Protocol};
+use tessera_node::{NodeConfig, RunningNode, ServedModel};
+use tessera_protocol::Amount;
+
+use crate::net_cli::Signals;
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// TOML config file (flags and environment override it; see docs/api.md).
+    #[arg(long, short, env = "TESSERA_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, env = "TESSERA_HTTP")]
+    http: Option<SocketAddr>,
+    /// libp2p address to listen on (repeatable) [default: TCP and QUIC on 0.0.0.0 port 7300].
+    #[arg(long, env = "TESSERA_LISTEN", value_delimiter = ',')]
+    listen: Vec<Multiaddr>,
+    /// Peer to join through, ending in /p2p/<peer id> (repeatable).
+    #[arg(long, env = "TESSERA_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<Multiaddr>,
+    /// Address to announce instead of the listen addresses (behind NAT; repeatable).
+    #[arg(long, env = "TESSERA_EXTERNAL", value_delimiter = ',')]
+    external: Vec<Multiaddr>,
+    /// Find nodes on the local network with mDNS.
+    #[arg(long, env = "TESSERA_MDNS")]
+    mdns: bool,
+    /// Identity key and ledger directory [default: $TESSERA_HOME/coordinator].
+    #[arg(long, env = "TESSERA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Requests per minute per account [default: 600].
+    #[arg(long, env = "TESSERA_REQUESTS_PER_MINUTE")]
+    requests_per_minute: Option<u32>,
+    /// Jobs running at once per account [default: 64].
+    #[arg(long, env = "TESSERA_CONCURRENT_JOBS")]
+    concurrent_jobs: Option<u32>,
+    /// Seconds a request waits for a free node before 503 [default: 30].
+    #[arg(long, env = "TESSERA_QUEUE_TIMEOUT")]
+    queue_timeout: Option<f64>,
+    /// Seconds running jobs get to finish on Ctrl-C [default: 30].
+    #[arg(long, env = "TESSERA_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<f64>,
+}
+
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("{flag} must be a non-negative number of seconds"))
+}
+
+impl CoordinatorArgs {
+    fn into_config(self, home: &Path) -> Result<CoordinatorConfig> {
+        let mut c = match &self.config {
+            Some(path) => CoordinatorConfig::from_toml_file(path)?,
+            None => CoordinatorConfig {
+                data_dir: home.join("coordinator"),
+                ..CoordinatorConfig::default()
+            },
+        };
+        if let Some(h) = self.http {
+            c.http = h;
+        }
+        if !self.listen.is_empty() {
+            c.net.listen = self.listen;
+        }
+        c.net.bootstrap.extend(self.bootstrap);
+        c.net.external.extend(self.external);
+        c.net.mdns |= self.mdns;
+        if let Some(d) = self.data_dir {
+            c.data_dir = d;
+        }
+        if let Some(n) = self.requests_per_minute {
+            c.requests_per_minute = n;
+        }
+        if let Some(n) = self.concurrent_jobs {
+            c.concurrent_jobs = n;
+        }
+        if let Some(s) = self.queue_timeout {
+            c.queue_timeout = secs("--queue-timeout", s)?;
+        }
+        if let Some(s) = self.shutdown_grace {
+            c.shutdown_grace = secs("--shutdown-grace", s)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// A multi-threaded runtime: the API, the jobs and (in a devnet) the nodes share it.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Runs a coordinator until Ctrl-C or SIGTERM.
+pub fn coordinator(home: &Path, args: CoordinatorArgs) -> Result<()> {
+    let config = args.into_config(home)?;
+    runtime()?.block_on(async move {
+        let mut signals = Signals::new()?;
+        let coordinator = Coordinator::start(config)
+            .await
+            .context("cannot start the coordinator")?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let id = coordinator.peer_id();
+        for addr in coordinator.listen_addrs().await {
+            eprintln!("nodes join with --bootstrap {addr}/p2p/{id}");
+        }
+        eprintln!(
+            "OpenAI-compatible API on http://{}/v1 (Ctrl-C stops)",
+            coordinator.http_addr()
+        );
+        signals.recv().await;
+        eprintln!("stopping: finishing running jobs (Ctrl-C again to quit now)");
+        tokio::select! {
+            () = coordinator.shutdown() => Ok(()),
+            () = signals.recv() => bail!("quit before running jobs finished"),
+        }
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct DevnetArgs {
+    /// Address of the HTTP API.
+    #[arg(long, env = "TESSERA_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 2,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
+    nodes: usize,
+    /// Where everything is kept (ledger, identities, the API key) [default: $TESSERA_HOME/devnet].
+    #[arg(long, env = "TESSERA_DEVNET_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Model the nodes serve: catalogue alias or GGUF path.
+    #[arg(long, short, default_value = "smollm2-135m-instruct")]
+    model: String,
+    /// Base units credited to the devnet account when it is first created.
+    #[arg(long, default_value = "1000000000000")]
+    fund: Amount,
+    /// Most jobs each node admits at once.
+    #[arg(long, default_value_t = 4)]
+    max_jobs: u32,
+}
+
+/// The devnet account's id.
+const ACCOUNT: &str = "devnet";
+
+/// Makes sure the devnet account exists (funded once) and that `key_file` holds a key
+/// that authenticates it; returns the key. A second start keeps both.
+fn devnet_account(ledger_path: &Path, key_file: &Path, fund: Amount) -> Result<String> {
+    let ledger = Ledger::open(ledger_path)?;
+    if ledger.balance(ACCOUNT).is_err() {
+        ledger.create_account(ACCOUNT)?;
+        ledger.credit(ACCOUNT, fund)?;
+        eprintln!("created account {ACCOUNT} with {fund} base units");
+    }
+    if let Ok(key) = std::fs::read_to_string(key_file) {
+        let key = key.trim().to_owned();
+        if ledger.authenticate(&key).is_ok_and(|a| a == ACCOUNT) {
+            return Ok(key);
+        }
+        eprintln!(
+            "{} does not hold a key of this ledger; issuing a new one",
+            key_file.display()
+        );
+    }
+    let key = ledger.create_key(ACCOUNT)?;
+    write_secret(key_file, key.expose())?;
+    Ok(key.expose().to_owned())
+}
+
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{secret}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn loopback() -> Vec<Multiaddr> {
+    vec!["/ip4/127.0.0.1/tcp/0".parse().expect("static multiaddr")]
+}
+
+/// Runs a coordinator and `--nodes` nodes on loopback until Ctrl-C or SIGTERM.
+pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>) -> Result<()> {
+    let dir = args.data_dir.clone().unwrap_or_else(|| home.join("devnet"));
+    fetch(&args.model)?;
+    let coordinator_config = CoordinatorConfig {
+        http: args.http,
+        data_dir: dir.join("coordinator"),
+        net: NetConfig {
+            listen: loopback(),
+            ..NetConfig::default()
+        },
+        ..CoordinatorConfig::default()
+    };
+    std::fs::create_dir_all(&coordinator_config.data_dir)
+        .with_context(|| format!("cannot create {}", coordinator_config.data_dir.display()))?;
+    let key_file = dir.join("devnet").join("api_key");
+    let key = devnet_account(&coordinator_config.ledger_path(), &key_file, args.fund)?;
+    let node_configs: Vec<NodeConfig> = (1..=args.nodes)
+        .map(|i| NodeConfig {
+            data_dir: dir.join(format!("node-{i}")),
+            models: vec![ServedModel::new(&args.model)],
+            max_jobs: args.max_jobs,
+            advert_interval: Duration::from_secs(2),
+            advert_ttl_secs: 10,
+            net: NetConfig {
+                listen: loopback(),
+                ..NetConfig::default()
+            },
+            ..NodeConfig::default()
+        })
+        .collect();
+    eprintln!("loading {} on {} nodes", args.model, args.nodes);
+    let mut loaded = Vec::new();
+    for c in &node_configs {
+        loaded.push(tessera_node::load_models(c, home)?);
+    }
+    runtime()?.block_on(async move {
+        let mut signals = Signals::new()?;
+        let coordinator = Coordinator::start(coordinator_config)
+            .await
+            .context("cannot start the coordinator")?;
+        let id = coordinator.peer_id();
+        let mut bootstrap = Vec::new();
+        for _ in 0..50 {
+            bootstrap = coordinator.listen_addrs().await;
+            if !bootstrap.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let bootstrap: Vec<Multiaddr> = bootstrap
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(id)))
+            .collect();
+        let mut nodes = Vec::new();
+        for (mut config, models) in node_configs.into_iter().zip(loaded) {
+            config.net.bootstrap = bootstrap.clone();
+            config.coordinators = vec![id];
+            nodes.push(RunningNode::start(config, models).await.context("cannot start a node")?);
+        }
+        let ready = async {
+            loop {
+                let n = coordinator.net().table().read().map(|t| t.len()).unwrap_or(0);
+                if n >= nodes.len() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(60), ready) => {
+                if r.is_err() {
+                    eprintln!("warning: not every node was discovered within 60 s; requests may get 503 until they are");
+                }
+            }
+            () = signals.recv() => bail!("interrupted while starting"),
+        }
+        let base = format!("http://{}/v1", coordinator.http_addr());
+        println!("Tessera devnet: a coordinator and {} node(s) serving {}", nodes.len(), args.model);
+        println!("base URL: {base}");
+        println!("API key:  {key}  (also in {})", key_file.display());
+        println!("try:");
+        println!(
+            "curl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}], \"max_tokens\": 32}}'",
+            args.model
+        );
+        println!("Ctrl-C stops everything.");
+        signals.recv().await;
+        eprintln!("stopping the devnet (Ctrl-C again to quit now)");
+        let stop = async {
+            coordinator.shutdown().await;
+            futures::future::join_all(nodes.into_iter().map(RunningNode::shutdown)).await;
+        };
+        tokio::select! {
+            () = stop => Ok(()),
+            () = signals.recv() => bail!("quit before everything stopped"),
+        }
+    })
+}
