@@ -151,6 +151,10 @@ pub struct DevnetArgs {
     /// Most jobs each node admits at once.
     #[arg(long, default_value_t = 4)]
     max_jobs: u32,
+    /// Seconds a request waits for a free node before 503 (a devnet is often asked for more
+    /// than its few nodes run at once).
+    #[arg(long, default_value_t = 120.0)]
+    queue_timeout: f64,
 }
 
 /// The devnet account's id.
@@ -214,6 +218,7 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
             listen: loopback(),
             ..NetConfig::default()
         },
+        queue_timeout: secs("--queue-timeout", args.queue_timeout)?,
         ..CoordinatorConfig::default()
     };
     std::fs::create_dir_all(&coordinator_config.data_dir)
@@ -280,14 +285,22 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
             }
             () = signals.recv() => bail!("interrupted while starting"),
         }
+        // The name callers use: the alias the nodes advertise (a catalogue file keeps its
+        // alias even when given by path).
+        let alias = coordinator
+            .net()
+            .table()
+            .read()
+            .ok()
+            .and_then(|t| t.nodes().find_map(|e| e.advert.modules.first().map(|m| m.alias.clone())))
+            .unwrap_or_else(|| args.model.clone());
         let base = format!("http://{}/v1", coordinator.http_addr());
-        println!("Tessera devnet: a coordinator and {} node(s) serving {}", nodes.len(), args.model);
+        println!("Tessera devnet: a coordinator and {} node(s) serving {alias}", nodes.len());
         println!("base URL: {base}");
         println!("API key:  {key}  (also in {})", key_file.display());
         println!("try:");
         println!(
-            "curl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}], \"max_tokens\": 32}}'",
-            args.model
+            "curl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{alias}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}], \"max_tokens\": 32}}'"
         );
         println!("Ctrl-C stops everything.");
         signals.recv().await;

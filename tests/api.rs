@@ -1,0 +1,639 @@
+//! End-to-end tests of the OpenAI-compatible API on a real devnet: `tessera devnet`
+//! processes (a coordinator and two nodes running SmolLM2), driven over real HTTP by the
+//! printed curl line, the official OpenAI Python SDK, and a small HTTP/1.1 client here.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MODEL: &str = "smollm2-135m-instruct";
+/// The devnet account's initial funds (the CLI default).
+const FUND: u128 = 1_000_000_000_000;
+
+fn smollm2() -> PathBuf {
+    tessera_models::test_support::model_path(MODEL)
+}
+
+/// Devnets run one at a time: each runs two engines, and the machines have two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A `tessera devnet` process; killed when dropped.
+struct Devnet {
+    child: Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+    key: String,
+    curl: String,
+}
+
+impl Devnet {
+    /// Starts a devnet keeping its state in `dir`, and waits until it says it is ready.
+    fn start(dir: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("devnet.log"))
+            .expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["devnet", "--http", "127.0.0.1:0", "--model"])
+            .arg(smollm2())
+            .arg("--data-dir")
+            .arg(dir)
+            .env("TESSERA_HOME", dir.join("home"))
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start tessera devnet");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut base, mut key, mut curl) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "devnet not ready; its log:\n{}",
+                    std::fs::read_to_string(dir.join("devnet.log")).unwrap_or_default()
+                )
+            });
+            if let Some(b) = line.strip_prefix("base URL: ") {
+                base = Some(b.trim().to_owned());
+            } else if let Some(k) = line.strip_prefix("API key:  ") {
+                key = k.split_whitespace().next().map(str::to_owned);
+            } else if line.starts_with("curl ") {
+                curl = Some(line.clone());
+            } else if line.starts_with("Ctrl-C stops") {
+                break;
+            }
+        }
+        let base = base.expect("base URL printed");
+        let addr = base
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .parse()
+            .expect("base URL holds an address");
+        Self {
+            child,
+            dir: dir.to_owned(),
+            addr,
+            key: key.expect("key printed"),
+            curl: curl.expect("curl line printed"),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("devnet.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Ctrl-C, then waits for a clean exit.
+    fn stop(mut self) {
+        self.signal("-INT");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "devnet exited with {status}; log:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "devnet did not stop; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `tessera accounts check` on a stopped devnet's ledger.
+fn books(dir: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["accounts", "check", "--ledger"])
+        .arg(dir.join("coordinator").join("ledger.redb"))
+        .output()
+        .expect("run accounts check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "books do not balance: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).expect("check prints JSON")
+}
+
+fn amount(v: &Value) -> u128 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an amount: {v}"))
+}
+
+/// A response read to its end.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `data:` payloads of an event stream.
+    fn events(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.body)
+            .split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn request_bytes(method: &str, path: &str, key: &str, body: Option<&Value>) -> Vec<u8> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One HTTP/1.1 exchange with `Connection: close`, read to the end (chunked or not).
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> Reply {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&request_bytes(method, path, key, body))
+        .await
+        .expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = body.as_slice();
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                .expect("chunk size");
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn cost(usage: &Value) -> u128 {
+    // The devnet's nodes ask the default price: 1000 per 1k prompt, 4000 per 1k output.
+    let p = u128::from(usage["prompt_tokens"].as_u64().expect("prompt_tokens") as u32);
+    let c = u128::from(
+        usage["completion_tokens"]
+            .as_u64()
+            .expect("completion_tokens") as u32,
+    );
+    (p * 1000 + c * 4000).div_ceil(1000)
+}
+
+/// Checks one streamed chat completion and returns (receipt id, cost, node).
+fn check_stream(reply: &Reply) -> (String, u128, String) {
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let events = reply.events();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.is_empty(), "no text in {events:?}");
+    let finish = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .collect::<Vec<_>>();
+    assert_eq!(finish.len(), 1, "one finishing chunk: {events:?}");
+    let last = chunks.last().expect("usage chunk");
+    assert_eq!(last["choices"], json!([]), "usage chunk has no choices");
+    let usage = &last["usage"];
+    let id = last["tessera"]["receipt"]
+        .as_str()
+        .expect("receipt id")
+        .to_owned();
+    let charged = amount(&last["tessera"]["cost"]);
+    assert_eq!(charged, cost(usage), "cost follows price and usage");
+    assert_eq!(reply.header("x-tessera-receipt"), Some(id.as_str()));
+    let node = reply
+        .header("x-tessera-node")
+        .expect("node header")
+        .to_owned();
+    assert_eq!(last["tessera"]["node"].as_str(), Some(node.as_str()));
+    (id, charged, node)
+}
+
+fn stream_body(seed: u64, max_tokens: u32) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact_books() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Devnet::start(dir.path());
+
+    // The printed curl line works as printed.
+    let out = Command::new("sh")
+        .args(["-c", &net.curl])
+        .output()
+        .expect("run curl");
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "curl printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!text.is_empty(), "{reply}");
+    assert_eq!(reply["object"], "chat.completion");
+    assert!(reply["usage"]["completion_tokens"].as_u64() > Some(0));
+
+    // The official OpenAI Python SDK: chat, streamed chat with usage, completion, errors.
+    let base = format!("http://{}/v1", net.addr);
+    let sdk = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/openai-sdk-check.sh"
+    ))
+    .args([&base, &net.key, MODEL])
+    .env("TESSERA_HOME", tessera_models::catalog::tessera_home())
+    .output()
+    .expect("run the SDK check");
+    assert!(
+        sdk.status.success(),
+        "OpenAI SDK check failed:\n{}{}\ndevnet log:\n{}",
+        String::from_utf8_lossy(&sdk.stdout),
+        String::from_utf8_lossy(&sdk.stderr),
+        net.log()
+    );
+    let seen: Value = serde_json::from_slice(&sdk.stdout).expect("SDK check prints JSON");
+    assert_eq!(seen["chat"]["text"], seen["chat_stream"]["text"]);
+    assert!(seen["completion"]["usage"]["completion_tokens"].as_u64() > Some(0));
+
+    // 32 concurrent streams across the two nodes, every one whole.
+    let before = http(net.addr, "GET", "/v1/account", &net.key, None)
+        .await
+        .json();
+    let t0 = Instant::now();
+    let streams: Vec<_> = (0..32u64)
+        .map(|seed| {
+            let addr = net.addr;
+            let key = net.key.clone();
+            tokio::spawn(async move {
+                http(
+                    addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    &key,
+                    Some(&stream_body(seed, 24)),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut total = 0u128;
+    let mut nodes = std::collections::BTreeMap::<String, u32>::new();
+    let mut ids = Vec::new();
+    for s in streams {
+        let reply = s.await.expect("stream task");
+        let (id, charged, node) = check_stream(&reply);
+        total += charged;
+        *nodes.entry(node).or_default() += 1;
+        ids.push((id, charged));
+    }
+    eprintln!("32 streams in {:?}, spread {nodes:?}", t0.elapsed());
+    assert_eq!(nodes.len(), 2, "both nodes served: {nodes:?}");
+    // Each receipt is the node-signed record of what was charged.
+    for (id, charged) in &ids {
+        let r = http(
+            net.addr,
+            "GET",
+            &format!("/v1/receipts/{id}"),
+            &net.key,
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let r = r.json();
+        assert_eq!(amount(&r["charged"]), *charged);
+        assert_eq!(amount(&r["receipt"]["body"]["cost"]), *charged);
+        assert_eq!(r["signature_valid"], true);
+    }
+    let after = http(net.addr, "GET", "/v1/account", &net.key, None)
+        .await
+        .json();
+    assert_eq!(
+        amount(&after["charged"]) - amount(&before["charged"]),
+        total
+    );
+    assert_eq!(amount(&after["reserved"]), 0);
+    let metrics = http(net.addr, "GET", "/metrics", &net.key, None).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("tessera_jobs_total{outcome=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tessera_nodes 2"), "{metrics}");
+    net.stop();
+
+    // The books: account debits = receipts = node credits, exactly.
+    let b = books(dir.path());
+    assert_eq!(b["problems"], json!([]));
+    assert_eq!(amount(&b["charged"]), amount(&after["charged"]));
+    assert_eq!(amount(&b["receipts_charged"]), amount(&b["charged"]));
+    assert_eq!(amount(&b["node_credits"]), amount(&b["charged"]));
+    assert_eq!(b["open_reservations"], 0);
+    assert_eq!(b["nodes"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_pays_what_it_got_and_a_killed_coordinator_loses_no_receipt() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Devnet::start(dir.path());
+
+    // A client that disconnects mid-stream: the job is cancelled on its node, which signs
+    // a receipt for what it generated until then; only that is charged.
+    let body = json!({
+        "model": MODEL, "prompt": "Once upon a time, in a land far away,", "max_tokens": 2000,
+        "temperature": 1.0, "seed": 7, "stream": true,
+    });
+    let mut s = TcpStream::connect(net.addr).await.expect("connect");
+    s.write_all(&request_bytes(
+        "POST",
+        "/v1/completions",
+        &net.key,
+        Some(&body),
+    ))
+    .await
+    .expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while raw.windows(6).filter(|w| w == b"data: ").count() < 5 {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-tessera-receipt: "))
+        .expect("receipt header")
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let receipt = loop {
+        let r = http(
+            net.addr,
+            "GET",
+            &format!("/v1/receipts/{id}"),
+            &net.key,
+            None,
+        )
+        .await;
+        if r.status == 200 {
+            break r.json();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no receipt for the cancelled job; log:\n{}",
+            net.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let body = &receipt["receipt"]["body"];
+    assert_eq!(body["finish_reason"], "cancelled", "{receipt}");
+    let tokens = body["usage"]["completion_tokens"].as_u64().expect("tokens");
+    assert!((5..2000).contains(&tokens), "charged for {tokens} tokens");
+    assert_eq!(amount(&receipt["charged"]), cost(&body["usage"]));
+    let account = http(net.addr, "GET", "/v1/account", &net.key, None)
+        .await
+        .json();
+    assert_eq!(amount(&account["reserved"]), 0);
+    assert_eq!(amount(&account["charged"]), amount(&receipt["charged"]));
+
+    // SIGKILL during load: every response that completed has its receipt committed.
+    let streams: Vec<_> = (0..24u64)
+        .map(|seed| {
+            let addr = net.addr;
+            let key = net.key.clone();
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.ok()?;
+                s.write_all(&request_bytes(
+                    "POST",
+                    "/v1/chat/completions",
+                    &key,
+                    Some(&stream_body(seed, 48)),
+                ))
+                .await
+                .ok()?;
+                let mut raw = Vec::new();
+                // A killed server resets the connection: keep what arrived.
+                let _ = s.read_to_end(&mut raw).await;
+                if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+                    return None;
+                }
+                let reply = parse_reply(&raw);
+                reply
+                    .events()
+                    .last()
+                    .is_some_and(|e| e == "[DONE]")
+                    .then(|| check_stream(&reply))
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut done = Vec::new();
+    let mut pending = streams;
+    // Kill once a few have completed and others are mid-stream.
+    while done.len() < 6 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "load stalled; log:\n{}",
+            net.log()
+        );
+        let mut still = Vec::new();
+        for h in pending {
+            if h.is_finished() {
+                if let Some(r) = h.await.expect("task") {
+                    done.push(r);
+                }
+            } else {
+                still.push(h);
+            }
+        }
+        pending = still;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    net.kill();
+    let mut interrupted = 0;
+    for h in pending {
+        match h.await.expect("task") {
+            Some(r) => done.push(r),
+            None => interrupted += 1,
+        }
+    }
+    eprintln!(
+        "{} streams completed, {interrupted} interrupted by the kill",
+        done.len()
+    );
+    assert!(interrupted > 0, "the kill landed mid-load");
+    // The crashed ledger is consistent as it stands (holds still open), …
+    let crashed = books(dir.path());
+    assert_eq!(crashed["problems"], json!([]));
+
+    // … and a restart releases the holds, keeps every committed receipt and the balance.
+    let net = Devnet::start(dir.path());
+    let account = http(net.addr, "GET", "/v1/account", &net.key, None)
+        .await
+        .json();
+    assert_eq!(amount(&account["reserved"]), 0, "{account}");
+    assert_eq!(amount(&account["credited"]), FUND, "funded once, not again");
+    for (id, charged, _) in &done {
+        let r = http(
+            net.addr,
+            "GET",
+            &format!("/v1/receipts/{id}"),
+            &net.key,
+            None,
+        )
+        .await;
+        assert_eq!(
+            r.status, 200,
+            "receipt {id} of a completed response was lost"
+        );
+        assert_eq!(amount(&r.json()["charged"]), *charged);
+    }
+    // It serves again.
+    let r = http(
+        net.addr,
+        "POST",
+        "/v1/chat/completions",
+        &net.key,
+        Some(&stream_body(99, 8)),
+    )
+    .await;
+    check_stream(&r);
+    net.stop();
+    let b = books(dir.path());
+    assert_eq!(b["problems"], json!([]));
+    assert_eq!(b["open_reservations"], 0);
+    assert_eq!(amount(&b["receipts_charged"]), amount(&b["charged"]));
+    assert_eq!(amount(&b["node_credits"]), amount(&b["charged"]));
+    assert!(b["receipts"].as_u64() >= Some(done.len() as u64 + 2));
+}
