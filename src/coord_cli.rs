@@ -139,7 +139,8 @@ pub struct DevnetArgs {
     #[arg(long, default_value_t = 2,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
     nodes: usize,
-    /// Where everything is kept (ledger, identities, the API key) [default: $TESSERA_HOME/devnet].
+    /// Where everything is kept: coordinator/ (ledger, identity), node-N/, devnet/api_key
+    /// [default: $TESSERA_HOME, so `tessera accounts` finds the devnet's ledger].
     #[arg(long, env = "TESSERA_DEVNET_DIR")]
     data_dir: Option<PathBuf>,
     /// Model the nodes serve: catalogue alias or GGUF path.
@@ -209,7 +210,7 @@ fn loopback() -> Vec<Multiaddr> {
 
 /// Runs a coordinator and `--nodes` nodes on loopback until Ctrl-C or SIGTERM.
 pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>) -> Result<()> {
-    let dir = args.data_dir.clone().unwrap_or_else(|| home.join("devnet"));
+    let dir = args.data_dir.clone().unwrap_or_else(|| home.to_owned());
     fetch(&args.model)?;
     let coordinator_config = CoordinatorConfig {
         http: args.http,
