@@ -637,3 +637,140 @@ async fn a_client_that_leaves_pays_what_it_got_and_a_killed_coordinator_loses_no
     assert_eq!(amount(&b["node_credits"]), amount(&b["charged"]));
     assert!(b["receipts"].as_u64() >= Some(done.len() as u64 + 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_moves_to_another_node_when_the_first_fails_before_its_first_token() {
+    use tessera_coordinator::{Coordinator, CoordinatorConfig, Ledger};
+    use tessera_net::{NetConfig, NetEvent, Protocol};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("coordinator");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let key = {
+        let ledger = Ledger::open(&data.join("ledger.redb")).expect("ledger");
+        ledger.create_account("dev").expect("account");
+        ledger
+            .credit("dev", tessera_protocol::Amount(FUND))
+            .expect("credit");
+        ledger.create_key("dev").expect("key").expose().to_owned()
+    };
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: data,
+        net: NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NetConfig::default()
+        },
+        ..CoordinatorConfig::default()
+    })
+    .await
+    .expect("coordinator");
+    let bootstrap = loop {
+        if let Some(a) = coordinator.listen_addrs().await.into_iter().next() {
+            break a.with(Protocol::P2p(coordinator.peer_id()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let node_dir = dir.path().join("node");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["--threads", "1", "node", "--model"])
+        .arg(smollm2())
+        .arg("--data-dir")
+        .arg(&node_dir)
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--advert-interval",
+            "0.5",
+            "--advert-ttl",
+            "3",
+        ])
+        .arg("--bootstrap")
+        .arg(bootstrap.to_string())
+        .env("TESSERA_HOME", dir.path().join("home"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tessera node");
+    let table = coordinator.net().table();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let real = loop {
+        let found = table
+            .read()
+            .expect("table")
+            .nodes()
+            .next()
+            .map(|e| e.advert.clone());
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "node never discovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A ghost: the advert of a node that is not there, better than the real one on every
+    // figure, so routing tries it first.
+    let ghost = tessera_protocol::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let mut advert = real.clone();
+    advert.node = ghost;
+    advert.ttl_secs = 600;
+    advert.load = tessera_protocol::Load::default();
+    advert.modules[0].latency = tessera_protocol::LatencyStats {
+        samples: 100,
+        p95_ttft_ms: Some(1),
+        p95_tpot_us: Some(1),
+    };
+    table
+        .write()
+        .expect("table")
+        .apply(&NetEvent::Advert(Box::new(advert)), Instant::now());
+    let addr = coordinator.http_addr();
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name the capital of France."}], "max_tokens": 8, "temperature": 0});
+
+    let r = http(addr, "POST", "/v1/chat/completions", &key, Some(&chat)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let body = r.json();
+    assert_eq!(
+        body["tessera"]["attempts"], 2,
+        "the ghost was tried first: {body}"
+    );
+    assert_eq!(
+        r.header("x-tessera-node"),
+        Some(real.node.to_string().as_str())
+    );
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
+    );
+    {
+        let t = table.read().expect("table");
+        let g = t.get(&ghost).expect("ghost still advertised");
+        assert_eq!(g.failures, 1);
+    }
+    // Recently failed, the ghost now goes last: the next job goes straight to the node.
+    let r = http(addr, "POST", "/v1/chat/completions", &key, Some(&chat)).await;
+    assert_eq!(r.json()["tessera"]["attempts"], 1);
+    // Asked for the ghost without fallbacks: 503, and nothing stays reserved or charged.
+    let before = http(addr, "GET", "/v1/account", &key, None).await.json();
+    let mut only_ghost = chat.clone();
+    only_ghost["provider"] = json!({"order": [ghost.to_string()], "allow_fallbacks": false});
+    let r = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(&only_ghost),
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "node_failed");
+    let after = http(addr, "GET", "/v1/account", &key, None).await.json();
+    assert_eq!(after["charged"], before["charged"]);
+    assert_eq!(after["reserved"], "0");
+
+    coordinator.shutdown().await;
+    let _ = node.kill();
+    let _ = node.wait();
+}
