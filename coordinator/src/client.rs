@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tessera_net::{NetHandle, PeerId, Stream};
 use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
-use tessera_protocol::wire::{read_frame, write_frame, WireError};
+use tessera_protocol::wire::{write_frame, FrameReader, WireError};
 use tessera_protocol::{
     JobError, JobEvent, JobId, JobInput, JobRequest, JobResult, Keypair, ModuleId, Price,
     SamplingParams, Signed,
@@ -163,7 +163,7 @@ impl JobClient {
             node,
             job_id,
             request: signed.body,
-            reader,
+            reader: FrameReader::new(reader, MAX_EVENT_FRAME),
             writer,
             started,
             deadline,
@@ -242,7 +242,7 @@ pub struct JobStream {
     node: PeerId,
     job_id: JobId,
     request: JobRequest,
-    reader: ReadHalf<Stream>,
+    reader: FrameReader<ReadHalf<Stream>>,
     writer: WriteHalf<Stream>,
     started: Instant,
     deadline: Instant,
@@ -277,15 +277,13 @@ impl JobStream {
 
     /// The next event; `None` after the last. A `Result` event has passed
     /// [`check_result`]; an `Error` event is returned as [`ClientError::Node`].
+    /// Cancel-safe: a pending call dropped in a `select!` loses no event.
     pub async fn next(&mut self) -> Option<Result<JobEvent, ClientError>> {
         if self.finished {
             return None;
         }
-        let read = tokio::time::timeout_at(
-            self.deadline.into(),
-            read_frame::<_, JobEvent>(&mut self.reader, MAX_EVENT_FRAME),
-        )
-        .await;
+        let read =
+            tokio::time::timeout_at(self.deadline.into(), self.reader.next::<JobEvent>()).await;
         let outcome = match read {
             Err(_) => Err(ClientError::Deadline(self.deadline - self.started)),
             Ok(Ok(None)) => Err(ClientError::PeerGone {
@@ -325,8 +323,9 @@ impl JobStream {
                                 );
                             }
                         }
+                        // The stream closes when this is dropped; no await here keeps
+                        // `next` cancel-safe.
                         self.finished = true;
-                        let _ = self.writer.close().await;
                         Ok(JobEvent::Result(result))
                     }
                     Err(cause) => Err(ClientError::BadReceipt {
@@ -355,7 +354,6 @@ impl JobStream {
         };
         if let Err(e) = &outcome {
             self.finished = true;
-            let _ = self.writer.close().await;
             if !matches!(e, ClientError::Node(_)) {
                 if let Some(t) = &self.table {
                     if let Ok(mut t) = t.write() {

@@ -143,10 +143,122 @@ where
     decode(&body, max).map(Some)
 }
 
+/// Reads frames like [`read_frame`], but keeps a partly received frame between calls, so
+/// a pending [`FrameReader::next`] can be dropped (a `select!` branch losing) without
+/// losing bytes: the next call picks up where it stopped.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Frames of at most `max` bytes from `inner`.
+    pub fn new(inner: R, max: usize) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream. Cancel-safe.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, WireError> {
+        loop {
+            if let Some(header) = self.buf.first_chunk::<4>() {
+                let len = u32::from_be_bytes(*header) as usize;
+                if len > self.max {
+                    return Err(WireError::TooLarge { len, max: self.max });
+                }
+                if self.buf.len() >= 4 + len {
+                    let frame: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                    return decode(&frame, self.max).map(Some);
+                }
+            }
+            // Memory grows only with bytes that arrive, one chunk at a time. `read` is
+            // cancel-safe, and its bytes are kept before this future can be dropped again.
+            let mut chunk = [0u8; READ_CHUNK];
+            let n = self.inner.read(&mut chunk).await?;
+            if n == 0 {
+                return match self.buf.len() {
+                    0 => Ok(None),
+                    got if got < 4 => Err(WireError::Truncated { got, want: 4 }),
+                    got => Err(WireError::Truncated {
+                        got: got - 4,
+                        want: self
+                            .buf
+                            .first_chunk::<4>()
+                            .map_or(0, |h| u32::from_be_bytes(*h) as usize),
+                    }),
+                };
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::io::Cursor;
+
+    #[test]
+    fn frame_reader_reads_what_read_frame_reads_and_survives_cancellation() {
+        futures::executor::block_on(async {
+            let mut bytes = Vec::new();
+            for s in ["one", "two", &"x".repeat(40_000)] {
+                write_frame(&mut bytes, &s.to_owned(), 64 * 1024)
+                    .await
+                    .expect("write");
+            }
+            // A reader that yields one byte per poll, and Pending in between: every `next`
+            // future below is dropped many times mid-frame.
+            struct Trickle(Vec<u8>, usize, bool);
+            impl AsyncRead for Trickle {
+                fn poll_read(
+                    mut self: std::pin::Pin<&mut Self>,
+                    cx: &mut std::task::Context<'_>,
+                    out: &mut [u8],
+                ) -> std::task::Poll<std::io::Result<usize>> {
+                    self.2 = !self.2;
+                    if self.2 {
+                        cx.waker().wake_by_ref();
+                        return std::task::Poll::Pending;
+                    }
+                    if self.1 >= self.0.len() || out.is_empty() {
+                        return std::task::Poll::Ready(Ok(0));
+                    }
+                    out[0] = self.0[self.1];
+                    self.1 += 1;
+                    std::task::Poll::Ready(Ok(1))
+                }
+            }
+            let mut r = FrameReader::new(Trickle(bytes, 0, false), 64 * 1024);
+            let mut got = Vec::new();
+            loop {
+                // Poll once; on Pending drop the future and start a new one.
+                let next = {
+                    let fut = r.next::<String>();
+                    futures::pin_mut!(fut);
+                    futures::poll!(fut)
+                };
+                match next {
+                    std::task::Poll::Pending => continue,
+                    std::task::Poll::Ready(Ok(Some(s))) => got.push(s),
+                    std::task::Poll::Ready(Ok(None)) => break,
+                    std::task::Poll::Ready(Err(e)) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got.len(), 3);
+            assert_eq!((got[0].as_str(), got[1].as_str()), ("one", "two"));
+            assert_eq!(got[2].len(), 40_000);
+            let mut short = FrameReader::new(Cursor::new(vec![0, 0, 0, 9, 1]), 64);
+            assert!(matches!(
+                short.next::<String>().await,
+                Err(WireError::Truncated { got: 1, want: 9 })
+            ));
+        });
+    }
     use proptest::prelude::*;
     use serde::Deserialize;
 
