@@ -30,6 +30,7 @@ struct Devnet {
     addr: SocketAddr,
     key: String,
     curl: String,
+    interrupted: bool,
 }
 
 impl Devnet {
@@ -94,6 +95,7 @@ impl Devnet {
             addr,
             key: key.expect("key printed"),
             curl: curl.expect("curl line printed"),
+            interrupted: false,
         }
     }
 
@@ -110,9 +112,17 @@ impl Devnet {
         assert!(ok, "kill {sig} failed");
     }
 
-    /// Ctrl-C, then waits for a clean exit.
+    /// Ctrl-C, once (a second one means "quit now").
+    fn interrupt(&mut self) {
+        if !self.interrupted {
+            self.interrupted = true;
+            self.signal("-INT");
+        }
+    }
+
+    /// Ctrl-C (unless already sent), then waits for a clean exit.
     fn stop(mut self) {
-        self.signal("-INT");
+        self.interrupt();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -339,7 +349,7 @@ fn stream_body(seed: u64, max_tokens: u32) -> Value {
 async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact_books() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let net = Devnet::start(dir.path());
+    let mut net = Devnet::start(dir.path());
 
     // The printed curl line works as printed.
     let out = Command::new("sh")
@@ -444,12 +454,33 @@ async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact
         "{metrics}"
     );
     assert!(metrics.contains("tessera_nodes 2"), "{metrics}");
+
+    // Ctrl-C with a stream in flight: the stream still ends whole, then everything stops.
+    let mut s = TcpStream::connect(net.addr).await.expect("connect");
+    s.write_all(&request_bytes(
+        "POST",
+        "/v1/chat/completions",
+        &net.key,
+        Some(&stream_body(1000, 64)),
+    ))
+    .await
+    .expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(6).any(|w| w == b"data: ") {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "stream ended before its first chunk");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    net.interrupt();
+    s.read_to_end(&mut raw).await.expect("read the rest");
+    let (_, last_cost, _) = check_stream(&parse_reply(&raw));
     net.stop();
 
     // The books: account debits = receipts = node credits, exactly.
     let b = books(dir.path());
     assert_eq!(b["problems"], json!([]));
-    assert_eq!(amount(&b["charged"]), amount(&after["charged"]));
+    assert_eq!(amount(&b["charged"]), amount(&after["charged"]) + last_cost);
     assert_eq!(amount(&b["receipts_charged"]), amount(&b["charged"]));
     assert_eq!(amount(&b["node_credits"]), amount(&b["charged"]));
     assert_eq!(b["open_reservations"], 0);

@@ -273,3 +273,69 @@ fn accounts_and_keys_commands_manage_the_ledger() {
         stderr(&out)
     );
 }
+
+#[test]
+fn coordinator_and_devnet_refuse_bad_settings_with_the_setting_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["coordinator", "--concurrent-jobs", "0"],
+            "concurrent_jobs",
+        ),
+        (&["coordinator", "--http", "nowhere"], "--http"),
+        (&["coordinator", "--queue-timeout=-1"], "--queue-timeout"),
+        (&["devnet", "--nodes", "0"], "--nodes"),
+        (&["devnet", "--fund", "lots"], "--fund"),
+    ];
+    for (args, needle) in cases {
+        let out = tessera(dir.path(), args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, "max_attempt = 3\n").expect("write");
+    let out = tessera(
+        dir.path(),
+        &["coordinator", "--config", config.to_str().expect("utf-8")],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("max_attempt"), "{}", stderr(&out));
+    // A busy HTTP port is named.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").to_string();
+    let out = tessera(
+        dir.path(),
+        &[
+            "coordinator",
+            "--http",
+            &port,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("cannot listen for HTTP on {port}")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn accounts_check_reports_balanced_books_as_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["accounts", "create", "alice"][..],
+        &["accounts", "credit", "alice", "700"],
+    ] {
+        let out = tessera(dir.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let out = tessera(dir.path(), &["accounts", "check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(check["accounts"], 1);
+    assert_eq!(check["credited"], "700");
+    assert_eq!(check["charged"], "0");
+    assert_eq!(check["problems"], serde_json::json!([]));
+}

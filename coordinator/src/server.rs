@@ -259,3 +259,39 @@ impl Coordinator {
         self.net.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "http = \"0.0.0.0:9000\"\nqueue_timeout = 2.5\nmax_attempts = 2\n[net]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n",
+        )
+        .expect("write");
+        let c = CoordinatorConfig::from_toml_file(&path).expect("parse");
+        assert_eq!(c.http.port(), 9000);
+        assert_eq!(c.queue_timeout, Duration::from_millis(2500));
+        assert_eq!(c.max_attempts, 2);
+        assert_eq!(c.requests_per_minute, 600, "defaults kept");
+        c.validate().expect("valid");
+        std::fs::write(&path, "htp = 1\n").expect("write");
+        let err = CoordinatorConfig::from_toml_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("htp"), "{err}");
+        let bad = CoordinatorConfig {
+            max_attempts: 0,
+            ..CoordinatorConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_attempts"));
+    }
+}
