@@ -18,8 +18,9 @@ use tessera_protocol::{
 
 /// Longest wait for a stream to open, within the job's own deadline.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait for a cancelled job's final result.
-pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
+/// Longest wait for a cancelled job's final result: a node stops at its next token, which
+/// comes after the prompt's prefill (tens of seconds for a long prompt on a CPU).
+pub const CANCEL_GRACE: Duration = Duration::from_secs(60);
 /// Longest a job may be given.
 pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -395,8 +396,8 @@ impl JobStream {
         if self.finished {
             return None;
         }
-        let _ = self.writer.close().await;
         let drain = async {
+            let _ = self.writer.close().await;
             while let Some(event) = self.next().await {
                 match event {
                     Ok(JobEvent::Result(result)) => return Some(*result),

@@ -29,6 +29,9 @@ use tokio_util::task::TaskTracker;
 const UPDATE_BUFFER: usize = 64;
 /// How often a job waiting for a free node looks again (besides being woken).
 const WAIT_TICK: Duration = Duration::from_millis(250);
+/// A response that takes no update for this long has stopped reading: its job is
+/// cancelled (and settled) before the node's own 5 s write timeout would drop it unpaid.
+const STALL_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// How jobs are run.
 #[derive(Clone, Debug)]
@@ -143,8 +146,9 @@ impl Dispatcher {
         &self.inner.ledger
     }
 
-    /// Checks the model, reserves the request's maximum cost from `account`, and starts
-    /// the job. Errors here (404, 402, 503) happen before anything is charged.
+    /// Checks the model and starts the job, whose first act is to reserve the request's
+    /// maximum cost from `account` (a 402 then arrives as its first update). Errors here
+    /// (404, 503) and there happen before anything is charged.
     pub async fn submit(
         &self,
         account: String,
@@ -157,7 +161,7 @@ impl Dispatcher {
         }
         // Size the job on every module the model name could route to, so that a fallback
         // to a dearer node or a longer context stays within what was reserved.
-        let (max_tokens, reservation) = {
+        let (max_tokens, prompt_bound, output_bound, reservation) = {
             let table = inner
                 .table
                 .read()
@@ -189,28 +193,18 @@ impl Dispatcher {
                     .ok_or_else(|| ApiError::internal("price overflows"))?;
                 most = most.max(cost);
             }
-            (max_tokens, most)
+            (max_tokens, prompt, output, most)
         };
         let job_id = crate::client::new_job_id();
-        let ledger = inner.ledger.clone();
-        let acct = account.clone();
-        tokio::task::spawn_blocking(move || ledger.reserve(&acct, job_id, reservation))
-            .await
-            .map_err(|_| ApiError::internal("ledger task failed"))?
-            .map_err(|e| match e {
-                LedgerError::InsufficientBalance { needed, available } => {
-                    ApiError::insufficient_balance(needed, available)
-                }
-                LedgerError::UnknownAccount(_) => ApiError::invalid_api_key(),
-                e => ApiError::internal(e.to_string()),
-            })?;
-        tracing::debug!(%job_id, %account, %reservation, "reserved");
         let (tx, updates) = mpsc::channel(UPDATE_BUFFER);
         let job = Job {
             inner: self.inner.clone(),
             account,
             req,
             max_tokens,
+            prompt_bound,
+            output_bound,
+            reservation,
             job_id,
             tx,
             _permit: permit,
@@ -245,6 +239,11 @@ struct Job {
     account: String,
     req: CompletionRequest,
     max_tokens: u32,
+    /// Bounds the reservation was sized on: a node may take the job only if its price
+    /// applied to these stays within `reservation`.
+    prompt_bound: u32,
+    output_bound: u32,
+    reservation: Amount,
     job_id: JobId,
     tx: mpsc::Sender<JobUpdate>,
     _permit: Permit,
@@ -254,26 +253,48 @@ struct Job {
 enum Attempt {
     /// Before any token: try another node if allowed.
     Retry(ApiError),
+    /// The node was at capacity: wait for room (anywhere) without counting an attempt.
+    Busy,
     /// The job is over (settled, released, or failed after its first token).
     Over,
 }
 
 impl Job {
     async fn run(self) {
+        // The reservation is made here, in the tracked task, so that a handler dropped
+        // while it commits (the client gone) cannot leave a hold nobody releases.
+        let ledger = self.inner.ledger.clone();
+        let (account, job_id, amount) = (self.account.clone(), self.job_id, self.reservation);
+        let reserved =
+            tokio::task::spawn_blocking(move || ledger.reserve(&account, job_id, amount)).await;
+        let refused = match reserved {
+            Ok(Ok(())) => None,
+            Ok(Err(LedgerError::InsufficientBalance { needed, available })) => {
+                Some(ApiError::insufficient_balance(needed, available))
+            }
+            Ok(Err(LedgerError::UnknownAccount(_))) => Some(ApiError::invalid_api_key()),
+            Ok(Err(e)) => Some(ApiError::internal(e.to_string())),
+            Err(_) => Some(ApiError::internal("ledger task failed")),
+        };
+        if let Some(e) = refused {
+            self.inner.metrics.job(&self.req.model, "refused", 0, 0, 0);
+            self.finish(JobUpdate::Failed(e)).await;
+            return;
+        }
+        tracing::debug!(%job_id, account = %self.account, reservation = %amount, "reserved");
         let started = Instant::now();
         let queue_deadline = started + self.inner.config.queue_timeout;
+        let allowed = if self.req.provider.allow_fallbacks() {
+            self.inner.config.max_attempts
+        } else {
+            1
+        };
         let mut tried: Vec<PeerId> = Vec::new();
         let mut last: Option<ApiError> = None;
         loop {
-            let allowed = if self.req.provider.allow_fallbacks() {
-                self.inner.config.max_attempts
-            } else {
-                1
-            };
             if tried.len() as u32 >= allowed {
-                return self
-                    .fail(last.unwrap_or_else(|| ApiError::no_node(&self.req.model)))
-                    .await;
+                let e = last.unwrap_or_else(|| ApiError::no_node(&self.req.model));
+                return self.fail(e).await;
             }
             let candidate = match self.next_candidate(&tried, queue_deadline).await {
                 Ok(c) => c,
@@ -282,29 +303,53 @@ impl Job {
             if !tried.is_empty() {
                 self.inner.metrics.retry();
             }
-            tried.push(candidate.node);
-            match self.attempt(&candidate, tried.len() as u32, started).await {
+            match self
+                .attempt(&candidate, tried.len() as u32 + 1, started)
+                .await
+            {
                 Attempt::Over => return,
+                Attempt::Busy => {
+                    tracing::debug!(job_id = %self.job_id, node = %candidate.node, "node busy; waiting for room");
+                    self.wait_for_room().await;
+                }
                 Attempt::Retry(e) => {
                     tracing::info!(job_id = %self.job_id, node = %candidate.node, error = %e.message, "attempt failed before its first token");
+                    tried.push(candidate.node);
                     last = Some(e);
                 }
             }
         }
     }
 
-    /// The best untried node with a free slot, waiting for one up to `deadline`.
+    /// Until a job ends somewhere, a tick passes, or the job is abandoned.
+    async fn wait_for_room(&self) {
+        tokio::select! {
+            () = self.inner.freed.notified() => {}
+            () = tokio::time::sleep(WAIT_TICK) => {}
+            () = self.inner.stop.cancelled() => {}
+            () = self.tx.closed() => {}
+        }
+    }
+
+    /// The best untried node with a free slot whose price fits the reservation, waiting
+    /// for one up to `deadline`. The slot is taken under the same lock it was found free.
     async fn next_candidate(
         &self,
         tried: &[PeerId],
         deadline: Instant,
     ) -> Result<Candidate, ApiError> {
         loop {
-            let pick = {
-                let table = self
+            if self.inner.stop.is_cancelled() {
+                return Err(ApiError::shutting_down());
+            }
+            if self.tx.is_closed() {
+                return Err(ApiError::client_gone());
+            }
+            {
+                let mut table = self
                     .inner
                     .table
-                    .read()
+                    .write()
                     .map_err(|_| ApiError::internal("node table poisoned"))?;
                 let list = candidates(
                     &table,
@@ -314,20 +359,23 @@ impl Job {
                     Instant::now(),
                 )
                 .map_err(|e| route_error(&self.req.model, e))?;
-                let untried: Vec<Candidate> = list
+                let affordable: Vec<Candidate> = list
                     .into_iter()
                     .filter(|c| !tried.contains(&c.node))
+                    .filter(|c| {
+                        c.offer
+                            .price
+                            .cost(self.prompt_bound, self.output_bound)
+                            .is_some_and(|cost| cost <= self.reservation)
+                    })
                     .collect();
-                if untried.is_empty() {
+                if affordable.is_empty() {
                     return Err(ApiError::no_node(&self.req.model));
                 }
-                untried.into_iter().find(Candidate::has_room)
-            };
-            if let Some(c) = pick {
-                if let Ok(mut t) = self.inner.table.write() {
-                    t.begin_job(&c.node);
+                if let Some(c) = affordable.into_iter().find(Candidate::has_room) {
+                    table.begin_job(&c.node);
+                    return Ok(c);
                 }
-                return Ok(c);
             }
             if Instant::now() >= deadline {
                 return Err(ApiError::no_node_because(format!(
@@ -335,12 +383,7 @@ impl Job {
                     self.req.model, self.inner.config.queue_timeout
                 )));
             }
-            tokio::select! {
-                () = self.inner.freed.notified() => {}
-                () = tokio::time::sleep(WAIT_TICK) => {}
-                () = self.inner.stop.cancelled() => return Err(ApiError::shutting_down()),
-                () = self.tx.closed() => return Err(ApiError::client_gone()),
-            }
+            self.wait_for_room().await;
         }
     }
 
@@ -370,14 +413,21 @@ impl Job {
         attempts: u32,
         t0: Instant,
     ) -> Attempt {
-        let mut stream = match self
-            .inner
-            .client
-            .start_with_id(c.node, spec, self.job_id)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => return self.before_first_token(e).await,
+        // Nothing runs on the node until its request arrives: abandoning the start is free.
+        let start = self.inner.client.start_with_id(c.node, spec, self.job_id);
+        let mut stream = tokio::select! {
+            s = start => match s {
+                Ok(s) => s,
+                Err(e) => return self.before_first_token(e).await,
+            },
+            () = self.inner.stop.cancelled() => {
+                self.fail(ApiError::shutting_down()).await;
+                return Attempt::Over;
+            }
+            () = self.tx.closed() => {
+                self.fail(ApiError::client_gone()).await;
+                return Attempt::Over;
+            }
         };
         let started = Started {
             node: c.node,
@@ -388,6 +438,7 @@ impl Job {
         };
         let mut announced = false;
         loop {
+            // `JobStream::next` is cancel-safe: losing this race drops no event.
             let event = tokio::select! {
                 e = stream.next() => e,
                 () = self.inner.stop.cancelled() => {
@@ -428,17 +479,18 @@ impl Job {
                         }
                     }
                     if !self.send(JobUpdate::Delta(text)).await {
-                        return self.cancel(stream, &started, "the client went away").await;
+                        return self
+                            .cancel(stream, &started, "the client went away or stopped reading")
+                            .await;
                     }
                 }
                 Some(Ok(JobEvent::Result(result))) => {
                     if !announced {
-                        let _ = self
-                            .send(JobUpdate::Started(Box::new(started.clone())))
+                        self.finish(JobUpdate::Started(Box::new(started.clone())))
                             .await;
                     }
                     if let Some(done) = self.settle(&started, &result).await {
-                        let _ = self.send(JobUpdate::Done(Box::new(done))).await;
+                        self.finish(JobUpdate::Done(Box::new(done))).await;
                     }
                     return Attempt::Over;
                 }
@@ -455,16 +507,25 @@ impl Job {
         }
     }
 
-    /// Sends an update; false when the HTTP side is gone (or stopped reading for good).
+    /// Hands the HTTP side an update while the job runs; false when it is gone, or has not
+    /// taken an update for [`STALL_TIMEOUT`] (then the job is cancelled like a departed
+    /// client's, before the node's own write timeout drops it without a receipt).
     async fn send(&self, update: JobUpdate) -> bool {
         tokio::select! {
-            r = self.tx.send(update) => r.is_ok(),
+            biased;
+            r = tokio::time::timeout(STALL_TIMEOUT, self.tx.send(update)) => matches!(r, Ok(Ok(()))),
             () = self.inner.stop.cancelled() => false,
         }
     }
 
+    /// Hands the HTTP side the job's last update, waiting a little for room.
+    async fn finish(&self, update: JobUpdate) {
+        let _ = tokio::time::timeout(STALL_TIMEOUT, self.tx.send(update)).await;
+    }
+
     async fn before_first_token(&self, e: ClientError) -> Attempt {
         match &e {
+            ClientError::Node(je) if je.code == ErrorCode::Busy => Attempt::Busy,
             ClientError::Node(je) if !je.code.is_retryable() => {
                 let err = match je.code {
                     ErrorCode::PromptTooLong => ApiError::invalid_request(je.message.clone())
@@ -493,25 +554,28 @@ impl Job {
         Attempt::Over
     }
 
+    /// Cancels on the node and settles what it delivered. A caller still there (the
+    /// coordinator stopping) gets the answer so far as a finished, billed response.
     async fn cancel(&self, stream: JobStream, started: &Started, why: &str) -> Attempt {
         tracing::info!(job_id = %self.job_id, node = %started.node, "cancelling: {why}");
         match stream.cancel().await {
-            // What was delivered is charged; the caller (if still there) gets an error, not
-            // a truncated answer that looks whole.
             Some(result) => {
-                let _ = self.settle(started, &result).await;
+                if let Some(done) = self.settle(started, &result).await {
+                    self.finish(JobUpdate::Done(Box::new(done))).await;
+                }
             }
             None => {
                 self.release().await;
                 self.inner
                     .metrics
                     .job(&self.req.model, "cancelled", 0, 0, 0);
+                let e = if self.inner.stop.is_cancelled() {
+                    ApiError::shutting_down()
+                } else {
+                    ApiError::client_gone()
+                };
+                self.finish(JobUpdate::Failed(e)).await;
             }
-        }
-        if self.inner.stop.is_cancelled() {
-            let _ = self
-                .tx
-                .try_send(JobUpdate::Failed(ApiError::shutting_down()));
         }
         Attempt::Over
     }
@@ -521,23 +585,26 @@ impl Job {
         let ledger = self.inner.ledger.clone();
         let receipt = result.receipt.clone();
         let job = self.job_id;
+        if receipt.body.cost > self.reservation {
+            // Cannot happen when the prompt bound holds; the ledger caps the charge.
+            tracing::error!(job_id = %job, cost = %receipt.body.cost, reserved = %self.reservation, "receipt costs more than was reserved");
+        }
         let settled = tokio::task::spawn_blocking(move || ledger.settle(job, &receipt)).await;
         let settlement = match settled {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::error!(job_id = %job, error = %e, "settling a receipt failed");
                 self.release().await;
-                let _ = self
-                    .tx
-                    .try_send(JobUpdate::Failed(ApiError::internal(format!(
-                        "cannot record the receipt: {e}"
-                    ))));
+                self.finish(JobUpdate::Failed(ApiError::internal(format!(
+                    "cannot record the receipt: {e}"
+                ))))
+                .await;
                 return None;
             }
             Err(_) => {
-                let _ = self
-                    .tx
-                    .try_send(JobUpdate::Failed(ApiError::internal("ledger task failed")));
+                self.release().await;
+                self.finish(JobUpdate::Failed(ApiError::internal("ledger task failed")))
+                    .await;
                 return None;
             }
         };
@@ -591,6 +658,6 @@ impl Job {
             "failed"
         };
         self.inner.metrics.job(&self.req.model, outcome, 0, 0, 0);
-        let _ = self.tx.try_send(JobUpdate::Failed(error));
+        self.finish(JobUpdate::Failed(error)).await;
     }
 }

@@ -83,8 +83,9 @@ struct RawRequest {
     n: Option<u32>,
     user: Option<String>,
     #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    response_format: Option<Value>,
     #[serde(default)]
     logprobs: Option<Value>,
     tools: Option<Vec<Value>>,
@@ -256,7 +257,20 @@ impl CompletionRequest {
                 ),
             ));
         }
-        if !raw.stream && raw.stream_options.is_some() {
+        let stream = raw.stream.unwrap_or(false);
+        if let Some(kind) = raw
+            .response_format
+            .as_ref()
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str)
+            .filter(|k| *k != "text")
+        {
+            return Err(bad(
+                "response_format",
+                format!("response_format {kind:?} is not supported (text only)"),
+            ));
+        }
+        if !stream && raw.stream_options.is_some() {
             return Err(bad(
                 "stream_options",
                 "stream_options is only allowed when stream is true",
@@ -275,7 +289,7 @@ impl CompletionRequest {
             sampling,
             max_tokens,
             stop,
-            stream: raw.stream,
+            stream,
             include_usage: raw.stream_options.unwrap_or_default().include_usage,
             user: raw.user,
             provider,
@@ -416,11 +430,12 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
-/// OpenAI's `finish_reason`: a cancelled job never reaches its caller, so it maps to `stop`.
+/// OpenAI's `finish_reason`. A job cancelled while its caller is still there (the
+/// coordinator stopping) was cut short, which OpenAI calls `length`.
 pub fn finish_str(f: FinishReason) -> &'static str {
     match f {
-        FinishReason::Length => "length",
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
     }
 }
 
@@ -546,6 +561,12 @@ mod tests {
         assert_eq!(r.max_tokens, None);
         assert!(!r.stream);
         assert_eq!(r.input, JobInput::Chat(vec![ChatMessage::user("hi")]));
+        let nulls = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "stream": null, "response_format": {"type": "text"}, "tool_choice": "none"}),
+        )
+        .expect("nulls and defaults are accepted");
+        assert!(!nulls.stream);
         let c =
             CompletionRequest::parse(Endpoint::Completions, json!({"model": "m", "prompt": "x"}))
                 .expect("parse");
@@ -678,6 +699,14 @@ mod tests {
                     b
                 },
                 "provider",
+            ),
+            (
+                {
+                    let mut b = base();
+                    b["response_format"] = json!({"type": "json_schema"});
+                    b
+                },
+                "response_format",
             ),
         ];
         for (body, param) in cases {
