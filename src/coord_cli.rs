@@ -301,7 +301,7 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         println!("API key:  {key}  (also in {})", key_file.display());
         println!("try:");
         println!(
-            "curl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{alias}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}], \"max_tokens\": 32}}'"
+            "curl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{alias}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}], \"max_tokens\": 32, \"temperature\": 0}}'"
         );
         println!("Ctrl-C stops everything.");
         signals.recv().await;
