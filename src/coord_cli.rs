@@ -13,7 +13,7 @@ use tessera_net::{Multiaddr, NetConfig, Protocol};
 use tessera_node::{NodeConfig, RunningNode, ServedModel};
 use tessera_protocol::Amount;
 
-use crate::net_cli::Signals;
+use crate::net_cli::{NetFlags, Signals};
 
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
@@ -23,18 +23,8 @@ pub struct CoordinatorArgs {
     /// Address of the HTTP API [default: 127.0.0.1:8080].
     #[arg(long, env = "TESSERA_HTTP")]
     http: Option<SocketAddr>,
-    /// libp2p address to listen on (repeatable) [default: TCP and QUIC on 0.0.0.0 port 7300].
-    #[arg(long, env = "TESSERA_LISTEN", value_delimiter = ',')]
-    listen: Vec<Multiaddr>,
-    /// Peer to join through, ending in /p2p/<peer id> (repeatable).
-    #[arg(long, env = "TESSERA_BOOTSTRAP", value_delimiter = ',')]
-    bootstrap: Vec<Multiaddr>,
-    /// Address to announce instead of the listen addresses (behind NAT; repeatable).
-    #[arg(long, env = "TESSERA_EXTERNAL", value_delimiter = ',')]
-    external: Vec<Multiaddr>,
-    /// Find nodes on the local network with mDNS.
-    #[arg(long, env = "TESSERA_MDNS")]
-    mdns: bool,
+    #[command(flatten)]
+    net: NetFlags,
     /// Identity key and ledger directory [default: $TESSERA_HOME/coordinator].
     #[arg(long, env = "TESSERA_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -69,12 +59,7 @@ impl CoordinatorArgs {
         if let Some(h) = self.http {
             c.http = h;
         }
-        if !self.listen.is_empty() {
-            c.net.listen = self.listen;
-        }
-        c.net.bootstrap.extend(self.bootstrap);
-        c.net.external.extend(self.external);
-        c.net.mdns |= self.mdns;
+        self.net.apply(&mut c.net);
         if let Some(d) = self.data_dir {
             c.data_dir = d;
         }

@@ -30,15 +30,8 @@ pub struct NodeArgs {
     /// Price per 1,000 generated tokens, in base units, for models given with --model.
     #[arg(long, env = "TESSERA_PRICE_OUTPUT")]
     price_output: Option<Amount>,
-    /// Address to listen on (repeatable) [default: TCP and QUIC on 0.0.0.0 port 7400].
-    #[arg(long, env = "TESSERA_LISTEN", value_delimiter = ',')]
-    listen: Vec<Multiaddr>,
-    /// Peer to join through, ending in /p2p/<peer id> (repeatable).
-    #[arg(long, env = "TESSERA_BOOTSTRAP", value_delimiter = ',')]
-    bootstrap: Vec<Multiaddr>,
-    /// Address to announce instead of the listen addresses (behind NAT; repeatable).
-    #[arg(long, env = "TESSERA_EXTERNAL", value_delimiter = ',')]
-    external: Vec<Multiaddr>,
+    #[command(flatten)]
+    net: NetFlags,
     /// Most jobs admitted at once (running and waiting) [default: 4].
     #[arg(long, env = "TESSERA_MAX_JOBS")]
     max_jobs: Option<u32>,
@@ -48,9 +41,6 @@ pub struct NodeArgs {
     /// Where the identity key is kept [default: $TESSERA_HOME/node].
     #[arg(long, env = "TESSERA_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Find peers on the local network with mDNS.
-    #[arg(long, env = "TESSERA_MDNS")]
-    mdns: bool,
     /// Seconds between adverts [default: 10].
     #[arg(long, env = "TESSERA_ADVERT_INTERVAL")]
     advert_interval: Option<f64>,
@@ -94,12 +84,7 @@ impl NodeArgs {
                 };
             }
         }
-        if !self.listen.is_empty() {
-            config.net.listen = self.listen;
-        }
-        config.net.bootstrap.extend(self.bootstrap);
-        config.net.external.extend(self.external);
-        config.net.mdns |= self.mdns;
+        self.net.apply(&mut config.net);
         if let Some(n) = self.max_jobs {
             config.max_jobs = n;
         }
@@ -123,6 +108,36 @@ impl NodeArgs {
         config.coordinators.extend(self.coordinators);
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// Swarm flags nodes and coordinators share; they override the config file's `[net]`.
+#[derive(Args, Debug)]
+pub struct NetFlags {
+    /// Address to listen on (repeatable) [default: TCP and QUIC on 0.0.0.0, port 7400 for
+    /// a node, 7300 for a coordinator].
+    #[arg(long, env = "TESSERA_LISTEN", value_delimiter = ',')]
+    listen: Vec<Multiaddr>,
+    /// Peer to join through, ending in /p2p/<peer id> (repeatable).
+    #[arg(long, env = "TESSERA_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<Multiaddr>,
+    /// Address to announce instead of the listen addresses (behind NAT; repeatable).
+    #[arg(long, env = "TESSERA_EXTERNAL", value_delimiter = ',')]
+    external: Vec<Multiaddr>,
+    /// Find peers on the local network with mDNS.
+    #[arg(long, env = "TESSERA_MDNS")]
+    mdns: bool,
+}
+
+impl NetFlags {
+    /// Applies the flags given: listen replaces, the lists extend, mDNS turns on.
+    pub fn apply(self, net: &mut NetConfig) {
+        if !self.listen.is_empty() {
+            net.listen = self.listen;
+        }
+        net.bootstrap.extend(self.bootstrap);
+        net.external.extend(self.external);
+        net.mdns |= self.mdns;
     }
 }
 

@@ -275,6 +275,33 @@ fn parse_reply(raw: &[u8]) -> Reply {
     }
 }
 
+/// Sends a streaming request and reads until `events` SSE events arrived; returns the
+/// open connection and the bytes so far (headers included).
+async fn open_stream(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    body: &Value,
+    events: usize,
+) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&request_bytes("POST", path, key, Some(body)))
+        .await
+        .expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while raw.windows(6).filter(|w| w == b"data: ").count() < events {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+    (s, raw)
+}
+
 fn cost(usage: &Value) -> u128 {
     // The devnet's nodes ask the default price: 1000 per 1k prompt, 4000 per 1k output.
     let p = u128::from(usage["prompt_tokens"].as_u64().expect("prompt_tokens") as u32);
@@ -457,22 +484,14 @@ async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact
     assert!(metrics.contains("tessera_nodes 2"), "{metrics}");
 
     // Ctrl-C with a stream in flight: the stream still ends whole, then everything stops.
-    let mut s = TcpStream::connect(net.addr).await.expect("connect");
-    s.write_all(&request_bytes(
-        "POST",
+    let (mut s, mut raw) = open_stream(
+        net.addr,
         "/v1/chat/completions",
         &net.key,
-        Some(&stream_body(1000, 64)),
-    ))
-    .await
-    .expect("send");
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !raw.windows(6).any(|w| w == b"data: ") {
-        let n = s.read(&mut buf).await.expect("read");
-        assert!(n > 0, "stream ended before its first chunk");
-        raw.extend_from_slice(&buf[..n]);
-    }
+        &stream_body(1000, 64),
+        1,
+    )
+    .await;
     net.interrupt();
     s.read_to_end(&mut raw).await.expect("read the rest");
     let (_, last_cost, _) = check_stream(&parse_reply(&raw));
@@ -500,26 +519,7 @@ async fn a_client_that_leaves_pays_what_it_got_and_a_killed_coordinator_loses_no
         "model": MODEL, "prompt": "Once upon a time, in a land far away,", "max_tokens": 2000,
         "temperature": 1.0, "seed": 7, "stream": true,
     });
-    let mut s = TcpStream::connect(net.addr).await.expect("connect");
-    s.write_all(&request_bytes(
-        "POST",
-        "/v1/completions",
-        &net.key,
-        Some(&body),
-    ))
-    .await
-    .expect("send");
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while raw.windows(6).filter(|w| w == b"data: ").count() < 5 {
-        let n = s.read(&mut buf).await.expect("read");
-        assert!(
-            n > 0,
-            "stream ended early: {}",
-            String::from_utf8_lossy(&raw)
-        );
-        raw.extend_from_slice(&buf[..n]);
-    }
+    let (s, raw) = open_stream(net.addr, "/v1/completions", &net.key, &body, 5).await;
     drop(s);
     let head = String::from_utf8_lossy(&raw).into_owned();
     let id = head

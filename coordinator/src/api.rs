@@ -3,10 +3,11 @@
 //! `/metrics`. Errors take OpenAI's shape in one place ([`ApiError`]); JSON bodies whose
 //! rejections would be axum's plain text become those errors too.
 
-use crate::jobs::{Dispatcher, JobHandle, JobUpdate, Started};
-use crate::ledger::LedgerError;
-use crate::limits::{Limited, Limiter};
+use crate::jobs::{DispatchConfig, Dispatcher, JobHandle, JobUpdate, Started};
+use crate::ledger::{Ledger, LedgerError};
+use crate::limits::{Limited, Limiter, RateLimits};
 use crate::metrics::Metrics;
+use crate::network::CoordinatorNet;
 use crate::openai::{self, CompletionRequest, Endpoint, Head};
 use crate::table::NodeTable;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -38,6 +39,31 @@ pub struct ApiState {
     pub limiter: Limiter,
     /// Figures for `/metrics`.
     pub metrics: Arc<Metrics>,
+}
+
+impl ApiState {
+    /// The API over a running network and a ledger, with the job and rate settings.
+    pub fn new(
+        net: &CoordinatorNet,
+        ledger: Ledger,
+        dispatch: DispatchConfig,
+        limits: RateLimits,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let dispatcher = Dispatcher::new(
+            net.client(),
+            net.table(),
+            Arc::new(ledger),
+            metrics.clone(),
+            dispatch,
+        );
+        Self {
+            table: net.table(),
+            dispatcher,
+            limiter: Limiter::new(limits),
+            metrics,
+        }
+    }
 }
 
 /// An error as OpenAI clients expect it: `{"error": {"message", "type", "param", "code"}}`
@@ -656,10 +682,6 @@ async fn models(State(state): State<ApiState>) -> Json<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::DispatchConfig;
-    use crate::ledger::Ledger;
-    use crate::limits::RateLimits;
-    use crate::network::CoordinatorNet;
     use axum::body::Body;
     use std::time::Duration;
     use tessera_net::{NetConfig, NetEvent};
@@ -728,23 +750,15 @@ mod tests {
                 );
             }
         }
-        let metrics = Arc::new(Metrics::new());
-        let dispatcher = Dispatcher::new(
-            net.client(),
-            net.table(),
-            Arc::new(ledger),
-            metrics.clone(),
+        let state = ApiState::new(
+            &net,
+            ledger,
             DispatchConfig {
                 queue_timeout: Duration::from_millis(300),
                 ..DispatchConfig::default()
             },
+            limits,
         );
-        let state = ApiState {
-            table: net.table(),
-            dispatcher,
-            limiter: Limiter::new(limits),
-            metrics,
-        };
         Fixture {
             app: router(state.clone()),
             state,

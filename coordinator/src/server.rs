@@ -7,8 +7,7 @@
 use crate::api::{router, ApiState};
 use crate::jobs::{DispatchConfig, Dispatcher};
 use crate::ledger::{Ledger, LedgerError};
-use crate::limits::{Limiter, RateLimits};
-use crate::metrics::Metrics;
+use crate::limits::RateLimits;
 use crate::network::{CoordinatorNet, CoordinatorNetError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -177,27 +176,20 @@ impl Coordinator {
             cause,
         })?;
         let net = CoordinatorNet::start(key, &config.net).await?;
-        let metrics = Arc::new(Metrics::new());
-        let dispatcher = Dispatcher::new(
-            net.client(),
-            net.table(),
-            Arc::new(ledger),
-            metrics.clone(),
+        let state = ApiState::new(
+            &net,
+            ledger,
             DispatchConfig {
                 queue_timeout: config.queue_timeout,
                 job_timeout: config.job_timeout,
                 max_attempts: config.max_attempts,
             },
-        );
-        let state = ApiState {
-            table: net.table(),
-            dispatcher: dispatcher.clone(),
-            limiter: Limiter::new(RateLimits {
+            RateLimits {
                 requests_per_minute: config.requests_per_minute,
                 concurrent_jobs: config.concurrent_jobs,
-            }),
-            metrics,
-        };
+            },
+        );
+        let dispatcher = state.dispatcher.clone();
         let http_stop = CancellationToken::new();
         let app = router(state);
         let stop = http_stop.clone();
