@@ -3,11 +3,14 @@
 //! Rust and the settlement contract compute identically, so one proof format serves
 //! withdrawals, reward statements and fraud proofs.
 //!
-//! This first slice holds the tree ([`smt`]); the state, its transactions and the pure
-//! transition function come next.
+//! So far: the tree ([`smt`]) and the first slice of the state and its pure transition
+//! function ([`state`]: accounts, the deposit queue, settlement with a protocol fee).
+//! Stakes, delegations, slashes, signed withdrawals, batches and the contracts come next.
 
 pub mod smt;
+pub mod state;
 
 pub use smt::{
     empty_hashes, hash_pair, keccak256, MerkleProof, ProofError, SparseMerkleTree, DEPTH, H256,
 };
+pub use state::{Account, Address, Meta, Outcome, State, Tx};
