@@ -309,6 +309,11 @@ impl Job {
             {
                 Attempt::Over => return,
                 Attempt::Busy => {
+                    // Bounded by the queue deadline even if a node's adverts keep showing
+                    // room it does not have.
+                    if Instant::now() >= queue_deadline {
+                        return self.fail(self.busy_too_long()).await;
+                    }
                     tracing::debug!(job_id = %self.job_id, node = %candidate.node, "node busy; waiting for room");
                     self.wait_for_room().await;
                 }
@@ -319,6 +324,13 @@ impl Job {
                 }
             }
         }
+    }
+
+    fn busy_too_long(&self) -> ApiError {
+        ApiError::no_node_because(format!(
+            "every node serving {} stayed busy for {:?}; retry shortly",
+            self.req.model, self.inner.config.queue_timeout
+        ))
     }
 
     /// Until a job ends somewhere, a tick passes, or the job is abandoned.
@@ -378,10 +390,7 @@ impl Job {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(ApiError::no_node_because(format!(
-                    "every node serving {} stayed busy for {:?}; retry shortly",
-                    self.req.model, self.inner.config.queue_timeout
-                )));
+                return Err(self.busy_too_long());
             }
             self.wait_for_room().await;
         }
