@@ -4,8 +4,9 @@
 //! withdrawals, reward statements and fraud proofs.
 //!
 //! So far: the tree ([`smt`]) and the first slice of the state and its pure transition
-//! function ([`state`]: accounts, the deposit queue, settlement with a protocol fee).
-//! Stakes, delegations, slashes, signed withdrawals, batches and the contracts come next.
+//! function ([`state`]: accounts, the deposit queue, settlement with a protocol fee, and
+//! withdrawals signed by the owner). Stakes, delegations, slashes, batches and the
+//! contracts come next.
 
 pub mod smt;
 pub mod state;
@@ -13,4 +14,4 @@ pub mod state;
 pub use smt::{
     empty_hashes, hash_pair, keccak256, MerkleProof, ProofError, SparseMerkleTree, DEPTH, H256,
 };
-pub use state::{Account, Address, Meta, Outcome, State, Tx};
+pub use state::{recover, withdraw_digest, Account, Address, Meta, Outcome, State, Tx};

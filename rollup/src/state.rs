@@ -105,6 +105,20 @@ pub enum Tx {
         /// Base units.
         amount: u128,
     },
+    /// Moves `amount` of an account's balance out to L1 (added to its cumulative
+    /// `withdrawn`, which the contract pays against a final root). Signed by the owner:
+    /// a 65-byte `r ‖ s ‖ v` signature (v = 27 or 28, low s, as OpenZeppelin's
+    /// `ECDSA.recover` requires) over [`withdraw_digest`].
+    Withdraw {
+        /// The account's slot.
+        slot: u32,
+        /// Base units.
+        amount: u128,
+        /// Must equal the account's nonce.
+        nonce: u64,
+        /// The owner's signature.
+        signature: [u8; 65],
+    },
     /// A job's payment (or a netted total of several jobs): payer to node, less the fee.
     Settle {
         /// Paying account's slot.
@@ -127,19 +141,58 @@ pub enum Outcome {
     NoOp(&'static str),
 }
 
+/// What the owner of an account signs to withdraw: EIP-191's `personal_sign` of
+/// `keccak256("tessera/withdraw/1" ‖ domain ‖ slot ‖ amount ‖ nonce)`, where `domain`
+/// names the deployment (chain id and settlement contract), so a signature is good on
+/// one rollup only.
+pub fn withdraw_digest(domain: &H256, slot: u32, amount: u128, nonce: u64) -> H256 {
+    let mut m = Vec::with_capacity(18 + 32 + 4 + 16 + 8);
+    m.extend_from_slice(b"tessera/withdraw/1");
+    m.extend_from_slice(domain);
+    m.extend_from_slice(&slot.to_be_bytes());
+    m.extend_from_slice(&amount.to_be_bytes());
+    m.extend_from_slice(&nonce.to_be_bytes());
+    let inner = keccak256(&m);
+    let mut p = Vec::with_capacity(28 + 32);
+    p.extend_from_slice(b"\x19Ethereum Signed Message:\n32");
+    p.extend_from_slice(&inner);
+    keccak256(&p)
+}
+
+/// The address that signed `digest`, as the EVM's `ecrecover` (behind OpenZeppelin's
+/// checks) finds it; `None` for a malformed, high-s or non-27/28-v signature.
+pub fn recover(digest: &H256, signature: &[u8; 65]) -> Option<Address> {
+    use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
+    let v = signature[64].checked_sub(27)?;
+    let id = RecoveryId::from_byte(v).filter(|_| v <= 1)?;
+    let sig = Signature::from_slice(&signature[..64]).ok()?;
+    if sig.normalize_s().is_some() {
+        return None;
+    }
+    let key = VerifyingKey::recover_from_prehash(digest, &sig, id).ok()?;
+    let point = key.to_encoded_point(false);
+    let hash = keccak256(&point.as_bytes()[1..]);
+    let mut address = [0u8; 20];
+    address.copy_from_slice(&hash[12..]);
+    Some(address)
+}
+
 /// The whole L2 state, and the tree that commits to it.
 #[derive(Clone, Debug)]
 pub struct State {
     meta: Meta,
+    domain: H256,
     accounts: HashMap<u32, Account>,
     slot_of: HashMap<Address, u32>,
     tree: SparseMerkleTree,
 }
 
 impl State {
-    /// A fresh state with `fee_bps` protocol fee, owned (the fee account) by `fee_owner`.
-    pub fn genesis(fee_bps: u16, fee_owner: Address) -> Self {
+    /// A fresh state for the deployment `domain` (see [`withdraw_digest`]), with
+    /// `fee_bps` protocol fee owned (the fee account) by `fee_owner`.
+    pub fn genesis(domain: H256, fee_bps: u16, fee_owner: Address) -> Self {
         let mut s = Self {
+            domain,
             meta: Meta {
                 deposits: 0,
                 next_slot: FIRST_ACCOUNT_SLOT,
@@ -233,6 +286,39 @@ impl State {
                 self.put(slot, account);
                 Outcome::Applied
             }
+            Tx::Withdraw {
+                slot,
+                amount,
+                nonce,
+                ref signature,
+            } => {
+                let Some(&a) = self.accounts.get(&slot) else {
+                    return Outcome::NoOp("unknown account slot");
+                };
+                if nonce != a.nonce {
+                    return Outcome::NoOp("wrong nonce");
+                }
+                let digest = withdraw_digest(&self.domain, slot, amount, nonce);
+                if recover(&digest, signature) != Some(a.address) {
+                    return Outcome::NoOp("not signed by the account's owner");
+                }
+                if a.balance < amount {
+                    return Outcome::NoOp("balance too low");
+                }
+                let Some(withdrawn) = a.withdrawn.checked_add(amount) else {
+                    return Outcome::NoOp("withdrawn total overflows");
+                };
+                self.put(
+                    slot,
+                    Account {
+                        balance: a.balance - amount,
+                        nonce: a.nonce + 1,
+                        withdrawn,
+                        ..a
+                    },
+                );
+                Outcome::Applied
+            }
             Tx::Settle {
                 payer,
                 node,
@@ -306,6 +392,83 @@ mod tests {
     use proptest::prelude::*;
 
     const FEE_OWNER: Address = [0xfe; 20];
+    const DOMAIN: H256 = [0xd0; 32];
+
+    fn key(n: u8) -> k256::ecdsa::SigningKey {
+        k256::ecdsa::SigningKey::from_bytes(&[n; 32].into()).expect("key")
+    }
+
+    fn address_of(k: &k256::ecdsa::SigningKey) -> Address {
+        let point = k.verifying_key().to_encoded_point(false);
+        let mut a = [0u8; 20];
+        a.copy_from_slice(&keccak256(&point.as_bytes()[1..])[12..]);
+        a
+    }
+
+    fn sign(k: &k256::ecdsa::SigningKey, digest: &H256) -> [u8; 65] {
+        let (sig, id) = k.sign_prehash_recoverable(digest).expect("sign");
+        let mut out = [0u8; 65];
+        out[..64].copy_from_slice(&sig.to_bytes());
+        out[64] = 27 + id.to_byte();
+        out
+    }
+
+    #[test]
+    fn a_signed_withdrawal_moves_balance_to_withdrawn_once() {
+        let owner = key(7);
+        let mut s = State::genesis(DOMAIN, 0, FEE_OWNER);
+        s.apply(&Tx::Deposit {
+            seq: 0,
+            address: address_of(&owner),
+            amount: 500,
+        });
+        let slot = FIRST_ACCOUNT_SLOT;
+        let withdraw = |k: &k256::ecdsa::SigningKey, amount, nonce, domain: &H256| Tx::Withdraw {
+            slot,
+            amount,
+            nonce,
+            signature: sign(k, &withdraw_digest(domain, slot, amount, nonce)),
+        };
+        let tx = withdraw(&owner, 200, 0, &DOMAIN);
+        assert_eq!(s.apply(&tx), Outcome::Applied);
+        let a = s.account(slot).copied().expect("account");
+        assert_eq!((a.balance, a.withdrawn, a.nonce), (300, 200, 1));
+        let root = s.root();
+        assert_eq!(
+            s.apply(&tx),
+            Outcome::NoOp("wrong nonce"),
+            "a replay does nothing"
+        );
+        assert_eq!(
+            s.apply(&withdraw(&key(8), 10, 1, &DOMAIN)),
+            Outcome::NoOp("not signed by the account's owner")
+        );
+        assert_eq!(
+            s.apply(&withdraw(&owner, 10, 1, &[0; 32])),
+            Outcome::NoOp("not signed by the account's owner"),
+            "a signature for another deployment does not apply here"
+        );
+        assert_eq!(
+            s.apply(&withdraw(&owner, 301, 1, &DOMAIN)),
+            Outcome::NoOp("balance too low")
+        );
+        assert_eq!(s.root(), root);
+        // The same signature with s flipped to the high half (still valid ECDSA) is refused,
+        // as the contract's ECDSA.recover refuses it.
+        let Tx::Withdraw { mut signature, .. } = withdraw(&owner, 10, 1, &DOMAIN) else {
+            unreachable!()
+        };
+        let sig = k256::ecdsa::Signature::from_slice(&signature[..64]).expect("sig");
+        let (r, s_low) = sig.split_scalars();
+        let high =
+            k256::ecdsa::Signature::from_scalars(r.to_bytes(), (-*s_low).to_bytes()).expect("high");
+        signature[..64].copy_from_slice(&high.to_bytes());
+        signature[64] ^= 1;
+        let digest = withdraw_digest(&DOMAIN, slot, 10, 1);
+        assert_eq!(recover(&digest, &signature), None);
+        signature[64] = 29;
+        assert_eq!(recover(&digest, &signature), None, "v must be 27 or 28");
+    }
 
     fn addr(n: u8) -> Address {
         [n; 20]
@@ -313,7 +476,7 @@ mod tests {
 
     #[test]
     fn deposits_apply_in_queue_order_and_assign_slots_on_first_sight() {
-        let mut s = State::genesis(100, FEE_OWNER);
+        let mut s = State::genesis(DOMAIN, 100, FEE_OWNER);
         let genesis = s.root();
         let d = |seq, a, amount| Tx::Deposit {
             seq,
@@ -359,7 +522,7 @@ mod tests {
 
     #[test]
     fn settlement_pays_the_node_less_the_fee_and_records_earnings() {
-        let mut s = State::genesis(250, FEE_OWNER); // 2.5%
+        let mut s = State::genesis(DOMAIN, 250, FEE_OWNER); // 2.5%
         s.apply(&Tx::Deposit {
             seq: 0,
             address: addr(1),
@@ -412,7 +575,7 @@ mod tests {
                 0..40,
             ),
         ) {
-            let mut a = State::genesis(fee, FEE_OWNER);
+            let mut a = State::genesis(DOMAIN, fee, FEE_OWNER);
             let mut roots = Vec::new();
             let mut deposited = 0u128;
             for tx in &txs {
@@ -430,7 +593,7 @@ mod tests {
             let earned: u128 = (0..a.meta().next_slot).filter_map(|s| a.account(s)).map(|x| x.earned).sum();
             prop_assert!(earned <= deposited);
             // The watchtower's replay: the same function gives the same intermediate roots.
-            let mut b = State::genesis(fee, FEE_OWNER);
+            let mut b = State::genesis(DOMAIN, fee, FEE_OWNER);
             for (tx, root) in txs.iter().zip(&roots) {
                 b.apply(tx);
                 prop_assert_eq!(&b.root(), root);
