@@ -87,7 +87,7 @@ pub struct Balance {
 impl Balance {
     fn from_row((credited, charged, reserved): (u128, u128, u128)) -> Self {
         Self {
-            balance: Amount(credited - charged),
+            balance: Amount(credited.saturating_sub(charged)),
             reserved: Amount(reserved),
             credited: Amount(credited),
             charged: Amount(charged),
@@ -96,7 +96,7 @@ impl Balance {
 
     /// What a new job may reserve.
     pub fn available(&self) -> Amount {
-        Amount(self.balance.0 - self.reserved.0)
+        Amount(self.balance.0.saturating_sub(self.reserved.0))
     }
 }
 
@@ -307,7 +307,7 @@ impl Ledger {
             }
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
             let (credited, charged, reserved) = read_account(&accounts, account)?;
-            let available = credited - charged - reserved;
+            let available = credited.saturating_sub(charged).saturating_sub(reserved);
             if amount.0 > available {
                 return Err(LedgerError::InsufficientBalance {
                     needed: amount,
@@ -334,7 +334,10 @@ impl Ledger {
             let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
             let (credited, charged, reserved) = read_account(&accounts, account.as_str())?;
             accounts
-                .insert(account.as_str(), (credited, charged, reserved - amount))
+                .insert(
+                    account.as_str(),
+                    (credited, charged, reserved.saturating_sub(amount)),
+                )
                 .map_err(db)?;
             Amount(amount)
         };
@@ -370,7 +373,7 @@ impl Ledger {
             accounts
                 .insert(
                     account.as_str(),
-                    (credited, charged + cost, reserved - held),
+                    (credited, charged + cost, reserved.saturating_sub(held)),
                 )
                 .map_err(db)?;
             let mut nodes = tx.open_table(NODES).map_err(db)?;
