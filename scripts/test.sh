@@ -15,6 +15,21 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# The API tests run the devnet's printed curl line, and the official OpenAI SDK in a
+# virtualenv (scripts/openai-sdk-check.sh): they need curl and python3's venv module.
+need=()
+command -v curl >/dev/null || need+=(curl)
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need[*]} (needed by the API tests)" >&2
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "test.sh: ${need[*]} required; install and re-run" >&2
+    exit 1
+  fi
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

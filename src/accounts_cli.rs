@@ -63,16 +63,7 @@ pub enum KeysCommand {
 }
 
 fn show(ledger: &Ledger, account: &str) -> Result<()> {
-    let b = ledger.balance(account)?;
-    let json = serde_json::json!({
-        "account": account,
-        "balance": b.balance,
-        "reserved": b.reserved,
-        "available": b.available(),
-        "credited": b.credited,
-        "charged": b.charged,
-    });
-    println!("{json}");
+    println!("{}", ledger.balance(account)?.to_json(account));
     Ok(())
 }
 

@@ -302,6 +302,18 @@ async fn open_stream(
     (s, raw)
 }
 
+/// `GET /v1/receipts/{id}` with the devnet's key.
+async fn get_receipt(net: &Devnet, id: &str) -> Reply {
+    http(
+        net.addr,
+        "GET",
+        &format!("/v1/receipts/{id}"),
+        &net.key,
+        None,
+    )
+    .await
+}
+
 fn cost(usage: &Value) -> u128 {
     // The devnet's nodes ask the default price: 1000 per 1k prompt, 4000 per 1k output.
     let p = u128::from(usage["prompt_tokens"].as_u64().expect("prompt_tokens") as u32);
@@ -453,14 +465,7 @@ async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact
     assert_eq!(nodes.len(), 2, "both nodes served: {nodes:?}");
     // Each receipt is the node-signed record of what was charged.
     for (id, charged) in &ids {
-        let r = http(
-            net.addr,
-            "GET",
-            &format!("/v1/receipts/{id}"),
-            &net.key,
-            None,
-        )
-        .await;
+        let r = get_receipt(&net, id).await;
         assert_eq!(r.status, 200);
         let r = r.json();
         assert_eq!(amount(&r["charged"]), *charged);
@@ -530,14 +535,7 @@ async fn a_client_that_leaves_pays_what_it_got_and_a_killed_coordinator_loses_no
         .to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
     let receipt = loop {
-        let r = http(
-            net.addr,
-            "GET",
-            &format!("/v1/receipts/{id}"),
-            &net.key,
-            None,
-        )
-        .await;
+        let r = get_receipt(&net, &id).await;
         if r.status == 200 {
             break r.json();
         }
@@ -637,14 +635,7 @@ async fn a_client_that_leaves_pays_what_it_got_and_a_killed_coordinator_loses_no
     assert_eq!(amount(&account["reserved"]), 0, "{account}");
     assert_eq!(amount(&account["credited"]), FUND, "funded once, not again");
     for (id, charged, _) in &done {
-        let r = http(
-            net.addr,
-            "GET",
-            &format!("/v1/receipts/{id}"),
-            &net.key,
-            None,
-        )
-        .await;
+        let r = get_receipt(&net, id).await;
         assert_eq!(
             r.status, 200,
             "receipt {id} of a completed response was lost"

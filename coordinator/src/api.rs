@@ -615,15 +615,9 @@ async fn account(
         .ledger()
         .balance(&account)
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(json!({
-        "object": "tessera.account",
-        "account": account,
-        "balance": b.balance,
-        "reserved": b.reserved,
-        "available": b.available(),
-        "credited": b.credited,
-        "charged": b.charged,
-    })))
+    let mut body = b.to_json(&account);
+    body["object"] = json!("tessera.account");
+    Ok(Json(body))
 }
 
 async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
@@ -685,10 +679,7 @@ mod tests {
     use axum::body::Body;
     use std::time::Duration;
     use tessera_net::{NetConfig, NetEvent};
-    use tessera_protocol::{
-        AdvertStatus, Keypair, LatencyStats, ModuleId, ModuleOffer, Price, Quantization,
-        WeightsHash,
-    };
+    use tessera_protocol::{AdvertStatus, Keypair, LatencyStats, ModuleOffer, Price};
     use tower::ServiceExt;
 
     const MODEL: &str = "smollm2-135m-instruct";
@@ -719,13 +710,7 @@ mod tests {
         let net = CoordinatorNet::start(Keypair::generate_ed25519(), &config)
             .await
             .expect("net");
-        let module = ModuleId::new(
-            "llama",
-            Quantization::from_gguf_file_type(3),
-            8192,
-            WeightsHash([1; 32]),
-        )
-        .expect("id");
+        let module = crate::table::tests::module(3);
         {
             let table = net.table();
             let mut table = table.write().expect("table");

@@ -98,6 +98,18 @@ impl Balance {
     pub fn available(&self) -> Amount {
         Amount(self.balance.0.saturating_sub(self.reserved.0))
     }
+
+    /// `account`'s money as the API and the CLI show it (amounts as integer strings).
+    pub fn to_json(&self, account: &str) -> serde_json::Value {
+        serde_json::json!({
+            "account": account,
+            "balance": self.balance,
+            "reserved": self.reserved,
+            "available": self.available(),
+            "credited": self.credited,
+            "charged": self.charged,
+        })
+    }
 }
 
 /// One node's side of the books.

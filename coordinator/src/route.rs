@@ -271,21 +271,9 @@ fn candidate(entry: &NodeEntry, offer: &ModuleOffer, max_tokens: u32, now: Insta
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::tests::advert;
+    use crate::table::tests::{advert, module};
     use tessera_net::NetEvent;
-    use tessera_protocol::{
-        AdvertStatus, Keypair, LatencyStats, ModuleId, Quantization, WeightsHash,
-    };
-
-    fn module(quant: u32) -> ModuleId {
-        ModuleId::new(
-            "llama",
-            Quantization::from_gguf_file_type(quant),
-            8192,
-            WeightsHash([1; 32]),
-        )
-        .expect("id")
-    }
+    use tessera_protocol::{AdvertStatus, Keypair, LatencyStats};
 
     struct Node {
         out_price: u128,

@@ -267,6 +267,18 @@ pub(crate) mod tests {
     use super::*;
     use tessera_protocol::{Address, Load, PROTOCOL_VERSION};
 
+    /// A test module of the llama family with `quant` (a GGUF file type), for tests here,
+    /// in routing and in the API.
+    pub(crate) fn module(quant: u32) -> ModuleId {
+        ModuleId::new(
+            "llama",
+            tessera_protocol::Quantization::from_gguf_file_type(quant),
+            8192,
+            tessera_protocol::WeightsHash([1; 32]),
+        )
+        .expect("id")
+    }
+
     /// A minimal valid advert, for tests here and in the API.
     pub(crate) fn advert(node: PeerId, seq: u64, status: AdvertStatus) -> NodeAdvert {
         NodeAdvert {
@@ -352,14 +364,8 @@ pub(crate) mod tests {
 
     #[test]
     fn pick_prefers_free_cheap_near_nodes_within_price() {
-        use tessera_protocol::{Amount, LatencyStats, ModuleOffer, Quantization, WeightsHash};
-        let module = ModuleId::new(
-            "llama",
-            Quantization::from_gguf_file_type(3),
-            8192,
-            WeightsHash([1; 32]),
-        )
-        .expect("id");
+        use tessera_protocol::{Amount, LatencyStats, ModuleOffer};
+        let module = module(3);
         let offer = |out: u128| ModuleOffer {
             module: module.clone(),
             alias: "m".into(),
