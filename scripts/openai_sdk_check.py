@@ -90,6 +90,6 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except AssertionError as e:
+    except (AssertionError, openai.APIError) as e:
         print(f"openai SDK check failed: {e!r}", file=sys.stderr)
         sys.exit(1)
