@@ -1,17 +1,27 @@
-//! The Tessera payment rollup (issue 5, in progress): the L2 state of balances, stakes,
-//! delegations and rewards, committed by a fixed-depth keccak256 sparse Merkle tree that
-//! Rust and the settlement contract compute identically, so one proof format serves
-//! withdrawals, reward statements and fraud proofs.
+//! The Tessera payment rollup: the L2 state of balances, stakes, delegations and
+//! rewards, committed by a fixed-depth keccak256 sparse Merkle tree that Rust and the
+//! settlement contract compute identically, so one proof format serves withdrawals,
+//! reward statements and fraud proofs.
 //!
-//! So far: the tree ([`smt`]) and the first slice of the state and its pure transition
-//! function ([`state`]: accounts, the deposit queue, settlement with a protocol fee, and
-//! withdrawals signed by the owner). Stakes, delegations, slashes, batches and the
-//! contracts come next.
+//! - [`smt`]: the tree and its proofs;
+//! - [`leaf`]: the meta, account and delegation leaves and their packed encodings;
+//! - [`tx`]: transactions, their wire encoding and owner signatures;
+//! - [`state`]: the one pure transition function and the witnesses of a step;
+//! - [`batch`]: batches with intermediate roots, the steps commitment, fraud proofs.
 
+pub mod batch;
+pub mod leaf;
 pub mod smt;
 pub mod state;
+pub mod tx;
 
+pub use batch::{step_leaf, verify_step, Batch, BatchError, FraudProof};
+pub use leaf::{
+    Account, Address, Delegation, Meta, BPS, DELEGATION_BASE, FEE_SLOT, FIRST_ACCOUNT_SLOT,
+    META_SLOT, SCALE,
+};
 pub use smt::{
     empty_hashes, hash_pair, keccak256, MerkleProof, ProofError, SparseMerkleTree, DEPTH, H256,
 };
-pub use state::{recover, withdraw_digest, Account, Address, Meta, Outcome, State, Tx};
+pub use state::{deposit_hash, DepositQueue, Outcome, State, Witness};
+pub use tx::{address_of, personal_digest, recover, sign_digest, Action, DecodeError, Tx};
