@@ -30,6 +30,10 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The settlement tests compile the contracts again with the pinned solc and start anvil,
+# both from npm (contracts/package-lock.json).
+./scripts/contracts.sh
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
