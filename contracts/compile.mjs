@@ -33,7 +33,7 @@ for (const f of files) sources[`src/${f}`] = { content: fs.readFileSync(path.joi
 
 export const settings = {
   optimizer: { enabled: true, runs: 200 },
-  evmVersion: 'cancun',
+  evmVersion: 'prague',
   viaIR: false,
   metadata: { bytecodeHash: 'none', appendCBOR: false },
   outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object'] } },
@@ -51,7 +51,8 @@ fs.mkdirSync(out, { recursive: true });
 for (const file of Object.keys(output.contracts).sort()) {
   for (const name of Object.keys(output.contracts[file]).sort()) {
     const c = output.contracts[file][name];
-    if (!c.evm.bytecode.object) continue; // interfaces
+    // Interfaces and internal-only libraries have nothing to deploy or call.
+    if (!c.evm.bytecode.object || !c.abi.some((x) => x.type === 'function')) continue;
     const artifact = {
       contractName: name,
       sourceName: file,

@@ -77,7 +77,7 @@ fn build(db: Db, number: u64, timestamp: u64) -> Evm {
         .with_db(db)
         .modify_cfg_chained(|cfg| {
             cfg.chain_id = EMBEDDED_CHAIN_ID;
-            cfg.set_spec_and_mainnet_gas_params(SpecId::CANCUN);
+            cfg.set_spec_and_mainnet_gas_params(SpecId::PRAGUE);
         })
         .modify_block_chained(|b: &mut BlockEnv| {
             b.number = U256::from(number);

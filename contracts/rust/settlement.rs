@@ -523,26 +523,24 @@ impl<'a, L: L1> Contracts<'a, L> {
 
     /// Batches posted and not reverted.
     pub async fn batch_count(&self) -> Result<u64, ContractError> {
-        Ok(view(
+        view(
             self.chain,
             "Settlement",
             self.d.settlement,
             Settlement::batchCountCall {},
         )
-        .await?
-        .to::<u64>())
+        .await
     }
 
     /// Batches final so far (as last recorded by `finalize`).
     pub async fn finalized(&self) -> Result<u64, ContractError> {
-        Ok(view(
+        view(
             self.chain,
             "Settlement",
             self.d.settlement,
             Settlement::finalizedCall {},
         )
-        .await?
-        .to::<u64>())
+        .await
     }
 
     /// The sequencer's bond.

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 pragma solidity 0.8.37;
 
+import {SparseMerkle} from "./SparseMerkle.sol";
 import {StepVerifier, Witness} from "./StepVerifier.sol";
 
 interface IERC20 {
@@ -61,21 +62,27 @@ contract Settlement {
 
     /// @notice The sequencer's bonded wei.
     uint256 public bond;
-    /// @notice Slashed bond not paid to challengers (locked for good).
-    uint256 public burnedBond;
-    Batch[] private batches;
+    /// Batches by index; entries at or past `batchCount` are reverted leftovers.
+    mapping(uint256 => Batch) private batches;
+    // The three counters below share one storage word: a withdrawal reads it once.
+    /// @notice Batches posted and not reverted.
+    uint64 public batchCount;
     /// @notice Batches [0, finalized) are final.
-    uint256 public finalized;
-    /// @notice keccak256(slot ‖ address ‖ amount) of each deposit, in queue order.
-    bytes32[] public depositHashes;
+    uint64 public finalized;
+    /// @notice Set once the escape hatch is open: no more batches; exits by proof.
+    bool public escaped;
+    /// @notice keccak256(slot ‖ address ‖ amount) of each deposit, by queue position.
+    mapping(uint64 => bytes32) public depositHashes;
+    /// @notice Deposits queued so far (applied on L2 or not). Shares a storage slot with
+    /// `nextSlot`, so a deposit writes one word of counters.
+    uint64 public depositCount;
+    /// @notice The slot the next new depositor gets.
+    uint32 public nextSlot = 2;
     /// @notice The account slot L1 assigned to each depositor (0: none yet).
     mapping(address => uint32) public slotOf;
-    uint32 public nextSlot = 2;
     /// @notice Cumulative `withdrawn` already paid out per account slot.
     mapping(uint32 => uint256) public paid;
 
-    /// @notice Set once the escape hatch is open: no more batches; exits by proof.
-    bool public escaped;
     bytes32 public escapeRoot;
     mapping(uint32 => bool) public exited;
     mapping(uint64 => bool) public refunded;
@@ -155,14 +162,10 @@ contract Settlement {
             nextSlot = slot + 1;
         }
         if (amount > 0 && !token.transferFrom(msg.sender, address(this), amount)) revert TransferFailed();
-        uint64 seq = uint64(depositHashes.length);
-        depositHashes.push(keccak256(abi.encodePacked(slot, account, uint128(amount))));
+        uint64 seq = depositCount;
+        depositCount = seq + 1;
+        depositHashes[seq] = keccak256(abi.encodePacked(slot, account, uint128(amount)));
         emit Deposited(seq, slot, account, amount);
-    }
-
-    /// @notice Deposits queued so far (applied or not).
-    function depositCount() external view returns (uint256) {
-        return depositHashes.length;
     }
 
     // ---------------------------------------------------------------- batches
@@ -202,14 +205,16 @@ contract Settlement {
                 level[i] = hashPair(level[2 * i], level[2 * i + 1]);
             }
         }
-        batches.push(Batch({root: pre, steps: level[0], submittedAt: uint64(block.timestamp), count: uint32(n)}));
-        emit BatchSubmitted(batches.length - 1, prevRoot, pre, level[0], n);
+        uint64 index = batchCount;
+        batches[index] = Batch({root: pre, steps: level[0], submittedAt: uint64(block.timestamp), count: uint32(n)});
+        batchCount = index + 1;
+        emit BatchSubmitted(index, prevRoot, pre, level[0], n);
     }
 
     /// @notice Marks every batch whose window has passed as final.
     function finalize() public {
-        uint256 f = finalized;
-        uint256 n = batches.length;
+        uint64 f = finalized;
+        uint64 n = batchCount;
         while (f < n && block.timestamp >= uint256(batches[f].submittedAt) + challengeWindow) {
             emit BatchFinalized(f, batches[f].root);
             ++f;
@@ -231,20 +236,19 @@ contract Settlement {
             _pay(sequencer, msg.value);
             return;
         }
-        uint256 reverted = batches.length - index;
-        while (batches.length > index) batches.pop();
+        uint256 reverted = batchCount - index;
+        batchCount = uint64(index);
         emit BatchesReverted(index, reverted);
         uint256 slashed = bond;
         bond = 0;
-        uint256 reward = slashed / 2;
-        burnedBond += slashed - reward;
+        uint256 reward = slashed / 2; // the other half stays locked here for good
         emit Challenged(index, step.index, msg.sender, correct, reward);
         _pay(msg.sender, reward + msg.value);
     }
 
     /// Requires `step` to be step `step.index` of batch `index`, within its window.
     function _checkStep(uint256 index, Step calldata step) private view {
-        if (index >= batches.length) revert NoSuchBatch(index);
+        if (index >= batchCount) revert NoSuchBatch(index);
         if (index < finalized) revert WindowClosed(index);
         Batch storage b = batches[index];
         if (block.timestamp >= uint256(b.submittedAt) + challengeWindow) revert WindowClosed(index);
@@ -265,7 +269,7 @@ contract Settlement {
     function _queued(bytes calldata txData) private view returns (bytes32) {
         if (txData.length != 49 || uint8(txData[0]) != 1) return bytes32(0);
         uint64 seq = uint64(bytes8(txData[1:9]));
-        return seq < depositHashes.length ? depositHashes[seq] : bytes32(0);
+        return depositHashes[seq];
     }
 
     // ---------------------------------------------------------------- withdrawals
@@ -290,7 +294,7 @@ contract Settlement {
     /// finalizes what was posted and freezes its root as the one exits prove against.
     function openEscape() external {
         if (escaped) revert EscapeOpen();
-        uint256 last = batches.length == 0 ? deployedAt : batches[batches.length - 1].submittedAt;
+        uint256 last = batchCount == 0 ? deployedAt : batches[batchCount - 1].submittedAt;
         if (block.timestamp < last + escapeDelay) revert SequencerActive(last + escapeDelay);
         finalize();
         escaped = true;
@@ -356,7 +360,7 @@ contract Settlement {
     {
         if (!escaped) revert EscapeNotOpen();
         if (refunded[seq]) revert AlreadyExited(seq);
-        if (seq >= depositHashes.length || depositHashes[seq] != keccak256(abi.encodePacked(slot, account, amount))) {
+        if (depositHashes[seq] != keccak256(abi.encodePacked(slot, account, amount))) {
             revert BadLeaf();
         }
         bytes calldata m = meta.preimage;
@@ -370,20 +374,21 @@ contract Settlement {
 
     // ---------------------------------------------------------------- views
 
-    /// @notice Batches posted and not reverted.
-    function batchCount() external view returns (uint256) {
-        return batches.length;
+    /// @notice Slashed bond not paid to challengers: locked in this contract for good
+    /// (its ether is only ever the sequencer's bond and what slashes left behind).
+    function burnedBond() external view returns (uint256) {
+        return address(this).balance - bond;
     }
 
     /// @notice Batch `index` as posted.
     function batch(uint256 index) external view returns (Batch memory) {
-        if (index >= batches.length) revert NoSuchBatch(index);
+        if (index >= batchCount) revert NoSuchBatch(index);
         return batches[index];
     }
 
     /// @notice The root the next batch must start from.
     function tipRoot() public view returns (bytes32) {
-        return batches.length == 0 ? genesisRoot : batches[batches.length - 1].root;
+        return batchCount == 0 ? genesisRoot : batches[batchCount - 1].root;
     }
 
     /// @notice The latest final root (genesis if none is final).
@@ -407,7 +412,7 @@ contract Settlement {
 
     // ---------------------------------------------------------------- internals
 
-    function _provenAccount(bytes32 root, Witness calldata leaf) private view returns (address, uint256) {
+    function _provenAccount(bytes32 root, Witness calldata leaf) private pure returns (address, uint256) {
         bytes calldata p = leaf.preimage;
         if (leaf.slot == 0 || leaf.slot >= DELEGATION_BASE || p.length != ACCOUNT_LEN || uint8(p[0]) != 1) {
             revert BadLeaf();
@@ -416,8 +421,8 @@ contract Settlement {
         return (address(bytes20(p[1:21])), uint128(bytes16(p[61:77])));
     }
 
-    function _prove(bytes32 root, Witness calldata leaf) private view {
-        if (verifier.rootOf(leaf.slot, keccak256(leaf.preimage), leaf.bitmap, leaf.siblings) != root) {
+    function _prove(bytes32 root, Witness calldata leaf) private pure {
+        if (SparseMerkle.root(leaf.slot, keccak256(leaf.preimage), leaf.bitmap, leaf.siblings) != root) {
             revert BadProof();
         }
     }

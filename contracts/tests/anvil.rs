@@ -40,7 +40,7 @@ struct Anvil {
 impl Anvil {
     async fn start() -> Anvil {
         let mut child = tokio::process::Command::new(anvil_binary())
-            .args(["--host", "127.0.0.1", "--port", "0", "--hardfork", "cancun"])
+            .args(["--host", "127.0.0.1", "--port", "0", "--hardfork", "prague"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
