@@ -110,3 +110,112 @@ pub trait L1: Send + Sync {
     /// latest (development chains).
     fn advance_time(&self, seconds: u64) -> impl Future<Output = Result<(), ChainError>> + Send;
 }
+
+impl<T: L1> L1 for std::sync::Arc<T> {
+    fn chain_id(&self) -> u64 {
+        (**self).chain_id()
+    }
+
+    fn send(
+        &self,
+        from: &PrivateKeySigner,
+        to: Option<Address>,
+        input: Bytes,
+        value: U256,
+    ) -> impl Future<Output = Result<Receipt, ChainError>> + Send {
+        (**self).send(from, to, input, value)
+    }
+
+    fn call(
+        &self,
+        to: Address,
+        input: Bytes,
+    ) -> impl Future<Output = Result<Bytes, ChainError>> + Send {
+        (**self).call(to, input)
+    }
+
+    fn logs(
+        &self,
+        address: Address,
+        from: u64,
+    ) -> impl Future<Output = Result<Vec<ChainLog>, ChainError>> + Send {
+        (**self).logs(address, from)
+    }
+
+    fn tx_input(&self, hash: B256) -> impl Future<Output = Result<Bytes, ChainError>> + Send {
+        (**self).tx_input(hash)
+    }
+
+    fn head(&self) -> impl Future<Output = Result<(u64, u64), ChainError>> + Send {
+        (**self).head()
+    }
+
+    fn eth_balance(
+        &self,
+        address: Address,
+    ) -> impl Future<Output = Result<U256, ChainError>> + Send {
+        (**self).eth_balance(address)
+    }
+
+    fn advance_time(&self, seconds: u64) -> impl Future<Output = Result<(), ChainError>> + Send {
+        (**self).advance_time(seconds)
+    }
+}
+
+/// Either L1, chosen at run time (configuration says embedded or an RPC URL).
+#[derive(Clone)]
+pub enum AnyChain {
+    /// The in-process revm chain.
+    Embedded(std::sync::Arc<crate::EmbeddedChain>),
+    /// An EVM node over JSON-RPC.
+    Rpc(std::sync::Arc<crate::RpcChain>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            AnyChain::Embedded($c) => $e,
+            AnyChain::Rpc($c) => $e,
+        }
+    };
+}
+
+impl L1 for AnyChain {
+    fn chain_id(&self) -> u64 {
+        dispatch!(self, c => c.chain_id())
+    }
+
+    async fn send(
+        &self,
+        from: &PrivateKeySigner,
+        to: Option<Address>,
+        input: Bytes,
+        value: U256,
+    ) -> Result<Receipt, ChainError> {
+        dispatch!(self, c => c.send(from, to, input, value).await)
+    }
+
+    async fn call(&self, to: Address, input: Bytes) -> Result<Bytes, ChainError> {
+        dispatch!(self, c => c.call(to, input).await)
+    }
+
+    async fn logs(&self, address: Address, from: u64) -> Result<Vec<ChainLog>, ChainError> {
+        dispatch!(self, c => c.logs(address, from).await)
+    }
+
+    async fn tx_input(&self, hash: B256) -> Result<Bytes, ChainError> {
+        dispatch!(self, c => c.tx_input(hash).await)
+    }
+
+    async fn head(&self) -> Result<(u64, u64), ChainError> {
+        dispatch!(self, c => c.head().await)
+    }
+
+    async fn eth_balance(&self, address: Address) -> Result<U256, ChainError> {
+        dispatch!(self, c => c.eth_balance(address).await)
+    }
+
+    async fn advance_time(&self, seconds: u64) -> Result<(), ChainError> {
+        dispatch!(self, c => c.advance_time(seconds).await)
+    }
+}

@@ -8,8 +8,9 @@ pub mod chain;
 pub mod embedded;
 pub mod rpc;
 pub mod settlement;
+pub mod wallet;
 
-pub use chain::{ChainError, ChainLog, Receipt, L1};
+pub use chain::{AnyChain, ChainError, ChainLog, Receipt, L1};
 pub use embedded::{EmbeddedChain, EMBEDDED_CHAIN_ID};
 pub use rpc::RpcChain;
 pub use settlement::{

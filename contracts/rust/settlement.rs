@@ -10,7 +10,7 @@ use alloy::sol_types::{SolCall, SolConstructor, SolError, SolEvent, SolInterface
 use tessera_rollup::{Batch, FraudProof, MerkleProof, State, Witness, H256};
 
 /// Settlement parameters fixed at deployment.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Params {
     /// Seconds a batch can be challenged.
     pub challenge_window: u64,
@@ -56,6 +56,22 @@ pub struct Deployment {
     pub genesis_root: B256,
     /// Block of the deployment (log scans start here).
     pub block: u64,
+    /// What it was deployed with.
+    pub params: Params,
+    /// Owner of the L2 protocol fee account.
+    pub fee_owner: Address,
+}
+
+impl Deployment {
+    /// The L2 genesis state this deployment starts from (its root is `genesis_root`).
+    pub fn genesis(&self) -> State {
+        State::genesis(
+            self.domain.0,
+            self.params.fee_bps,
+            self.params.unbonding_epochs,
+            self.fee_owner.0 .0,
+        )
+    }
 }
 
 /// Why a contract operation failed.
@@ -210,6 +226,8 @@ pub async fn deploy<L: L1>(
         domain: domain(chain.chain_id(), settlement),
         genesis_root: genesis.into(),
         block: r.block,
+        params: params.clone(),
+        fee_owner,
     };
     let on_chain = view(chain, "Settlement", settlement, Settlement::domainCall {}).await?;
     if on_chain != d.domain {

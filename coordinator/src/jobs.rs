@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tessera_net::PeerId;
 use tessera_protocol::job::MAX_JOB_TOKENS;
 use tessera_protocol::{
-    Amount, ErrorCode, FinishReason, JobEvent, JobId, JobResult, ModuleId, Price, Usage,
+    Address, Amount, ErrorCode, FinishReason, JobEvent, JobId, JobResult, ModuleId, Price, Usage,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -72,6 +72,8 @@ pub enum JobUpdate {
 pub struct Started {
     /// The node.
     pub node: PeerId,
+    /// Its L1 payout address (where the rollup pays it).
+    pub payout: Address,
     /// The module it runs.
     pub module: ModuleId,
     /// The job id (the receipt's id).
@@ -440,6 +442,7 @@ impl Job {
         };
         let started = Started {
             node: c.node,
+            payout: c.payout,
             module: c.offer.module.clone(),
             job_id: self.job_id,
             price: c.offer.price,
@@ -598,7 +601,9 @@ impl Job {
             // Cannot happen when the prompt bound holds; the ledger caps the charge.
             tracing::error!(job_id = %job, cost = %receipt.body.cost, reserved = %self.reservation, "receipt costs more than was reserved");
         }
-        let settled = tokio::task::spawn_blocking(move || ledger.settle(job, &receipt)).await;
+        let payout = started.payout;
+        let settled =
+            tokio::task::spawn_blocking(move || ledger.settle(job, &receipt, &payout)).await;
         let settlement = match settled {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

@@ -7,7 +7,7 @@
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use tessera_protocol::job::MAX_EVENT_FRAME;
-use tessera_protocol::{Amount, JobId, Receipt, Signed};
+use tessera_protocol::{Address, Amount, JobId, Receipt, Signed};
 
 /// account id → (credited, charged, reserved), base units. Balance = credited − charged;
 /// available = balance − reserved.
@@ -20,6 +20,21 @@ const KEYS: TableDefinition<&[u8; 32], &str> = TableDefinition::new("api_keys");
 const RESERVATIONS: TableDefinition<&[u8; 16], (&str, u128)> = TableDefinition::new("reservations");
 /// job id → (account id, amount charged, encoded signed receipt).
 const RECEIPTS: TableDefinition<&[u8; 16], (&str, u128, &[u8])> = TableDefinition::new("receipts");
+/// account id → its L1 address (deposits from that address credit the account).
+const LINKS: TableDefinition<&str, &[u8; 20]> = TableDefinition::new("account_links");
+/// L1 address → account id.
+const LINKED: TableDefinition<&[u8; 20], &str> = TableDefinition::new("address_links");
+/// Settled jobs not yet in a posted batch: job id → (account, cost, node payout address,
+/// receipt leaf). Written with the receipt, in the same transaction.
+const UNBATCHED: TableDefinition<&[u8; 16], UnbatchedRow<'_>> =
+    TableDefinition::new("unbatched_receipts");
+/// (account, cost, payout address, receipt leaf).
+type UnbatchedRow<'a> = (&'a str, u128, &'a [u8; 20], &'a [u8; 32]);
+/// Receipts root of a posted settlement → the jobs it settles (JSON rows), so a reverted
+/// batch's jobs go back to unbatched and none is settled twice or lost.
+const POSTED: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("posted_receipts");
+/// L1 deposit queue positions already credited to a linked account.
+const DEPOSITS_SEEN: TableDefinition<u64, ()> = TableDefinition::new("deposits_seen");
 
 /// Longest account id, in bytes (the wire's payer limit).
 pub const MAX_ACCOUNT_BYTES: usize = tessera_protocol::job::MAX_PAYER_BYTES;
@@ -213,6 +228,11 @@ impl Ledger {
         tx.open_table(KEYS).map_err(db)?;
         tx.open_table(RESERVATIONS).map_err(db)?;
         tx.open_table(RECEIPTS).map_err(db)?;
+        tx.open_table(LINKS).map_err(db)?;
+        tx.open_table(LINKED).map_err(db)?;
+        tx.open_table(UNBATCHED).map_err(db)?;
+        tx.open_table(POSTED).map_err(db)?;
+        tx.open_table(DEPOSITS_SEEN).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Self { db: database })
     }
@@ -359,8 +379,15 @@ impl Ledger {
 
     /// Settles `job` with its node-signed receipt, in one transaction: the receipt is
     /// stored, the account charged the receipt's cost (capped at the reservation), and the
-    /// rest of the reservation released. A second settle of the same job is refused.
-    pub fn settle(&self, job: JobId, receipt: &Signed<Receipt>) -> Result<Settlement, LedgerError> {
+    /// rest of the reservation released, and the job queued for the rollup's next batch
+    /// (paying `payout`, the node's L1 address). A second settle of the same job is
+    /// refused.
+    pub fn settle(
+        &self,
+        job: JobId,
+        receipt: &Signed<Receipt>,
+        payout: &Address,
+    ) -> Result<Settlement, LedgerError> {
         if receipt.body.job_id != job {
             return Err(LedgerError::BadReceipt(format!(
                 "receipt is for job {}, not {job}",
@@ -403,6 +430,13 @@ impl Ledger {
             receipts
                 .insert(&job.0, (account.as_str(), cost, encoded.as_slice()))
                 .map_err(db)?;
+            if cost > 0 {
+                let leaf = tessera_rollup::keccak256(&encoded);
+                tx.open_table(UNBATCHED)
+                    .map_err(db)?
+                    .insert(&job.0, (account.as_str(), cost, &payout.0, &leaf))
+                    .map_err(db)?;
+            }
             let charged = cost;
             Settlement {
                 charged: Amount(charged),
@@ -546,6 +580,205 @@ impl Ledger {
     }
 }
 
+/// A settled job waiting for (or carried by) a rollup batch.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unbatched {
+    /// The job.
+    pub job: JobId,
+    /// The paying account.
+    pub account: String,
+    /// Base units charged.
+    pub cost: u128,
+    /// The node's L1 payout address.
+    pub payout: [u8; 20],
+    /// keccak256 of the stored signed receipt (a leaf of the settlement's receipts root).
+    pub leaf: [u8; 32],
+}
+
+/// The rollup's side of the ledger: the link between API accounts and L1 addresses,
+/// deposits credited once, and which receipts await a batch.
+impl Ledger {
+    /// Links `account` to the L1 address whose deposits credit it (and that signs its
+    /// withdrawals). An address links to one account, an account to one address.
+    pub fn link(&self, account: &str, address: &Address) -> Result<(), LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            read_account(&accounts, account)?;
+            let mut links = tx.open_table(LINKS).map_err(db)?;
+            let mut linked = tx.open_table(LINKED).map_err(db)?;
+            if let Some(other) = linked.get(&address.0).map_err(db)? {
+                if other.value() != account {
+                    return Err(LedgerError::BadReceipt(format!(
+                        "address {address} is already linked to account {:?}",
+                        other.value()
+                    )));
+                }
+            }
+            if let Some(old) = links.insert(account, &address.0).map_err(db)? {
+                let old = *old.value();
+                linked.remove(&old).map_err(db)?;
+            }
+            linked.insert(&address.0, account).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// The L1 address linked to `account`.
+    pub fn address_of(&self, account: &str) -> Result<Option<Address>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let links = tx.open_table(LINKS).map_err(db)?;
+        Ok(links.get(account).map_err(db)?.map(|v| Address(*v.value())))
+    }
+
+    /// The account linked to `address`.
+    pub fn account_at(&self, address: &Address) -> Result<Option<String>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let linked = tx.open_table(LINKED).map_err(db)?;
+        Ok(linked
+            .get(&address.0)
+            .map_err(db)?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// Credits the account linked to `address` with L1 deposit `seq`, once: a deposit
+    /// seen again (a restart re-reading L1) credits nothing. Returns the account credited.
+    pub fn credit_deposit(
+        &self,
+        seq: u64,
+        address: &Address,
+        amount: Amount,
+    ) -> Result<Option<String>, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let credited = {
+            let mut seen = tx.open_table(DEPOSITS_SEEN).map_err(db)?;
+            if seen.get(seq).map_err(db)?.is_some() {
+                return Ok(None);
+            }
+            seen.insert(seq, ()).map_err(db)?;
+            let account = tx
+                .open_table(LINKED)
+                .map_err(db)?
+                .get(&address.0)
+                .map_err(db)?
+                .map(|v| v.value().to_owned());
+            if let Some(account) = &account {
+                let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+                let (credited, charged, reserved) = read_account(&accounts, account)?;
+                let credited = credited
+                    .checked_add(amount.0)
+                    .ok_or_else(|| LedgerError::BadReceipt("balance overflows".into()))?;
+                accounts
+                    .insert(account.as_str(), (credited, charged, reserved))
+                    .map_err(db)?;
+            }
+            account
+        };
+        tx.commit().map_err(db)?;
+        Ok(credited)
+    }
+
+    /// Takes `amount` out of `account`'s available balance for an L2 withdrawal or stake
+    /// (the L2 state moves it; the API must not spend it again).
+    pub fn debit(&self, account: &str, amount: Amount) -> Result<Balance, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let after = {
+            let mut accounts = tx.open_table(ACCOUNTS).map_err(db)?;
+            let (credited, charged, reserved) = read_account(&accounts, account)?;
+            let available = credited.saturating_sub(charged).saturating_sub(reserved);
+            if amount.0 > available {
+                return Err(LedgerError::InsufficientBalance {
+                    needed: amount,
+                    available: Amount(available),
+                });
+            }
+            let row = (credited - amount.0, charged, reserved);
+            accounts.insert(account, row).map_err(db)?;
+            Balance::from_row(row)
+        };
+        tx.commit().map_err(db)?;
+        Ok(after)
+    }
+
+    /// Settled jobs that no posted batch carries yet, in job order.
+    pub fn unbatched(&self) -> Result<Vec<Unbatched>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(UNBATCHED).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (account, cost, payout, leaf) = v.value();
+            out.push(Unbatched {
+                job: JobId(*k.value()),
+                account: account.to_owned(),
+                cost,
+                payout: *payout,
+                leaf: *leaf,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records that a posted settlement with `receipts_root` carries `jobs`.
+    pub fn mark_posted(
+        &self,
+        receipts_root: &[u8; 32],
+        jobs: &[Unbatched],
+    ) -> Result<(), LedgerError> {
+        let rows = serde_json::to_vec(jobs).map_err(|e| LedgerError::BadReceipt(e.to_string()))?;
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut unbatched = tx.open_table(UNBATCHED).map_err(db)?;
+            for j in jobs {
+                unbatched.remove(&j.job.0).map_err(db)?;
+            }
+            tx.open_table(POSTED)
+                .map_err(db)?
+                .insert(receipts_root, rows.as_slice())
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Puts the jobs of posted settlements that L1 no longer holds (a reverted batch)
+    /// back among the unbatched. `live` holds the receipts roots of every settlement in
+    /// the batches L1 still has. Returns how many jobs came back.
+    pub fn unpost_except(
+        &self,
+        live: &std::collections::HashSet<[u8; 32]>,
+    ) -> Result<usize, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let mut back = 0;
+        {
+            let mut posted = tx.open_table(POSTED).map_err(db)?;
+            let mut gone = Vec::new();
+            for row in posted.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                if !live.contains(k.value()) {
+                    let jobs: Vec<Unbatched> = serde_json::from_slice(v.value()).map_err(|e| {
+                        LedgerError::BadReceipt(format!("posted row unreadable: {e}"))
+                    })?;
+                    gone.push((*k.value(), jobs));
+                }
+            }
+            let mut unbatched = tx.open_table(UNBATCHED).map_err(db)?;
+            for (root, jobs) in gone {
+                posted.remove(&root).map_err(db)?;
+                for j in jobs {
+                    unbatched
+                        .insert(&j.job.0, (j.account.as_str(), j.cost, &j.payout, &j.leaf))
+                        .map_err(db)?;
+                    back += 1;
+                }
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(back)
+    }
+}
+
 /// An account's (credited, charged, reserved), or `UnknownAccount`.
 fn read_account(
     accounts: &impl ReadableTable<&'static str, (u128, u128, u128)>,
@@ -588,6 +821,78 @@ mod tests {
         FinishReason, Keypair, ModuleId, Price, Quantization, SamplingParams, TranscriptCommitment,
         Usage, WeightsHash,
     };
+
+    const PAYOUT: Address = Address([9; 20]);
+
+    #[test]
+    fn deposits_credit_linked_accounts_once_and_receipts_wait_for_a_batch_until_posted() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
+        ledger.create_account("alice").expect("create");
+        ledger.create_account("bob").expect("create");
+        let addr = Address([1; 20]);
+        ledger.link("alice", &addr).expect("link");
+        assert!(
+            ledger.link("bob", &addr).is_err(),
+            "one account per address"
+        );
+        assert_eq!(ledger.address_of("alice").expect("read"), Some(addr));
+        assert_eq!(
+            ledger
+                .credit_deposit(0, &addr, Amount(1_000))
+                .expect("credit"),
+            Some("alice".into())
+        );
+        assert_eq!(
+            ledger
+                .credit_deposit(0, &addr, Amount(1_000))
+                .expect("again"),
+            None
+        );
+        assert_eq!(
+            ledger
+                .credit_deposit(1, &Address([2; 20]), Amount(5))
+                .expect("unlinked"),
+            None
+        );
+        assert_eq!(
+            ledger.balance("alice").expect("balance").balance,
+            Amount(1_000)
+        );
+
+        let (a, b) = (JobId([1; 16]), JobId([2; 16]));
+        for job in [a, b] {
+            ledger.reserve("alice", job, Amount(100)).expect("reserve");
+            ledger
+                .settle(job, &receipt(job, 40), &PAYOUT)
+                .expect("settle");
+        }
+        let waiting = ledger.unbatched().expect("unbatched");
+        assert_eq!(
+            waiting.iter().map(|u| u.job).collect::<Vec<_>>(),
+            vec![a, b]
+        );
+        assert!(waiting
+            .iter()
+            .all(|u| u.cost == 40 && u.payout == PAYOUT.0 && u.account == "alice"));
+        ledger.mark_posted(&[7; 32], &waiting).expect("posted");
+        assert!(ledger.unbatched().expect("unbatched").is_empty());
+        // The batch is reverted on L1: its jobs come back, once.
+        let live = std::collections::HashSet::from([[8u8; 32]]);
+        assert_eq!(ledger.unpost_except(&live).expect("unpost"), 2);
+        assert_eq!(ledger.unpost_except(&live).expect("again"), 0);
+        assert_eq!(ledger.unbatched().expect("unbatched").len(), 2);
+
+        assert!(matches!(
+            ledger.debit("alice", Amount(921)),
+            Err(LedgerError::InsufficientBalance { .. })
+        ));
+        assert_eq!(
+            ledger.debit("alice", Amount(920)).expect("debit").balance,
+            Amount(0)
+        );
+        assert!(ledger.check().expect("check").problems.is_empty());
+    }
 
     fn receipt(job: JobId, cost: u128) -> Signed<Receipt> {
         let node = Keypair::generate_ed25519();
@@ -691,13 +996,13 @@ mod tests {
         );
 
         // Charged what the receipt says, the rest of the hold released.
-        let s = ledger.settle(a, &receipt(a, 250)).expect("settle");
+        let s = ledger.settle(a, &receipt(a, 250), &PAYOUT).expect("settle");
         assert_eq!((s.charged, s.released), (Amount(250), Amount(350)));
         let bal = ledger.balance("alice").expect("balance");
         assert_eq!((bal.balance, bal.reserved), (Amount(750), Amount(0)));
         // Never twice, and a settled job cannot be reserved again.
         assert!(matches!(
-            ledger.settle(a, &receipt(a, 250)),
+            ledger.settle(a, &receipt(a, 250), &PAYOUT),
             Err(LedgerError::AlreadySettled(_))
         ));
         assert!(matches!(
@@ -710,7 +1015,9 @@ mod tests {
 
         // A receipt asking more than was held is capped at the hold.
         ledger.reserve("alice", b, Amount(100)).expect("reserve b");
-        let s = ledger.settle(b, &receipt(b, 5_000)).expect("settle");
+        let s = ledger
+            .settle(b, &receipt(b, 5_000), &PAYOUT)
+            .expect("settle");
         assert_eq!((s.charged, s.released), (Amount(100), Amount(0)));
 
         // A failed job gives its hold back and charges nothing.
@@ -721,11 +1028,11 @@ mod tests {
             Err(LedgerError::NoReservation(_))
         ));
         assert!(matches!(
-            ledger.settle(c, &receipt(c, 1)),
+            ledger.settle(c, &receipt(c, 1), &PAYOUT),
             Err(LedgerError::NoReservation(_))
         ));
         assert!(matches!(
-            ledger.settle(c, &receipt(a, 1)),
+            ledger.settle(c, &receipt(a, 1), &PAYOUT),
             Err(LedgerError::BadReceipt(_))
         ));
         let bal = ledger.balance("alice").expect("balance");
@@ -761,7 +1068,7 @@ mod tests {
                 .reserve("alice", JobId([8; 16]), Amount(100))
                 .expect("reserve");
             ledger
-                .settle(JobId([8; 16]), &receipt(JobId([8; 16]), 40))
+                .settle(JobId([8; 16]), &receipt(JobId([8; 16]), 40), &PAYOUT)
                 .expect("settle");
             ledger.create_key("alice").expect("key")
         };

@@ -10,7 +10,7 @@ use crate::table::{NodeEntry, NodeTable};
 use serde::Deserialize;
 use std::time::{Duration, Instant};
 use tessera_net::PeerId;
-use tessera_protocol::{Amount, ModuleOffer, Price};
+use tessera_protocol::{Address, Amount, ModuleOffer, Price};
 
 /// A node that failed a job within this long is tried after every healthy one.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(30);
@@ -123,6 +123,8 @@ impl ProviderPrefs {
 pub struct Candidate {
     /// The node.
     pub node: PeerId,
+    /// Where its earnings are paid on L1 (its advert's payout address).
+    pub payout: Address,
     /// What it offers for the model.
     pub offer: ModuleOffer,
     /// Expected time until the answer is complete.
@@ -256,6 +258,7 @@ fn candidate(entry: &NodeEntry, offer: &ModuleOffer, max_tokens: u32, now: Insta
     let queue = job * load;
     Candidate {
         node: entry.advert.node,
+        payout: entry.advert.payout,
         offer: offer.clone(),
         expected: rtt + queue + job,
         expected_first: rtt + queue + ttft,

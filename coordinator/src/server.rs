@@ -9,6 +9,7 @@ use crate::jobs::{DispatchConfig, Dispatcher};
 use crate::ledger::{Ledger, LedgerError};
 use crate::limits::RateLimits;
 use crate::network::{CoordinatorNet, CoordinatorNetError};
+use crate::sequencer::{L1Setup, SequencerConfig, SequencerHandle};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,11 @@ impl CoordinatorConfig {
 
 /// A running coordinator.
 pub struct Coordinator {
+    sequencer: Option<(
+        SequencerHandle,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
     net: CoordinatorNet,
     dispatcher: Dispatcher,
     http_addr: SocketAddr,
@@ -154,6 +160,15 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the ledger, joins the network and starts serving the API.
     pub async fn start(config: CoordinatorConfig) -> Result<Self, StartError> {
+        Self::start_with(config, None).await
+    }
+
+    /// Starts a coordinator that also runs the rollup's sequencer on `settlement`'s L1:
+    /// what the API settles is posted in batches (docs/settlement.md).
+    pub async fn start_with(
+        config: CoordinatorConfig,
+        settlement: Option<(L1Setup, SequencerConfig)>,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).map_err(|cause| StartError::DataDir {
             path: config.data_dir.clone(),
@@ -190,6 +205,23 @@ impl Coordinator {
             },
         );
         let dispatcher = state.dispatcher.clone();
+        let sequencer = match settlement {
+            Some((l1, seq_config)) => {
+                let stop = CancellationToken::new();
+                let genesis = l1.deployment.genesis();
+                let (handle, task) = crate::sequencer::start(
+                    l1,
+                    dispatcher.ledger().clone(),
+                    genesis,
+                    seq_config,
+                    stop.clone(),
+                )
+                .await
+                .map_err(|e| StartError::Config(format!("cannot start the sequencer: {e}")))?;
+                Some((handle, stop, task))
+            }
+            None => None,
+        };
         let http_stop = CancellationToken::new();
         let app = router(state);
         let stop = http_stop.clone();
@@ -203,6 +235,7 @@ impl Coordinator {
         });
         tracing::info!(%http_addr, peer = %net.peer_id(), "coordinator started");
         Ok(Self {
+            sequencer,
             net,
             dispatcher,
             http_addr,
@@ -237,8 +270,14 @@ impl Coordinator {
         self.dispatcher.ledger()
     }
 
+    /// The rollup's sequencer, when settlement is on.
+    pub fn sequencer(&self) -> Option<&SequencerHandle> {
+        self.sequencer.as_ref().map(|(h, _, _)| h)
+    }
+
     /// Stops in order: no new requests; running jobs get the grace period to finish, then
-    /// are cancelled (each settling what it delivered); then the swarm closes.
+    /// are cancelled (each settling what it delivered); the sequencer stops; then the
+    /// swarm closes.
     pub async fn shutdown(self) {
         self.http_stop.cancel();
         let http = self.http_task;
@@ -247,6 +286,10 @@ impl Coordinator {
         self.dispatcher.shutdown().await;
         if !finished {
             let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+        }
+        if let Some((_, stop, task)) = self.sequencer {
+            stop.cancel();
+            let _ = task.await;
         }
         self.net.shutdown().await;
     }

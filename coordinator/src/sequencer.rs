@@ -1,0 +1,708 @@
+//! The sequencer: turns what the coordinator settles into L2 transactions and posts them
+//! to the settlement contract. One task owns the L2 state; everything else holds a
+//! [`SequencerHandle`] and sends commands with a reply channel.
+//!
+//! Every `poll` it reads L1: new deposits (credited to the linked API account once, and
+//! queued as deposit transactions) and the batch count (a challenge that reverted our
+//! batches puts their transactions back in line, and their receipts back among the
+//! unbatched). Every `batch_interval`, or as soon as `max_batch` transactions wait, it
+//! posts a batch: deposits and signed transactions in arrival order, then one settlement
+//! per (payer, node) netting the receipts settled since, with the Merkle root of those
+//! receipts so each job stays provable.
+//!
+//! What survives a crash: posted batches are on L1 and replayed from their calldata at
+//! start; receipts not yet posted are in the ledger (written with the receipt); deposits
+//! are re-read from L1 and credited once. Signed transactions received but not yet
+//! posted are lost with the process and must be sent again (nothing was applied).
+
+use crate::ledger::{Ledger, Unbatched};
+use alloy::primitives::{Address as EvmAddress, U256};
+use alloy::signers::local::PrivateKeySigner;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera_contracts::{AnyChain, ContractError, Contracts, Deployment, QueuedDeposit, L1};
+use tessera_protocol::{Address, Amount};
+use tessera_rollup::{Account, Batch, MerkleProof, Outcome, State, Tx, H256};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// How the sequencer batches.
+#[derive(Clone, Debug)]
+pub struct SequencerConfig {
+    /// Post at least this often when anything waits.
+    pub batch_interval: Duration,
+    /// Post at once when this many transactions wait; also the most one batch carries.
+    pub max_batch: usize,
+    /// How often L1 is read for deposits, reverts and finality.
+    pub poll_interval: Duration,
+    /// Misbehave on purpose (tests of the watchtowers only).
+    pub fault: Option<Fault>,
+}
+
+impl Default for SequencerConfig {
+    fn default() -> Self {
+        Self {
+            batch_interval: Duration::from_secs(10),
+            max_batch: 512,
+            poll_interval: Duration::from_secs(1),
+            fault: None,
+        }
+    }
+}
+
+/// A deliberate fault, so tests can show that watchtowers catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The next batch is posted with its last root wrong.
+    WrongRoot,
+}
+
+/// The L1 the sequencer posts to, and its key (the contract's sequencer).
+#[derive(Clone)]
+pub struct L1Setup {
+    /// The chain.
+    pub chain: AnyChain,
+    /// The contracts.
+    pub deployment: Deployment,
+    /// The sequencer's key.
+    pub operator: PrivateKeySigner,
+}
+
+/// Why a sequencer request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SequencerError {
+    /// The transaction would not apply to the current L2 state.
+    #[error("transaction does not apply: {0}")]
+    Rejected(&'static str),
+    /// The transaction bytes are malformed.
+    #[error("{0}")]
+    Malformed(String),
+    /// The ledger refused (e.g. the balance is held by running jobs).
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// L1 failed.
+    #[error("L1: {0}")]
+    L1(#[from] ContractError),
+    /// The sequencer has stopped.
+    #[error("the sequencer has stopped")]
+    Stopped,
+}
+
+/// An account as the sequencer knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountView {
+    /// Its slot.
+    pub slot: u32,
+    /// With everything the sequencer has applied (posted or not).
+    pub pending: Account,
+    /// At the last posted batch.
+    pub posted: Option<Account>,
+    /// At the last final batch.
+    pub final_: Option<Account>,
+}
+
+/// An account leaf with its proof against a final root: what an L1 withdrawal needs.
+#[derive(Clone, Debug)]
+pub struct FinalProof {
+    /// The final batch.
+    pub batch: u64,
+    /// Its root.
+    pub root: H256,
+    /// The leaf's encoding.
+    pub preimage: Vec<u8>,
+    /// Its proof.
+    pub proof: MerkleProof,
+}
+
+/// Where the sequencer stands.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SequencerStatus {
+    /// Batches posted and standing on L1.
+    pub batches: u64,
+    /// Of which final.
+    pub finalized: u64,
+    /// Transactions waiting for the next batch (receipts not counted).
+    pub waiting: usize,
+    /// The root of everything applied.
+    pub pending_root: String,
+}
+
+enum Command {
+    Submit {
+        tx: Tx,
+        reply: oneshot::Sender<Result<(), SequencerError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<Option<u64>, SequencerError>>,
+    },
+    Account {
+        address: Address,
+        reply: oneshot::Sender<Option<AccountView>>,
+    },
+    Proof {
+        slot: u32,
+        reply: oneshot::Sender<Option<FinalProof>>,
+    },
+    Status {
+        reply: oneshot::Sender<SequencerStatus>,
+    },
+    Inject(Fault),
+}
+
+/// A handle to the sequencer task.
+#[derive(Clone)]
+pub struct SequencerHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl SequencerHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, SequencerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SequencerError::Stopped)?;
+        rx.await.map_err(|_| SequencerError::Stopped)
+    }
+
+    /// Queues a signed L2 transaction (withdraw, stake, delegate …), a claim or a
+    /// release for the next batch, after checking that it applies. A withdrawal or stake by an API account's address
+    /// also takes the amount out of the API balance.
+    pub async fn submit(&self, tx: Tx) -> Result<(), SequencerError> {
+        self.ask(|reply| Command::Submit { tx, reply }).await?
+    }
+
+    /// Posts a batch now if anything waits; returns its index.
+    pub async fn flush(&self) -> Result<Option<u64>, SequencerError> {
+        self.ask(|reply| Command::Flush { reply }).await?
+    }
+
+    /// An address's account.
+    pub async fn account(&self, address: Address) -> Result<Option<AccountView>, SequencerError> {
+        self.ask(|reply| Command::Account { address, reply }).await
+    }
+
+    /// A slot's leaf and proof at the last final batch.
+    pub async fn final_proof(&self, slot: u32) -> Result<Option<FinalProof>, SequencerError> {
+        self.ask(|reply| Command::Proof { slot, reply }).await
+    }
+
+    /// Where the sequencer stands.
+    pub async fn status(&self) -> Result<SequencerStatus, SequencerError> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// Makes the next batch faulty (a test option: watchtowers must catch it).
+    pub async fn inject_fault(&self, fault: Fault) -> Result<(), SequencerError> {
+        self.tx
+            .send(Command::Inject(fault))
+            .await
+            .map_err(|_| SequencerError::Stopped)
+    }
+}
+
+/// One batch we posted that L1 still holds.
+struct Posted {
+    index: u64,
+    txs: Vec<Tx>,
+    state: State,
+}
+
+/// The sequencer task's state.
+struct Sequencer {
+    l1: L1Setup,
+    ledger: Arc<Ledger>,
+    config: SequencerConfig,
+    genesis: State,
+    /// State after the posted batches and the waiting transactions.
+    pending: State,
+    posted: Vec<Posted>,
+    finalized: u64,
+    deposits: Vec<QueuedDeposit>,
+    queue: Vec<H256>,
+    waiting: Vec<Tx>,
+    registering: HashSet<Address>,
+    last_post: Instant,
+    fault: Option<Fault>,
+}
+
+/// Starts the sequencer: rebuilds the L2 state from the batches on L1, then runs until
+/// `stop`. The returned join handle ends when it has stopped.
+pub async fn start(
+    l1: L1Setup,
+    ledger: Arc<Ledger>,
+    genesis: State,
+    config: SequencerConfig,
+    stop: CancellationToken,
+) -> Result<(SequencerHandle, tokio::task::JoinHandle<()>), SequencerError> {
+    let mut s = Sequencer {
+        pending: genesis.clone(),
+        genesis,
+        fault: config.fault,
+        l1,
+        ledger,
+        config,
+        posted: Vec::new(),
+        finalized: 0,
+        deposits: Vec::new(),
+        queue: Vec::new(),
+        waiting: Vec::new(),
+        registering: HashSet::new(),
+        last_post: Instant::now(),
+    };
+    s.recover().await?;
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(s.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => s.handle(cmd).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if let Err(e) = s.tick().await {
+                        tracing::warn!(error = %e, "sequencer round failed; retrying");
+                    }
+                }
+            }
+        }
+        tracing::info!("sequencer stopped");
+    });
+    Ok((SequencerHandle { tx }, task))
+}
+
+impl Sequencer {
+    fn contracts(&self) -> Contracts<'_, AnyChain> {
+        Contracts::new(&self.l1.chain, &self.l1.deployment)
+    }
+
+    /// Rebuilds the posted state from L1: every standing batch, replayed from calldata.
+    async fn recover(&mut self) -> Result<(), SequencerError> {
+        self.sync_deposits().await?;
+        let c = self.contracts();
+        let batches = c.posted_batches().await?;
+        let mut state = self.genesis.clone();
+        let mut posted = Vec::new();
+        for b in &batches {
+            let batch = c.batch_data(b).await?;
+            for tx in &batch.txs {
+                state.apply(tx, &self.queue);
+            }
+            if state.root() != batch.new_root() {
+                tracing::error!(index = b.index, "a standing batch does not replay to its root; a watchtower should challenge it");
+            }
+            posted.push(Posted {
+                index: b.index,
+                txs: batch.txs,
+                state: state.clone(),
+            });
+        }
+        let finalized = c.finalized().await?;
+        self.finalized = finalized;
+        self.posted = posted;
+        self.pending = state;
+        // Receipts whose settlement L1 no longer holds (reverted while we were down) are
+        // unbatched again; deposits not yet applied wait for the next batch.
+        let live = self.live_roots();
+        let back = self.ledger.unpost_except(&live)?;
+        if back > 0 {
+            tracing::warn!(jobs = back, "receipts of reverted batches queued again");
+        }
+        let applied = self.pending.meta().deposits;
+        self.waiting = self
+            .deposits
+            .iter()
+            .filter(|d| d.seq >= applied)
+            .map(QueuedDeposit::tx)
+            .collect();
+        for tx in &self.waiting {
+            self.pending.apply(tx, &self.queue);
+        }
+        tracing::info!(batches = self.posted.len(), finalized = self.finalized, root = %hex::encode(self.pending.root()), "L2 state rebuilt from L1");
+        Ok(())
+    }
+
+    fn live_roots(&self) -> HashSet<H256> {
+        self.posted
+            .iter()
+            .flat_map(|p| p.txs.iter())
+            .filter_map(|tx| match tx {
+                Tx::Settle { receipts_root, .. } => Some(*receipts_root),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { tx, reply } => {
+                let _ = reply.send(self.submit(tx));
+            }
+            Command::Flush { reply } => {
+                let r = async {
+                    self.sync().await?;
+                    self.post().await
+                }
+                .await;
+                let _ = reply.send(r);
+            }
+            Command::Account { address, reply } => {
+                let view = self.pending.slot_of(&address.0).map(|slot| AccountView {
+                    slot,
+                    pending: *self
+                        .pending
+                        .account(slot)
+                        .expect("slot_of names an account"),
+                    posted: self
+                        .posted
+                        .last()
+                        .and_then(|p| p.state.account(slot).copied()),
+                    final_: self.final_state().and_then(|s| s.account(slot).copied()),
+                });
+                let _ = reply.send(view);
+            }
+            Command::Proof { slot, reply } => {
+                let proof = self.final_index().and_then(|i| {
+                    let p = self.posted.iter().find(|p| p.index == i)?;
+                    Some(FinalProof {
+                        batch: i,
+                        root: p.state.root(),
+                        preimage: p.state.preimage(slot),
+                        proof: p.state.tree().prove(slot),
+                    })
+                });
+                let _ = reply.send(proof);
+            }
+            Command::Inject(fault) => {
+                tracing::warn!(?fault, "fault injected into the next batch");
+                self.fault = Some(fault);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(SequencerStatus {
+                    batches: self.posted.len() as u64,
+                    finalized: self.finalized,
+                    waiting: self.waiting.len(),
+                    pending_root: hex::encode(self.pending.root()),
+                });
+            }
+        }
+    }
+
+    fn final_index(&self) -> Option<u64> {
+        self.finalized.checked_sub(1)
+    }
+
+    fn final_state(&self) -> Option<&State> {
+        let i = self.final_index()?;
+        self.posted.iter().find(|p| p.index == i).map(|p| &p.state)
+    }
+
+    /// Checks a signed transaction against the pending state and queues it.
+    fn submit(&mut self, tx: Tx) -> Result<(), SequencerError> {
+        if !matches!(
+            tx,
+            Tx::Signed { .. } | Tx::Claim { .. } | Tx::Release { .. }
+        ) {
+            return Err(SequencerError::Malformed(
+                "only signed transactions (withdraw, stake, unstake, delegate, undelegate, set commission), claims and releases can be submitted".into(),
+            ));
+        }
+        let mut trial = self.pending.clone();
+        if let Outcome::NoOp(why) = trial.apply(&tx, &self.queue) {
+            return Err(SequencerError::Rejected(why));
+        }
+        // Money leaving an API account's balance: the API must not spend it too.
+        if let Tx::Signed { slot, .. } = tx {
+            let before = self.pending.account(slot).map_or(0, |a| a.balance);
+            let after = trial.account(slot).map_or(0, |a| a.balance);
+            if after < before {
+                let owner = Address(trial.account(slot).map_or([0; 20], |a| a.address));
+                if let Some(account) = self.ledger_account(&owner) {
+                    self.ledger.debit(&account, Amount(before - after))?;
+                }
+            }
+        }
+        self.pending = trial;
+        self.waiting.push(tx);
+        Ok(())
+    }
+
+    fn ledger_account(&self, address: &Address) -> Option<String> {
+        self.ledger.account_at(address).ok().flatten()
+    }
+
+    async fn tick(&mut self) -> Result<(), SequencerError> {
+        self.sync().await?;
+        let unbatched = self.ledger.unbatched()?.len();
+        let due = self.last_post.elapsed() >= self.config.batch_interval
+            || self.waiting.len() + unbatched >= self.config.max_batch;
+        if due && (!self.waiting.is_empty() || unbatched > 0) {
+            self.post().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads L1: deposits, reverts, finality.
+    async fn sync(&mut self) -> Result<(), SequencerError> {
+        let fresh = self.sync_deposits().await?;
+        for d in fresh {
+            let tx = d.tx();
+            self.pending.apply(&tx, &self.queue);
+            self.waiting.push(tx);
+        }
+        let c = self.contracts();
+        let count = c.batch_count().await?;
+        let finalized = c.finalized().await?;
+        if count < self.posted.len() as u64 {
+            self.rewind(count)?;
+        }
+        self.finalized = finalized;
+        self.finalize_if_due().await;
+        Ok(())
+    }
+
+    /// New L1 deposits, credited to linked API accounts once.
+    async fn sync_deposits(&mut self) -> Result<Vec<QueuedDeposit>, SequencerError> {
+        let all = self.contracts().deposits().await?;
+        let fresh: Vec<QueuedDeposit> = all.into_iter().skip(self.deposits.len()).collect();
+        for d in &fresh {
+            let credited =
+                self.ledger
+                    .credit_deposit(d.seq, &Address(d.account.0 .0), Amount(d.amount))?;
+            if let Some(account) = credited {
+                tracing::info!(seq = d.seq, %account, amount = d.amount, "deposit credited");
+            }
+            self.queue.push(d.hash());
+            self.deposits.push(d.clone());
+        }
+        Ok(fresh)
+    }
+
+    /// L1 reverted our batches from `count` on: their transactions wait again (their
+    /// settlements come back as unbatched receipts) and the pending state is rebuilt.
+    fn rewind(&mut self, count: u64) -> Result<(), SequencerError> {
+        let gone = self.posted.split_off(count as usize);
+        tracing::warn!(
+            from = count,
+            batches = gone.len(),
+            "batches reverted on L1; posting them again"
+        );
+        let mut again: Vec<Tx> = gone
+            .into_iter()
+            .flat_map(|p| p.txs)
+            .filter(|tx| !matches!(tx, Tx::Settle { .. }))
+            .collect();
+        again.append(&mut self.waiting);
+        self.waiting = again;
+        let live = self.live_roots();
+        self.ledger.unpost_except(&live)?;
+        let mut state = self
+            .posted
+            .last()
+            .map_or_else(|| self.genesis.clone(), |p| p.state.clone());
+        for tx in &self.waiting {
+            state.apply(tx, &self.queue);
+        }
+        self.pending = state;
+        Ok(())
+    }
+
+    async fn finalize_if_due(&mut self) {
+        let next = self.finalized;
+        if !self.posted.iter().any(|p| p.index == next) {
+            return;
+        }
+        let c = self.contracts();
+        let (Ok(record), Ok((_, now))) = (c.batch(next).await, self.l1.chain.head().await) else {
+            return;
+        };
+        if now >= record.submitted_at + self.window() {
+            match c.finalize(&self.l1.operator).await {
+                Ok(_) => {
+                    if let Ok(f) = c.finalized().await {
+                        tracing::info!(finalized = f, "batches final");
+                        self.finalized = f;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "finalize failed"),
+            }
+        }
+    }
+
+    fn window(&self) -> u64 {
+        self.l1.deployment.params.challenge_window
+    }
+
+    /// Builds and posts one batch from what waits; returns its index.
+    async fn post(&mut self) -> Result<Option<u64>, SequencerError> {
+        let base = self
+            .posted
+            .last()
+            .map_or_else(|| self.genesis.clone(), |p| p.state.clone());
+        let take = self.waiting.len().min(self.config.max_batch);
+        let mut txs: Vec<Tx> = self.waiting[..take].to_vec();
+        let mut state = base.clone();
+        for tx in &txs {
+            state.apply(tx, &self.queue);
+        }
+        let settled = self
+            .settlements(&mut state, self.config.max_batch - take)
+            .await?;
+        txs.extend(settled.iter().map(|(tx, _, _)| tx.clone()));
+        if txs.is_empty() {
+            return Ok(None);
+        }
+        let mut s = base.clone();
+        let mut batch = Batch::build(&mut s, txs, &self.queue);
+        if self.fault.take() == Some(Fault::WrongRoot) {
+            if let Some(last) = batch.roots.last_mut() {
+                last[31] ^= 1;
+            }
+            tracing::warn!("fault injection: posting a batch with a wrong last root");
+        }
+        // A challenge slashed the bond: top it up before posting again.
+        ensure_bond(&self.l1, self.l1.deployment.params.min_bond).await?;
+        // The receipts are marked posted before the batch goes out: if the process dies
+        // in between, the next start finds their root on no standing batch and queues
+        // them again, so a receipt is never settled twice nor lost.
+        for (_, root, jobs) in &settled {
+            self.ledger.mark_posted(root, jobs)?;
+        }
+        let submitted = self
+            .contracts()
+            .submit_batch(&self.l1.operator, &batch)
+            .await;
+        let (index, receipt) = match submitted {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.ledger.unpost_except(&self.live_roots())?;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(
+            index,
+            txs = batch.txs.len(),
+            settlements = settled.len(),
+            gas = receipt.gas_used,
+            "batch posted"
+        );
+        self.waiting.drain(..take);
+        let mut pending = s.clone();
+        for tx in &self.waiting {
+            pending.apply(tx, &self.queue);
+        }
+        self.pending = pending;
+        self.posted.push(Posted {
+            index,
+            txs: batch.txs,
+            state: s,
+        });
+        self.last_post = Instant::now();
+        Ok(Some(index))
+    }
+
+    /// One settlement per (payer, node) for the receipts waiting, applied to `state`;
+    /// at most `room`. Receipts whose payer or node has no L2 account yet wait (a node's
+    /// payout address is registered on L1 by a zero deposit).
+    async fn settlements(
+        &mut self,
+        state: &mut State,
+        room: usize,
+    ) -> Result<Vec<(Tx, H256, Vec<Unbatched>)>, SequencerError> {
+        let mut groups: BTreeMap<(u32, u32), Vec<Unbatched>> = BTreeMap::new();
+        let mut links: BTreeMap<String, Option<Address>> = BTreeMap::new();
+        for u in self.ledger.unbatched()? {
+            let payer = match links.get(&u.account) {
+                Some(a) => *a,
+                None => {
+                    let a = self.ledger.address_of(&u.account)?;
+                    links.insert(u.account.clone(), a);
+                    a
+                }
+            };
+            let Some(payer) = payer.and_then(|a| state.slot_of(&a.0)) else {
+                tracing::debug!(job = %u.job, account = %u.account, "payer has no L2 account (not linked to a deposit address); receipt waits");
+                continue;
+            };
+            let Some(node) = state.slot_of(&u.payout) else {
+                self.register(Address(u.payout)).await;
+                continue;
+            };
+            groups.entry((payer, node)).or_default().push(u);
+        }
+        let mut out = Vec::new();
+        for ((payer, node), jobs) in groups.into_iter().take(room) {
+            let amount: u128 = jobs.iter().map(|j| j.cost).sum();
+            let receipts_root = receipts_root(&jobs);
+            let tx = Tx::Settle {
+                payer,
+                node,
+                amount,
+                receipts_root,
+            };
+            match state.apply(&tx, &self.queue) {
+                Outcome::Applied => out.push((tx, receipts_root, jobs)),
+                Outcome::NoOp(why) => {
+                    tracing::error!(
+                        payer,
+                        node,
+                        amount,
+                        why,
+                        "a settlement does not apply; its receipts wait"
+                    )
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives a node's payout address an L2 account: a zero deposit on L1, once.
+    async fn register(&mut self, payout: Address) {
+        if !self.registering.insert(payout) {
+            return;
+        }
+        let to = EvmAddress::from(payout.0);
+        match self.contracts().deposit(&self.l1.operator, to, 0).await {
+            Ok((q, _)) => {
+                tracing::info!(payout = %payout, slot = q.slot, "node payout address registered on L1")
+            }
+            Err(e) => {
+                self.registering.remove(&payout);
+                tracing::warn!(payout = %payout, error = %e, "registering a payout address failed");
+            }
+        }
+    }
+}
+
+/// The binary keccak256 Merkle root of the receipts' leaves (padded with zero leaves to
+/// a power of two), as a settlement carries it.
+pub fn receipts_root(jobs: &[Unbatched]) -> H256 {
+    let mut level: Vec<H256> = jobs.iter().map(|j| j.leaf).collect();
+    let width = level.len().max(1).next_power_of_two();
+    level.resize(width, [0; 32]);
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|p| tessera_rollup::hash_pair(&p[0], &p[1]))
+            .collect();
+    }
+    level[0]
+}
+
+/// Posts the sequencer's bond if it holds less than the contract's minimum (devnet and
+/// first start).
+pub async fn ensure_bond(l1: &L1Setup, min: U256) -> Result<(), ContractError> {
+    let c = Contracts::new(&l1.chain, &l1.deployment);
+    let bond = c.bond().await?;
+    if bond < min {
+        c.post_bond(&l1.operator, min - bond).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! End to end on the embedded chain, in one process: a coordinator with its sequencer, a
+//! node running SmolLM2 with its watchtower, the settlement contracts in revm.
+//!
+//! Deposit on L1 → API calls → receipts → batch posted → window → the node and a
+//! delegator withdraw on L1, and every balance adds up exactly; then a sequencer that
+//! posts a wrong root is challenged by the node's watchtower, reverted, slashed, and the
+//! honest state is posted again.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use alloy::primitives::U256;
+use alloy::signers::local::PrivateKeySigner;
+use serde_json::{json, Value};
+use tessera_contracts::{AnyChain, Contracts, Params, L1};
+use tessera_coordinator::{Coordinator, CoordinatorConfig, Fault, Ledger, SequencerConfig};
+use tessera_net::{NetConfig, Protocol};
+use tessera_node::{NodeConfig, RunningNode, ServedModel, Watchtower, WatchtowerEvent};
+use tessera_protocol::Address;
+use tessera_rollup::{Action, Tx, DELEGATION_BASE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MODEL: &str = "smollm2-135m-instruct";
+const ETH: u128 = 1_000_000_000_000_000_000;
+const WINDOW: u64 = 30;
+
+fn key(n: u8) -> k256::ecdsa::SigningKey {
+    k256::ecdsa::SigningKey::from_bytes(&[n; 32].into()).expect("key")
+}
+
+fn wallet(n: u8) -> PrivateKeySigner {
+    PrivateKeySigner::from_signing_key(key(n))
+}
+
+/// POST a chat completion; returns the JSON reply.
+async fn chat(addr: SocketAddr, api_key: &str, content: &str) -> Value {
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 12,
+        "temperature": 0,
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("http reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    serde_json::from_str(body).expect("json body")
+}
+
+async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() {
+    let dir = tempfile::tempdir().expect("dir");
+    let model = tessera_models::test_support::model_path(MODEL);
+    let params = Params {
+        challenge_window: WINDOW,
+        escape_delay: 3_600,
+        fee_bps: 100,
+        unbonding_epochs: 1,
+        ..Params::default()
+    };
+    let l1 = tessera_coordinator::l1::open_l1(&dir.path().join("l1"), None, &params)
+        .await
+        .expect("embedded L1");
+    let AnyChain::Embedded(chain) = l1.chain.clone() else {
+        unreachable!("embedded by default")
+    };
+    let c = Contracts::new(&l1.chain, &l1.deployment);
+    let domain = l1.deployment.domain.0;
+    let (dev, node_w, holder, watcher) = (wallet(1), wallet(2), wallet(3), wallet(4));
+    for w in [&dev, &node_w, &holder, &watcher] {
+        chain.fund(w.address(), U256::from(10 * ETH)).expect("fund");
+    }
+
+    // L1: the developer deposits 10^9, the node 10,000 (to stake), the holder 30,000.
+    let funds = [
+        (&dev, 1_000_000_000u128),
+        (&node_w, 10_000),
+        (&holder, 30_000),
+    ];
+    for (w, amount) in funds {
+        c.mint(&l1.operator, w.address(), U256::from(amount))
+            .await
+            .expect("mint");
+        c.deposit(w, w.address(), amount).await.expect("deposit");
+    }
+    let deposited: u128 = funds.iter().map(|(_, a)| a).sum();
+
+    // The API account, linked to the developer's address: its deposit credits it.
+    let coordinator_dir = dir.path().join("coordinator");
+    std::fs::create_dir_all(&coordinator_dir).expect("dir");
+    let api_key = {
+        let ledger = Ledger::open(&coordinator_dir.join("ledger.redb")).expect("ledger");
+        ledger.create_account("dev").expect("account");
+        ledger
+            .link("dev", &Address(dev.address().0 .0))
+            .expect("link");
+        ledger.create_key("dev").expect("key").expose().to_owned()
+    };
+    let loopback = || NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        ..NetConfig::default()
+    };
+    let coordinator = Coordinator::start_with(
+        CoordinatorConfig {
+            http: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: coordinator_dir,
+            net: loopback(),
+            ..CoordinatorConfig::default()
+        },
+        Some((
+            l1.clone(),
+            SequencerConfig {
+                batch_interval: Duration::from_secs(3_600), // posted on flush only
+                poll_interval: Duration::from_millis(200),
+                ..SequencerConfig::default()
+            },
+        )),
+    )
+    .await
+    .expect("coordinator");
+    let seq = coordinator.sequencer().expect("sequencer").clone();
+    let http = coordinator.http_addr();
+    assert_eq!(
+        coordinator
+            .ledger()
+            .balance("dev")
+            .expect("balance")
+            .balance
+            .0,
+        1_000_000_000,
+        "the L1 deposit credited the API account"
+    );
+
+    // A node paid at its wallet's address, with a watchtower.
+    let mut bootstrap = Vec::new();
+    while bootstrap.is_empty() {
+        bootstrap = coordinator.listen_addrs().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node_config = NodeConfig {
+        data_dir: dir.path().join("node"),
+        models: vec![ServedModel::new(model.to_str().expect("utf-8 path"))],
+        payout: Address(node_w.address().0 .0),
+        advert_interval: Duration::from_secs(1),
+        coordinators: vec![coordinator.peer_id()],
+        net: NetConfig {
+            bootstrap: bootstrap
+                .into_iter()
+                .map(|a| a.with(Protocol::P2p(coordinator.peer_id())))
+                .collect(),
+            ..loopback()
+        },
+        ..NodeConfig::default()
+    };
+    let models = tessera_node::load_models(&node_config, dir.path()).expect("model");
+    let node = RunningNode::start(node_config, models).await.expect("node");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(16);
+    let tower = Watchtower::new(l1.chain.clone(), l1.deployment.clone(), watcher.clone());
+    let tower_task =
+        tokio::spawn(tower.run(Duration::from_millis(300), Some(events_tx), stop.clone()));
+    wait_until("the node's advert", 60, || async {
+        coordinator
+            .net()
+            .table()
+            .read()
+            .map(|t| t.len())
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+
+    // L2: the node stakes, the holder delegates to it; posted in the first batch.
+    let slot = |w: &PrivateKeySigner| {
+        let seq = seq.clone();
+        let a = Address(w.address().0 .0);
+        async move { seq.account(a).await.expect("ask").expect("account") }
+    };
+    let node_slot = slot(&node_w).await.slot;
+    let holder_slot = slot(&holder).await.slot;
+    seq.submit(Tx::sign(
+        &key(2),
+        &domain,
+        node_slot,
+        0,
+        Action::Stake { amount: 10_000 },
+    ))
+    .await
+    .expect("stake");
+    let delegate = Action::Delegate {
+        delegation: DELEGATION_BASE,
+        node: node_slot,
+        amount: 30_000,
+    };
+    seq.submit(Tx::sign(&key(3), &domain, holder_slot, 0, delegate))
+        .await
+        .expect("delegate");
+    assert_eq!(seq.flush().await.expect("flush"), Some(0));
+
+    // API calls: each settles a receipt in the ledger, waiting for the next batch.
+    let mut charged = 0u128;
+    for q in [
+        "Name the capital of France.",
+        "What is 2 + 2?",
+        "Name three colors.",
+    ] {
+        let reply = chat(http, &api_key, q).await;
+        charged += reply["tessera"]["cost"]
+            .as_str()
+            .expect("cost")
+            .parse::<u128>()
+            .expect("int");
+    }
+    assert!(charged > 0);
+    assert_eq!(
+        coordinator.ledger().unbatched().expect("unbatched").len(),
+        3
+    );
+    assert_eq!(seq.flush().await.expect("flush"), Some(1));
+    assert!(coordinator
+        .ledger()
+        .unbatched()
+        .expect("unbatched")
+        .is_empty());
+
+    // The split: 1% fee; the node has 10,000 of 40,000 staked, so a quarter of the rest.
+    let fee = charged / 100;
+    let to_node = charged - fee;
+    let delegators = to_node * 30_000 / 40_000;
+    let node_earned = to_node - delegators;
+    let n = slot(&node_w).await.pending;
+    assert_eq!(
+        (n.balance, n.earned, n.pool),
+        (node_earned, node_earned, delegators)
+    );
+    let d = slot(&dev).await.pending;
+    assert_eq!(
+        d.balance,
+        1_000_000_000 - charged,
+        "the payer paid exactly the receipts"
+    );
+    assert_eq!(
+        coordinator
+            .ledger()
+            .balance("dev")
+            .expect("balance")
+            .balance
+            .0,
+        d.balance,
+        "the API's balance is the L2 balance"
+    );
+
+    // The holder claims; both withdraw everything to L1.
+    seq.submit(Tx::Claim {
+        delegation: DELEGATION_BASE,
+    })
+    .await
+    .expect("claim");
+    let h = slot(&holder).await.pending;
+    let claimed = h.balance;
+    let dust = slot(&node_w).await.pending.pool;
+    assert_eq!(
+        claimed + dust,
+        delegators,
+        "the pool's rounding dust stays in the pool"
+    );
+    assert!(
+        dust <= 1,
+        "a claim loses less than one unit to rounding: {dust}"
+    );
+    seq.submit(Tx::sign(
+        &key(2),
+        &domain,
+        node_slot,
+        1,
+        Action::Withdraw {
+            amount: node_earned,
+        },
+    ))
+    .await
+    .expect("node withdraws");
+    seq.submit(Tx::sign(
+        &key(3),
+        &domain,
+        holder_slot,
+        1,
+        Action::Withdraw { amount: claimed },
+    ))
+    .await
+    .expect("holder withdraws");
+    assert_eq!(seq.flush().await.expect("flush"), Some(2));
+    wait_until("the watchtower to verify batches 0-2", 30, || {
+        let got = events.try_recv();
+        async move { matches!(got, Ok(WatchtowerEvent::Verified { index: 2 })) }
+    })
+    .await;
+
+    // The window passes; the sequencer finalizes; each withdraws with a proof.
+    chain.advance_time(WINDOW + 1).await.expect("time");
+    wait_until("batch 2 final", 30, || {
+        let seq = seq.clone();
+        async move { seq.status().await.is_ok_and(|s| s.finalized == 3) }
+    })
+    .await;
+    for (w, s, amount) in [
+        (&node_w, node_slot, node_earned),
+        (&holder, holder_slot, claimed),
+    ] {
+        let before = c.token_balance(w.address()).await.expect("balance");
+        let p = seq.final_proof(s).await.expect("ask").expect("proof");
+        c.withdraw(w, p.batch, s, p.preimage, &p.proof)
+            .await
+            .expect("withdraw on L1");
+        let after = c.token_balance(w.address()).await.expect("balance");
+        assert_eq!(after - before, U256::from(amount));
+    }
+    // The books: L1 holds every deposit less what it paid; L2 accounts for every unit.
+    let held = c
+        .token_balance(l1.deployment.settlement)
+        .await
+        .expect("balance");
+    assert_eq!(held, U256::from(deposited - node_earned - claimed));
+    let fee_account = seq
+        .account(Address(l1.operator.address().0 .0))
+        .await
+        .expect("ask");
+    assert_eq!(fee_account.map(|a| a.pending.balance), Some(fee));
+    assert!(coordinator
+        .ledger()
+        .check()
+        .expect("check")
+        .problems
+        .is_empty());
+
+    // A wrong root: the watchtower challenges, the batch is reverted and the bond
+    // slashed; the sequencer re-bonds and posts the honest state again.
+    let bond_before = c.bond().await.expect("bond");
+    seq.inject_fault(Fault::WrongRoot).await.expect("inject");
+    chat(http, &api_key, "Which planet is known as the Red Planet?").await;
+    assert_eq!(seq.flush().await.expect("flush"), Some(3));
+    let mut upheld = false;
+    wait_until("the watchtower's challenge", 30, || {
+        let got = events.try_recv();
+        if let Ok(WatchtowerEvent::Challenged {
+            index: 3,
+            upheld: u,
+            ..
+        }) = got
+        {
+            upheld = u;
+        }
+        let done = upheld;
+        async move { done }
+    })
+    .await;
+    assert!(c.bond().await.expect("bond") < bond_before, "slashed");
+    wait_until("the honest batch re-posted", 30, || {
+        let seq = seq.clone();
+        let c = Contracts::new(&l1.chain, &l1.deployment);
+        async move {
+            let _ = seq.flush().await;
+            c.batch_count().await.is_ok_and(|n| n == 4)
+        }
+    })
+    .await;
+    wait_until("the watchtower to verify the re-posted batch", 30, || {
+        let got = events.try_recv();
+        async move { matches!(got, Ok(WatchtowerEvent::Verified { index: 3 })) }
+    })
+    .await;
+    let status = seq.status().await.expect("status");
+    assert_eq!(status.batches, 4);
+    assert!(coordinator
+        .ledger()
+        .unbatched()
+        .expect("unbatched")
+        .is_empty());
+
+    stop.cancel();
+    let _ = tower_task.await;
+    node.shutdown().await;
+    coordinator.shutdown().await;
+}
