@@ -6,12 +6,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use alloy::primitives::U256;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tessera_coordinator::{Coordinator, CoordinatorConfig, Ledger};
+use tessera_contracts::{wallet, AnyChain, Contracts, Params, L1};
+use tessera_coordinator::{Coordinator, CoordinatorConfig, Ledger, SequencerConfig};
 use tessera_net::{Multiaddr, NetConfig, Protocol};
-use tessera_node::{NodeConfig, RunningNode, ServedModel};
-use tessera_protocol::Amount;
+use tessera_node::{NodeConfig, RunningNode, ServedModel, Watchtower};
+use tessera_protocol::{Address, Amount};
 
 use crate::net_cli::{NetFlags, Signals};
 
@@ -131,9 +133,16 @@ pub struct DevnetArgs {
     /// Model the nodes serve: catalogue alias or GGUF path.
     #[arg(long, short, default_value = "smollm2-135m-instruct")]
     model: String,
-    /// Base units credited to the devnet account when it is first created.
+    /// Tokens (base units) the devnet account deposits on the devnet's L1 when it is
+    /// first created.
     #[arg(long, default_value = "1000000000000")]
     fund: Amount,
+    /// Seconds a posted batch can be challenged before it is final.
+    #[arg(long, default_value_t = 60)]
+    challenge_window: u64,
+    /// Seconds between rollup batches (when anything waits).
+    #[arg(long, default_value_t = 10.0)]
+    batch_interval: f64,
     /// Most jobs each node admits at once.
     #[arg(long, default_value_t = 4)]
     max_jobs: u32,
@@ -146,19 +155,38 @@ pub struct DevnetArgs {
 /// The devnet account's id.
 const ACCOUNT: &str = "devnet";
 
-/// Makes sure the devnet account exists (funded once) and that `key_file` holds a key
-/// that authenticates it; returns the key. A second start keeps both.
-fn devnet_account(ledger_path: &Path, key_file: &Path, fund: Amount) -> Result<String> {
+/// Ether the devnet's faucet gives each wallet (gas is free; bonds are not).
+const WALLET_ETH: u128 = 10 * 10u128.pow(18);
+
+/// Makes sure the devnet account exists, linked to the devnet wallet's address, and that
+/// `key_file` holds a key that authenticates it; returns the key and the tokens to
+/// deposit for it on L1 (its funds on first creation; the API balance of a devnet made
+/// before settlement, moved to L1 so that L2 holds it).
+fn devnet_account(
+    ledger_path: &Path,
+    key_file: &Path,
+    fund: Amount,
+    address: &Address,
+) -> Result<(String, u128)> {
     let ledger = Ledger::open(ledger_path)?;
+    let mut deposit = 0;
     if ledger.balance(ACCOUNT).is_err() {
         ledger.create_account(ACCOUNT)?;
-        ledger.credit(ACCOUNT, fund)?;
-        eprintln!("created account {ACCOUNT} with {fund} base units");
+        deposit = fund.0;
+        eprintln!("created account {ACCOUNT}; depositing {fund} tokens for it on the devnet L1");
+    }
+    if ledger.address_of(ACCOUNT)?.as_ref() != Some(address) {
+        let balance = ledger.balance(ACCOUNT)?.available();
+        if balance.0 > 0 {
+            ledger.debit(ACCOUNT, balance)?;
+            deposit += balance.0;
+        }
+        ledger.link(ACCOUNT, address)?;
     }
     if let Ok(key) = std::fs::read_to_string(key_file) {
         let key = key.trim().to_owned();
         if ledger.authenticate(&key).is_ok_and(|a| a == ACCOUNT) {
-            return Ok(key);
+            return Ok((key, deposit));
         }
         eprintln!(
             "{} does not hold a key of this ledger; issuing a new one",
@@ -167,7 +195,7 @@ fn devnet_account(ledger_path: &Path, key_file: &Path, fund: Amount) -> Result<S
     }
     let key = ledger.create_key(ACCOUNT)?;
     write_secret(key_file, key.expose())?;
-    Ok(key.expose().to_owned())
+    Ok((key.expose().to_owned(), deposit))
 }
 
 fn write_secret(path: &Path, secret: &str) -> Result<()> {
@@ -210,10 +238,23 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
     std::fs::create_dir_all(&coordinator_config.data_dir)
         .with_context(|| format!("cannot create {}", coordinator_config.data_dir.display()))?;
     let key_file = dir.join("devnet").join("api_key");
-    let key = devnet_account(&coordinator_config.ledger_path(), &key_file, args.fund)?;
+    let (dev_wallet, _) = wallet::load_or_create(&dir.join("devnet").join("wallet.key"))?;
+    let (key, deposit) = devnet_account(
+        &coordinator_config.ledger_path(),
+        &key_file,
+        args.fund,
+        &Address(dev_wallet.address().0 .0),
+    )?;
+    let mut node_wallets = Vec::new();
+    for i in 1..=args.nodes {
+        node_wallets
+            .push(wallet::load_or_create(&dir.join(format!("node-{i}")).join("wallet.key"))?.0);
+    }
+    let batch_interval = secs("--batch-interval", args.batch_interval)?;
     let node_configs: Vec<NodeConfig> = (1..=args.nodes)
         .map(|i| NodeConfig {
             data_dir: dir.join(format!("node-{i}")),
+            payout: Address(node_wallets[i - 1].address().0 .0),
             models: vec![ServedModel::new(&args.model)],
             max_jobs: args.max_jobs,
             advert_interval: Duration::from_secs(2),
@@ -232,9 +273,42 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
     }
     runtime()?.block_on(async move {
         let mut signals = Signals::new()?;
-        let coordinator = Coordinator::start(coordinator_config)
+        // The devnet's L1: the settlement contracts in an embedded chain kept in DIR/l1.
+        let params = Params {
+            challenge_window: args.challenge_window,
+            escape_delay: (7 * 24 * 3600).max(args.challenge_window * 2),
+            ..Params::default()
+        };
+        let l1 = tessera_coordinator::l1::open_l1(&dir.join("l1"), None, &params)
+            .await
+            .context("cannot open the devnet's L1")?;
+        let AnyChain::Embedded(chain) = l1.chain.clone() else {
+            unreachable!("the devnet's L1 is embedded")
+        };
+        for w in std::iter::once(&dev_wallet).chain(&node_wallets) {
+            if chain.eth_balance(w.address()).await? < U256::from(WALLET_ETH / 2) {
+                chain.fund(w.address(), U256::from(WALLET_ETH))?;
+            }
+        }
+        if deposit > 0 {
+            let c = Contracts::new(&l1.chain, &l1.deployment);
+            c.mint(&l1.operator, dev_wallet.address(), U256::from(deposit)).await?;
+            c.deposit(&dev_wallet, dev_wallet.address(), deposit).await?;
+        }
+        let sequencer = SequencerConfig {
+            batch_interval,
+            ..SequencerConfig::default()
+        };
+        let coordinator = Coordinator::start_with(coordinator_config, Some((l1.clone(), sequencer)))
             .await
             .context("cannot start the coordinator")?;
+        // Every node watches the rollup and challenges a wrong batch.
+        let towers = tokio_util::sync::CancellationToken::new();
+        let mut tower_tasks = Vec::new();
+        for w in &node_wallets {
+            let tower = Watchtower::new(l1.chain.clone(), l1.deployment.clone(), w.clone());
+            tower_tasks.push(tokio::spawn(tower.run(Duration::from_secs(2), None, towers.clone())));
+        }
         let id = coordinator.peer_id();
         let mut bootstrap = Vec::new();
         for _ in 0..50 {
@@ -288,10 +362,19 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         println!(
             "curl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{alias}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}], \"max_tokens\": 32, \"temperature\": 0}}'"
         );
+        println!(
+            "settlement: rollup batches every {:.0} s to {} on the embedded L1 in {} (challenge window {} s)",
+            args.batch_interval,
+            l1.deployment.settlement,
+            dir.join("l1").display(),
+            args.challenge_window
+        );
         println!("Ctrl-C stops everything.");
         signals.recv().await;
         eprintln!("stopping the devnet (Ctrl-C again to quit now)");
         let stop = async {
+            towers.cancel();
+            futures::future::join_all(tower_tasks).await;
             coordinator.shutdown().await;
             futures::future::join_all(nodes.into_iter().map(RunningNode::shutdown)).await;
         };
