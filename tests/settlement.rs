@@ -32,17 +32,17 @@ fn wallet(n: u8) -> PrivateKeySigner {
     PrivateKeySigner::from_signing_key(key(n))
 }
 
-/// POST a chat completion; returns the JSON reply.
-async fn chat(addr: SocketAddr, api_key: &str, content: &str) -> Value {
-    let body = json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 12,
-        "temperature": 0,
-    })
-    .to_string();
+/// One HTTP/1.1 request; returns the status code and the JSON body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    api_key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -51,8 +51,21 @@ async fn chat(addr: SocketAddr, api_key: &str, content: &str) -> Value {
     s.read_to_end(&mut raw).await.expect("read");
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").expect("http reply");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-    serde_json::from_str(body).expect("json body")
+    let status = head[9..12].parse().expect("status");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// POST a chat completion; returns the JSON reply.
+async fn chat(addr: SocketAddr, api_key: &str, content: &str) -> Value {
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let (status, reply) = http(addr, "POST", "/v1/chat/completions", api_key, Some(body)).await;
+    assert_eq!(status, 200, "{reply}");
+    reply
 }
 
 async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
@@ -142,7 +155,7 @@ async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() 
     .await
     .expect("coordinator");
     let seq = coordinator.sequencer().expect("sequencer").clone();
-    let http = coordinator.http_addr();
+    let http_addr = coordinator.http_addr();
     assert_eq!(
         coordinator
             .ledger()
@@ -227,7 +240,7 @@ async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() 
         "What is 2 + 2?",
         "Name three colors.",
     ] {
-        let reply = chat(http, &api_key, q).await;
+        let reply = chat(http_addr, &api_key, q).await;
         charged += reply["tessera"]["cost"]
             .as_str()
             .expect("cost")
@@ -302,15 +315,34 @@ async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() 
     ))
     .await
     .expect("node withdraws");
-    seq.submit(Tx::sign(
+    // The holder's withdrawal goes through the HTTP route a wallet uses; a replay of
+    // the same signed transaction is refused with the reason.
+    let signed = Tx::sign(
         &key(3),
         &domain,
         holder_slot,
         1,
         Action::Withdraw { amount: claimed },
-    ))
-    .await
-    .expect("holder withdraws");
+    );
+    let body = json!({"tx": format!("0x{}", hex::encode(signed.encode()))});
+    let (status, reply) = http(
+        http_addr,
+        "POST",
+        "/v1/l2/transactions",
+        "",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    let (status, reply) = http(http_addr, "POST", "/v1/l2/transactions", "", Some(body)).await;
+    assert_eq!(status, 400);
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("wrong nonce"),
+        "{reply}"
+    );
     assert_eq!(seq.flush().await.expect("flush"), Some(2));
     wait_until("the watchtower to verify batches 0-2", 30, || {
         let got = events.try_recv();
@@ -329,9 +361,27 @@ async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() 
         (&node_w, node_slot, node_earned),
         (&holder, holder_slot, claimed),
     ] {
+        // The leaf and its proof against the final root, as the public route serves them.
+        let path = format!("/v1/l2/accounts/{}", w.address());
+        let (status, view) = http(http_addr, "GET", &path, "", None).await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["final"]["withdrawn"], json!(amount.to_string()));
+        let p = &view["proof"];
+        let unhex = |v: &Value| {
+            hex::decode(v.as_str().expect("hex").trim_start_matches("0x")).expect("hex")
+        };
+        let proof = tessera_rollup::MerkleProof {
+            bitmap: p["bitmap"].as_u64().expect("bitmap") as u32,
+            siblings: p["siblings"]
+                .as_array()
+                .expect("siblings")
+                .iter()
+                .map(|h| unhex(h).try_into().expect("32 bytes"))
+                .collect(),
+        };
+        let batch = p["batch"].as_u64().expect("batch");
         let before = c.token_balance(w.address()).await.expect("balance");
-        let p = seq.final_proof(s).await.expect("ask").expect("proof");
-        c.withdraw(w, p.batch, s, p.preimage, &p.proof)
+        c.withdraw(w, batch, s, unhex(&p["leaf"]), &proof)
             .await
             .expect("withdraw on L1");
         let after = c.token_balance(w.address()).await.expect("balance");
@@ -359,7 +409,12 @@ async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() 
     // slashed; the sequencer re-bonds and posts the honest state again.
     let bond_before = c.bond().await.expect("bond");
     seq.inject_fault(Fault::WrongRoot).await.expect("inject");
-    chat(http, &api_key, "Which planet is known as the Red Planet?").await;
+    chat(
+        http_addr,
+        &api_key,
+        "Which planet is known as the Red Planet?",
+    )
+    .await;
     assert_eq!(seq.flush().await.expect("flush"), Some(3));
     let mut upheld = false;
     wait_until("the watchtower's challenge", 30, || {

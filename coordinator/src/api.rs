@@ -9,6 +9,7 @@ use crate::limits::{Limited, Limiter, RateLimits};
 use crate::metrics::Metrics;
 use crate::network::CoordinatorNet;
 use crate::openai::{self, CompletionRequest, Endpoint, Head};
+use crate::sequencer::{SequencerError, SequencerHandle};
 use crate::table::NodeTable;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -23,7 +24,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tessera_protocol::{Amount, JobId};
+use tessera_protocol::{Address, Amount, JobId};
 
 /// Largest request body, in bytes: a full context of text with JSON overhead.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -39,6 +40,8 @@ pub struct ApiState {
     pub limiter: Limiter,
     /// Figures for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The rollup's sequencer, when the coordinator settles on an L1.
+    pub sequencer: Option<SequencerHandle>,
 }
 
 impl ApiState {
@@ -62,6 +65,7 @@ impl ApiState {
             dispatcher,
             limiter: Limiter::new(limits),
             metrics,
+            sequencer: None,
         }
     }
 }
@@ -294,6 +298,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/receipts/{id}", get(receipt))
         .route("/v1/account", get(account))
+        .route("/v1/l2/accounts/{address}", get(l2_account))
+        .route("/v1/l2/transactions", post(l2_submit))
         .fallback(|| async { ApiError::not_found("unknown_url", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
@@ -312,6 +318,7 @@ async fn count_requests(State(state): State<ApiState>, req: Request, next: Next)
         "/health" => "health",
         "/metrics" => "metrics",
         "/v1/account" => "account",
+        p if p.starts_with("/v1/l2/") => "l2",
         p if p.starts_with("/v1/receipts/") => "receipts",
         _ => "other",
     };
@@ -618,6 +625,113 @@ async fn account(
     let mut body = b.to_json(&account);
     body["object"] = json!("tessera.account");
     Ok(Json(body))
+}
+
+fn sequencer(state: &ApiState) -> Result<&SequencerHandle, ApiError> {
+    state.sequencer.as_ref().ok_or_else(|| {
+        ApiError::not_found(
+            "settlement_off",
+            "this coordinator does not settle on an L1 (no sequencer)",
+        )
+    })
+}
+
+fn l2_leaf(a: &tessera_rollup::Account) -> Value {
+    json!({
+        "balance": Amount(a.balance),
+        "nonce": a.nonce,
+        "earned": Amount(a.earned),
+        "withdrawn": Amount(a.withdrawn),
+        "stake": Amount(a.stake),
+        "unbonding": Amount(a.unbonding),
+        "unbond_epoch": a.unbond_epoch,
+        "delegated_to_it": Amount(a.delegated),
+        "commission_bps": a.commission_bps,
+        "next_commission_bps": a.next_commission_bps,
+        "next_commission_epoch": a.next_commission_epoch,
+        "pool": Amount(a.pool),
+    })
+}
+
+/// An L2 account by L1 address: as applied (`pending`), at the last posted batch
+/// (`posted`) and at the last final one (`final`, with the leaf and its Merkle proof, what
+/// an L1 withdrawal or a reward statement checks against the contract's root). Public:
+/// anyone can rebuild it from L1 data.
+async fn l2_account(
+    State(state): State<ApiState>,
+    Path(address): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let seq = sequencer(&state)?;
+    let address: Address = address.parse().map_err(|_| {
+        ApiError::invalid_request(format!("{address:?} is not a 0x-prefixed 20-byte address"))
+            .with_param("address")
+    })?;
+    let view = seq
+        .account(address)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| {
+            ApiError::not_found("account_not_found", format!("no L2 account for {address}"))
+        })?;
+    let proof = seq
+        .final_proof(view.slot)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({
+        "object": "tessera.l2_account",
+        "address": address,
+        "slot": view.slot,
+        "pending": l2_leaf(&view.pending),
+        "posted": view.posted.as_ref().map(l2_leaf),
+        "final": view.final_.as_ref().map(l2_leaf),
+        "proof": proof.map(|p| json!({
+            "batch": p.batch,
+            "root": format!("0x{}", hex::encode(p.root)),
+            "leaf": format!("0x{}", hex::encode(&p.preimage)),
+            "bitmap": p.proof.bitmap,
+            "siblings": p.proof.siblings.iter().map(|h| format!("0x{}", hex::encode(h))).collect::<Vec<_>>(),
+        })),
+    })))
+}
+
+/// Queues a signed L2 transaction (withdraw, stake, unstake, delegate, undelegate, set
+/// commission), a claim or a release: `{"tx": "0x…"}` in the packed encoding of
+/// docs/settlement.md. Refused with the reason when it would not apply. Public: a signed
+/// transaction carries its own authority.
+async fn l2_submit(
+    State(state): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let seq = sequencer(&state)?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_request(format!("body is not JSON: {e}")))?;
+    let hex_tx = v
+        .get("tx")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid_request("expected {\"tx\": \"0x…\"}").with_param("tx"))?;
+    let bytes = hex::decode(hex_tx.trim_start_matches("0x"))
+        .map_err(|e| ApiError::invalid_request(format!("tx is not hex: {e}")).with_param("tx"))?;
+    let (tx, len) = tessera_rollup::Tx::decode(&bytes)
+        .map_err(|e| ApiError::invalid_request(e.to_string()).with_param("tx"))?;
+    if len != bytes.len() {
+        return Err(ApiError::invalid_request(format!(
+            "tx has {} trailing bytes after one transaction",
+            bytes.len() - len
+        ))
+        .with_param("tx"));
+    }
+    match seq.submit(tx).await {
+        Ok(()) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"object": "tessera.l2_transaction", "status": "pending"})),
+        )),
+        Err(
+            e @ (SequencerError::Rejected(_)
+            | SequencerError::Malformed(_)
+            | SequencerError::Ledger(_)),
+        ) => Err(ApiError::invalid_request(e.to_string()).with_param("tx")),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
 }
 
 async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {

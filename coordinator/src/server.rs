@@ -222,6 +222,8 @@ impl Coordinator {
             }
             None => None,
         };
+        let mut state = state;
+        state.sequencer = sequencer.as_ref().map(|(h, _, _)| h.clone());
         let http_stop = CancellationToken::new();
         let app = router(state);
         let stop = http_stop.clone();
