@@ -238,7 +238,8 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
     std::fs::create_dir_all(&coordinator_config.data_dir)
         .with_context(|| format!("cannot create {}", coordinator_config.data_dir.display()))?;
     let key_file = dir.join("devnet").join("api_key");
-    let (dev_wallet, _) = wallet::load_or_create(&dir.join("devnet").join("wallet.key"))?;
+    // Wallets live where `tessera wallet --wallet NAME` finds them (DIR/wallet/NAME.key).
+    let (dev_wallet, _) = wallet::load_or_create(&dir.join("wallet").join("devnet.key"))?;
     let (key, deposit) = devnet_account(
         &coordinator_config.ledger_path(),
         &key_file,
@@ -247,8 +248,8 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
     )?;
     let mut node_wallets = Vec::new();
     for i in 1..=args.nodes {
-        node_wallets
-            .push(wallet::load_or_create(&dir.join(format!("node-{i}")).join("wallet.key"))?.0);
+        let path = dir.join("wallet").join(format!("node-{i}.key"));
+        node_wallets.push(wallet::load_or_create(&path)?.0);
     }
     let batch_interval = secs("--batch-interval", args.batch_interval)?;
     let node_configs: Vec<NodeConfig> = (1..=args.nodes)

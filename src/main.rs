@@ -6,6 +6,7 @@
 mod accounts_cli;
 mod coord_cli;
 mod net_cli;
+mod wallet_cli;
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -67,6 +68,19 @@ enum Command {
         #[command(subcommand)]
         command: accounts_cli::KeysCommand,
     },
+    /// Your rollup wallet: key, L1 and L2 balances, deposit, withdraw, payout.
+    Wallet {
+        #[command(flatten)]
+        at: wallet_cli::Endpoints,
+        #[command(subcommand)]
+        command: wallet_cli::WalletCommand,
+    },
+    /// Stake tokens as a node's own bond (or `--unstake`).
+    Stake(wallet_cli::StakeArgs),
+    /// Delegate tokens to a node, sharing its earnings (or `--undelegate`).
+    Delegate(wallet_cli::DelegateArgs),
+    /// Earnings per node and per epoch, each proved against the contract's final root.
+    Rewards(wallet_cli::RewardsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -268,6 +282,10 @@ fn run() -> Result<()> {
         Command::Ask(args) => net_cli::ask(args),
         Command::Accounts { ledger, command } => accounts_cli::accounts(&home, &ledger, command),
         Command::Keys { ledger, command } => accounts_cli::keys(&home, &ledger, command),
+        Command::Wallet { at, command } => wallet_cli::wallet(&home, at, command),
+        Command::Stake(args) => wallet_cli::stake(&home, args),
+        Command::Delegate(args) => wallet_cli::delegate(&home, args),
+        Command::Rewards(args) => wallet_cli::rewards(args),
         Command::Bench(args) => {
             let mut model = load(&home, &args.model)?;
             let result = tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?;

@@ -20,7 +20,11 @@ use tessera_protocol::Address;
 use tessera_rollup::{Action, Tx, DELEGATION_BASE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MODEL: &str = "smollm2-135m-instruct";
+mod common;
+use common::MODEL;
+
+/// Each test here runs a model engine; the machines have two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const ETH: u128 = 1_000_000_000_000_000_000;
 const WINDOW: u64 = 30;
 
@@ -85,6 +89,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("dir");
     let model = tessera_models::test_support::model_path(MODEL);
     let params = Params {
@@ -458,4 +463,131 @@ async fn api_jobs_settle_on_l1_and_a_wrong_root_is_challenged_by_a_watchtower() 
     let _ = tower_task.await;
     node.shutdown().await;
     coordinator.shutdown().await;
+}
+
+/// The rollup from the command line, on a `tessera devnet` process: the devnet account's
+/// wallet delegates to a node that staked from its earnings; the node withdraws and
+/// collects on L1; `tessera rewards` proves both parties' earnings against the contract.
+#[test]
+fn the_wallet_cli_stakes_delegates_withdraws_pays_out_and_proves_rewards_on_a_devnet() {
+    let _one = ONE_AT_A_TIME.blocking_lock();
+    let dir = tempfile::tempdir().expect("dir");
+    let net = common::Devnet::start_with(
+        dir.path(),
+        &[
+            "--nodes",
+            "1",
+            "--batch-interval",
+            "1",
+            "--challenge-window",
+            "3",
+        ],
+    );
+    let coordinator = format!("http://{}", net.addr);
+    let cli = |args: &[&str]| -> Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .args(["--coordinator", &coordinator, "--json"])
+            .env("TESSERA_HOME", dir.path())
+            .output()
+            .expect("run tessera");
+        assert!(
+            out.status.success(),
+            "tessera {args:?} failed: {}\ndevnet log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            net.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON out")
+    };
+    let amount = |v: &Value| {
+        v.as_str()
+            .map_or(0, |s| s.parse::<u128>().expect("integer string"))
+    };
+    let wait = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let dev = cli(&["wallet", "address", "--wallet", "devnet"])["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+    let node = cli(&["wallet", "address", "--wallet", "node-1"])["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+    let balance = |w: &str| cli(&["wallet", "balance", "--wallet", w]);
+    assert_eq!(
+        amount(&balance("devnet")["l2"]["pending"]["balance"]),
+        1_000_000_000_000,
+        "the devnet account's deposit"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ask = |q: &str| rt.block_on(chat(net.addr, &net.key, q));
+
+    // The node earns, then stakes half of what it earned.
+    ask("Name the capital of France.");
+    wait("the node's earnings posted", &|| {
+        amount(&balance("node-1")["l2"]["posted"]["balance"]) > 0
+    });
+    let earned = amount(&balance("node-1")["l2"]["posted"]["balance"]);
+    cli(&["stake", &(earned / 2).to_string(), "--wallet", "node-1"]);
+    wait("the stake posted", &|| {
+        amount(&balance("node-1")["l2"]["posted"]["stake"]) == earned / 2
+    });
+    // The devnet account delegates; more jobs; it claims its share.
+    cli(&["delegate", &node, "1000000", "--wallet", "devnet"]);
+    wait("the delegation posted", &|| {
+        let b = balance("node-1");
+        amount(&b["l2"]["posted"]["delegated_to_it"]) == 1_000_000
+    });
+    ask("What is 2 + 2?");
+    ask("Name three colors.");
+    wait("the node's pool filled", &|| {
+        amount(&balance("node-1")["l2"]["posted"]["pool"]) > 0
+    });
+    cli(&["wallet", "claim", "--wallet", "devnet"]);
+    // The node withdraws what it holds and collects it on L1 once final.
+    let spendable = amount(&balance("node-1")["l2"]["pending"]["balance"]);
+    cli(&[
+        "wallet",
+        "withdraw",
+        &spendable.to_string(),
+        "--wallet",
+        "node-1",
+    ]);
+    wait("the withdrawal final", &|| {
+        amount(&balance("node-1")["l2"]["final"]["withdrawn"]) == spendable
+            && amount(&balance("devnet")["l2"]["final"]["earned"]) > 0
+    });
+    let paid = cli(&["wallet", "payout", "--wallet", "node-1"]);
+    assert_eq!(amount(&paid["paid"]), spendable);
+    let l1 = balance("node-1");
+    assert_eq!(amount(&l1["l1"]["tokens"]), spendable);
+    assert_eq!(amount(&l1["l1"]["withdrawals_paid"]), spendable);
+
+    // Rewards, each row proved against the contract's root of a final batch.
+    let mine = cli(&["rewards", &dev]);
+    let rows = mine["statement"].as_array().expect("rows");
+    let last = rows.last().expect("a final row");
+    assert_eq!(last["verified"], json!(true));
+    let per_node = &last["per_node"][0];
+    assert!(amount(&per_node["earned_total"]) > 0, "{mine}");
+    assert_eq!(
+        amount(&per_node["earned_total"]),
+        amount(&balance("devnet")["l2"]["final"]["earned"]),
+        "the delegation's claimed rewards are all the account earned"
+    );
+    let theirs = cli(&["rewards", &node]);
+    let node_rows = theirs["statement"].as_array().expect("rows");
+    assert!(amount(&node_rows.last().expect("row")["own_earned_total"]) >= earned);
+    net.stop();
 }

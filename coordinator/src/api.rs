@@ -42,6 +42,10 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// The rollup's sequencer, when the coordinator settles on an L1.
     pub sequencer: Option<SequencerHandle>,
+    /// Where the settlement contracts are, when it does.
+    pub deployment: Option<tessera_contracts::Deployment>,
+    /// The embedded L1, served over JSON-RPC at `/l1` (wallets in other processes use it).
+    pub embedded_l1: Option<Arc<tessera_contracts::EmbeddedChain>>,
 }
 
 impl ApiState {
@@ -66,6 +70,8 @@ impl ApiState {
             limiter: Limiter::new(limits),
             metrics,
             sequencer: None,
+            deployment: None,
+            embedded_l1: None,
         }
     }
 }
@@ -298,7 +304,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/receipts/{id}", get(receipt))
         .route("/v1/account", get(account))
+        .route("/l1", post(l1_rpc))
+        .route("/v1/l2/deployment", get(l2_deployment))
         .route("/v1/l2/accounts/{address}", get(l2_account))
+        .route("/v1/l2/accounts/{address}/statement", get(l2_statement))
         .route("/v1/l2/transactions", post(l2_submit))
         .fallback(|| async { ApiError::not_found("unknown_url", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -319,6 +328,7 @@ async fn count_requests(State(state): State<ApiState>, req: Request, next: Next)
         "/metrics" => "metrics",
         "/v1/account" => "account",
         p if p.starts_with("/v1/l2/") => "l2",
+        "/l1" => "l1",
         p if p.starts_with("/v1/receipts/") => "receipts",
         _ => "other",
     };
@@ -682,15 +692,104 @@ async fn l2_account(
         "address": address,
         "slot": view.slot,
         "pending": l2_leaf(&view.pending),
+        "delegations": view.delegations.iter().map(|(slot, d)| json!({
+            "slot": slot,
+            "node_slot": d.node,
+            "amount": Amount(d.amount),
+            "earned": Amount(d.earned),
+        })).collect::<Vec<_>>(),
+        "next_delegation_slot": view.next_delegation,
         "posted": view.posted.as_ref().map(l2_leaf),
         "final": view.final_.as_ref().map(l2_leaf),
-        "proof": proof.map(|p| json!({
-            "batch": p.batch,
-            "root": format!("0x{}", hex::encode(p.root)),
-            "leaf": format!("0x{}", hex::encode(&p.preimage)),
-            "bitmap": p.proof.bitmap,
-            "siblings": p.proof.siblings.iter().map(|h| format!("0x{}", hex::encode(h))).collect::<Vec<_>>(),
-        })),
+        "proof": proof.map(|p| {
+            let mut v = proof_json(&p.preimage, &p.proof);
+            v["batch"] = json!(p.batch);
+            v["root"] = json!(hex32(&p.root));
+            v
+        }),
+    })))
+}
+
+/// The embedded L1's Ethereum JSON-RPC (a devnet's chain, for wallets and tools in other
+/// processes). Answers JSON-RPC errors, never HTTP ones, for anything it can parse.
+async fn l1_rpc(State(state): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let Some(chain) = state.embedded_l1.clone() else {
+        return ApiError::not_found("no_embedded_l1", "this coordinator serves no embedded L1")
+            .into_response();
+    };
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Json(json!({
+                "jsonrpc": "2.0",
+                "id": null,
+                "error": {"code": -32700, "message": format!("parse error: {e}")},
+            }))
+            .into_response()
+        }
+    };
+    match tokio::task::spawn_blocking(move || chain.rpc(request)).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(_) => ApiError::internal("the L1 task failed").into_response(),
+    }
+}
+
+fn hex32(h: &[u8; 32]) -> String {
+    format!("0x{}", hex::encode(h))
+}
+
+fn proof_json(preimage: &[u8], proof: &tessera_rollup::MerkleProof) -> Value {
+    json!({
+        "leaf": format!("0x{}", hex::encode(preimage)),
+        "bitmap": proof.bitmap,
+        "siblings": proof.siblings.iter().map(hex32).collect::<Vec<_>>(),
+    })
+}
+
+/// The settlement deployment: chain id, contract addresses, the signing domain, the
+/// parameters. A wallet checks the domain itself (docs/settlement.md) before signing.
+async fn l2_deployment(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    sequencer(&state)?;
+    let d = state
+        .deployment
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("no deployment recorded"))?;
+    let mut body = serde_json::to_value(d).map_err(|e| ApiError::internal(e.to_string()))?;
+    body["object"] = json!("tessera.deployment");
+    Ok(Json(body))
+}
+
+/// A reward statement: the account and its delegations at the last final batch of each
+/// epoch (and at the last final batch), each leaf with its proof against that batch's
+/// root, which the contract holds. Differences between rows are the epoch's earnings.
+async fn l2_statement(
+    State(state): State<ApiState>,
+    Path(address): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let seq = sequencer(&state)?;
+    let address: Address = address.parse().map_err(|_| {
+        ApiError::invalid_request(format!("{address:?} is not a 0x-prefixed 20-byte address"))
+            .with_param("address")
+    })?;
+    let rows = seq
+        .statement(address)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({
+        "object": "tessera.statement",
+        "address": address,
+        "rows": rows.iter().map(|r| json!({
+            "batch": r.batch,
+            "epoch": r.epoch,
+            "root": hex32(&r.root),
+            "slot": r.slot,
+            "account": proof_json(&r.account.0, &r.account.1),
+            "delegations": r.delegations.iter().map(|(slot, leaf, proof)| {
+                let mut v = proof_json(leaf, proof);
+                v["slot"] = json!(slot);
+                v
+            }).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })))
 }
 

@@ -26,6 +26,7 @@ pub use metrics::Metrics;
 pub use network::{CoordinatorNet, CoordinatorNetError};
 pub use sequencer::{
     AccountView, Fault, L1Setup, SequencerConfig, SequencerError, SequencerHandle, SequencerStatus,
+    StatementRow,
 };
 pub use server::{Coordinator, CoordinatorConfig, StartError};
 pub use table::{NodeEntry, NodeTable, Throughput};

@@ -100,6 +100,28 @@ pub struct AccountView {
     pub posted: Option<Account>,
     /// At the last final batch.
     pub final_: Option<Account>,
+    /// Its delegations (as applied): slot and position.
+    pub delegations: Vec<(u32, tessera_rollup::Delegation)>,
+    /// The slot a new delegation takes next.
+    pub next_delegation: u32,
+}
+
+/// One row of a reward statement: an account (and its delegations) at the last final
+/// batch of an epoch, each leaf with its proof against that batch's root.
+#[derive(Clone, Debug)]
+pub struct StatementRow {
+    /// The final batch.
+    pub batch: u64,
+    /// The epoch in force after it.
+    pub epoch: u64,
+    /// Its root (the contract holds the same).
+    pub root: H256,
+    /// The account's slot.
+    pub slot: u32,
+    /// The account leaf and its proof.
+    pub account: (Vec<u8>, MerkleProof),
+    /// The account's delegations: slot, leaf, proof.
+    pub delegations: Vec<(u32, Vec<u8>, MerkleProof)>,
 }
 
 /// An account leaf with its proof against a final root: what an L1 withdrawal needs.
@@ -148,6 +170,10 @@ enum Command {
         reply: oneshot::Sender<SequencerStatus>,
     },
     Inject(Fault),
+    Statement {
+        address: Address,
+        reply: oneshot::Sender<Vec<StatementRow>>,
+    },
 }
 
 /// A handle to the sequencer task.
@@ -194,6 +220,13 @@ impl SequencerHandle {
     /// Where the sequencer stands.
     pub async fn status(&self) -> Result<SequencerStatus, SequencerError> {
         self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// An address's reward statement: a row per epoch ended in a final batch, and one for
+    /// the last final batch.
+    pub async fn statement(&self, address: Address) -> Result<Vec<StatementRow>, SequencerError> {
+        self.ask(|reply| Command::Statement { address, reply })
+            .await
     }
 
     /// Makes the next batch faulty (a test option: watchtowers must catch it).
@@ -354,17 +387,28 @@ impl Sequencer {
                 let _ = reply.send(r);
             }
             Command::Account { address, reply } => {
-                let view = self.pending.slot_of(&address.0).map(|slot| AccountView {
-                    slot,
-                    pending: *self
+                let view = self.pending.slot_of(&address.0).map(|slot| {
+                    let mut delegations: Vec<_> = self
                         .pending
-                        .account(slot)
-                        .expect("slot_of names an account"),
-                    posted: self
-                        .posted
-                        .last()
-                        .and_then(|p| p.state.account(slot).copied()),
-                    final_: self.final_state().and_then(|s| s.account(slot).copied()),
+                        .delegations()
+                        .filter(|(_, d)| d.delegator == slot)
+                        .map(|(s, d)| (s, *d))
+                        .collect();
+                    delegations.sort_by_key(|(s, _)| *s);
+                    AccountView {
+                        slot,
+                        pending: *self
+                            .pending
+                            .account(slot)
+                            .expect("slot_of names an account"),
+                        posted: self
+                            .posted
+                            .last()
+                            .and_then(|p| p.state.account(slot).copied()),
+                        final_: self.final_state().and_then(|s| s.account(slot).copied()),
+                        delegations,
+                        next_delegation: self.pending.meta().next_delegation,
+                    }
                 });
                 let _ = reply.send(view);
             }
@@ -380,6 +424,9 @@ impl Sequencer {
                 });
                 let _ = reply.send(proof);
             }
+            Command::Statement { address, reply } => {
+                let _ = reply.send(self.statement(&address));
+            }
             Command::Inject(fault) => {
                 tracing::warn!(?fault, "fault injected into the next batch");
                 self.fault = Some(fault);
@@ -393,6 +440,44 @@ impl Sequencer {
                 });
             }
         }
+    }
+
+    fn statement(&self, address: &Address) -> Vec<StatementRow> {
+        let finals: Vec<&Posted> = self
+            .posted
+            .iter()
+            .filter(|p| p.index < self.finalized)
+            .collect();
+        let mut rows = Vec::new();
+        for (i, p) in finals.iter().enumerate() {
+            let epoch = p.state.meta().epoch;
+            let last_of_epoch = finals
+                .get(i + 1)
+                .is_none_or(|next| next.state.meta().epoch != epoch);
+            let Some(slot) = p.state.slot_of(&address.0) else {
+                continue;
+            };
+            if !last_of_epoch {
+                continue;
+            }
+            let tree = p.state.tree();
+            let mut delegations: Vec<_> = p
+                .state
+                .delegations()
+                .filter(|(_, d)| d.delegator == slot)
+                .map(|(s, _)| (s, p.state.preimage(s), tree.prove(s)))
+                .collect();
+            delegations.sort_by_key(|(s, _, _)| *s);
+            rows.push(StatementRow {
+                batch: p.index,
+                epoch,
+                root: p.state.root(),
+                slot,
+                account: (p.state.preimage(slot), tree.prove(slot)),
+                delegations,
+            });
+        }
+        rows
     }
 
     fn final_index(&self) -> Option<u64> {

@@ -205,6 +205,11 @@ impl Coordinator {
             },
         );
         let dispatcher = state.dispatcher.clone();
+        let deployment = settlement.as_ref().map(|(l1, _)| l1.deployment.clone());
+        let embedded_l1 = settlement.as_ref().and_then(|(l1, _)| match &l1.chain {
+            tessera_contracts::AnyChain::Embedded(c) => Some(c.clone()),
+            tessera_contracts::AnyChain::Rpc(_) => None,
+        });
         let sequencer = match settlement {
             Some((l1, seq_config)) => {
                 let stop = CancellationToken::new();
@@ -224,6 +229,8 @@ impl Coordinator {
         };
         let mut state = state;
         state.sequencer = sequencer.as_ref().map(|(h, _, _)| h.clone());
+        state.deployment = deployment;
+        state.embedded_l1 = embedded_l1;
         let http_stop = CancellationToken::new();
         let app = router(state);
         let stop = http_stop.clone();
