@@ -685,6 +685,93 @@ impl<'a, L: L1> Contracts<'a, L> {
         .await
     }
 
+    /// Opens the escape hatch (anyone, once no batch was posted for the escape delay).
+    pub async fn open_escape(&self, from: &PrivateKeySigner) -> Result<Receipt, ContractError> {
+        let input = Settlement::openEscapeCall {}.abi_encode();
+        send(
+            self.chain,
+            from,
+            "Settlement",
+            Some(self.d.settlement),
+            input,
+            U256::ZERO,
+        )
+        .await
+    }
+
+    /// After escape: pays an account what the escape root holds for it.
+    pub async fn exit_account(
+        &self,
+        from: &PrivateKeySigner,
+        leaf: &Witness,
+    ) -> Result<Receipt, ContractError> {
+        let input = Settlement::exitAccountCall {
+            leaf: settlement_witness(leaf),
+        }
+        .abi_encode();
+        send(
+            self.chain,
+            from,
+            "Settlement",
+            Some(self.d.settlement),
+            input,
+            U256::ZERO,
+        )
+        .await
+    }
+
+    /// After escape: pays a delegation and its share of the node's pool.
+    pub async fn exit_delegation(
+        &self,
+        from: &PrivateKeySigner,
+        delegation: &Witness,
+        node: &Witness,
+        delegator: &Witness,
+    ) -> Result<Receipt, ContractError> {
+        let input = Settlement::exitDelegationCall {
+            delegation: settlement_witness(delegation),
+            node: settlement_witness(node),
+            delegator: settlement_witness(delegator),
+        }
+        .abi_encode();
+        send(
+            self.chain,
+            from,
+            "Settlement",
+            Some(self.d.settlement),
+            input,
+            U256::ZERO,
+        )
+        .await
+    }
+
+    /// After escape: refunds a queued deposit the escape root never applied (`meta` is
+    /// the meta leaf at that root).
+    pub async fn refund_deposit(
+        &self,
+        from: &PrivateKeySigner,
+        deposit: &QueuedDeposit,
+        meta: &Witness,
+    ) -> Result<Receipt, ContractError> {
+        let input = Settlement::refundDepositCall {
+            seq: deposit.seq,
+            slot: deposit.slot,
+            account: deposit.account,
+            amount: deposit.amount,
+            meta: settlement_witness(meta),
+        }
+        .abi_encode();
+        send(
+            self.chain,
+            from,
+            "Settlement",
+            Some(self.d.settlement),
+            input,
+            U256::ZERO,
+        )
+        .await
+    }
+
     /// Re-executes one step in the verifier contract (a view): the root it computes.
     pub async fn execute_step(
         &self,

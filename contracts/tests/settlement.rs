@@ -6,7 +6,9 @@ use alloy::signers::local::PrivateKeySigner;
 use tessera_contracts::{
     deploy, ChallengeOutcome, ContractError, Contracts, Deployment, EmbeddedChain, Params, L1,
 };
-use tessera_rollup::{Action, Batch, FraudProof, Outcome, State, Tx, DELEGATION_BASE, H256};
+use tessera_rollup::{
+    Action, Batch, FraudProof, Outcome, State, Tx, Witness, DELEGATION_BASE, H256,
+};
 
 fn key(n: u8) -> k256::ecdsa::SigningKey {
     k256::ecdsa::SigningKey::from_bytes(&[n; 32].into()).expect("key")
@@ -492,4 +494,139 @@ async fn the_embedded_chain_keeps_its_state_across_a_restart() {
         .err()
         .expect("a corrupt file is an error");
     assert!(err.to_string().contains("move it away"), "{err}");
+}
+
+/// The sequencer stops posting: after the escape delay anyone opens the escape hatch and
+/// every owner takes out what the last final state holds for them, once; a deposit that
+/// state never applied is refunded; nothing more can be posted; only rounding dust stays.
+#[tokio::test]
+async fn the_escape_hatch_pays_everyone_from_the_last_final_root() {
+    let mut net = Net::new().await;
+    net.c()
+        .post_bond(&wallet(SEQUENCER), net.params.min_bond)
+        .await
+        .expect("bond");
+    let genesis = net.state.clone();
+    let mut txs = Vec::new();
+    for (n, amount) in [(DEV, 1_000), (NODE, 500), (HOLDER, 300)] {
+        let tx = net.deposit(n, amount).await;
+        step(&mut net, &mut txs, tx);
+    }
+    let (dev, node, holder) = (net.slot(DEV), net.slot(NODE), net.slot(HOLDER));
+    let tx = net.sign(NODE, Action::Stake { amount: 500 });
+    step(&mut net, &mut txs, tx);
+    let tx = net.sign(
+        HOLDER,
+        Action::Delegate {
+            delegation: DELEGATION_BASE,
+            node,
+            amount: 300,
+        },
+    );
+    step(&mut net, &mut txs, tx);
+    let settle = Tx::Settle {
+        payer: dev,
+        node,
+        amount: 400,
+        receipts_root: [1; 32],
+    };
+    step(&mut net, &mut txs, settle);
+    let tx = net.sign(NODE, Action::Withdraw { amount: 100 });
+    step(&mut net, &mut txs, tx);
+    let last = net.state.clone();
+    net.state = genesis;
+    net.post(txs).await;
+    assert_eq!(net.state.root(), last.root());
+    net.pass_window().await;
+    // A deposit queued after the last batch, never applied: the sequencer is gone.
+    let late = net.deposit(DEV, 50).await;
+    let Tx::Deposit { seq, .. } = late else {
+        unreachable!()
+    };
+    let c = net.c();
+    let anyone = wallet(CHALLENGER);
+    let err = c.open_escape(&anyone).await.expect_err("too early");
+    assert!(reason(err).contains("SequencerActive"));
+    net.chain.advance_time(3_601).await.expect("time");
+    c.open_escape(&anyone).await.expect("escape opens");
+
+    let witness = |slot: u32| Witness {
+        slot,
+        preimage: net.state.preimage(slot),
+        proof: net.state.tree().prove(slot),
+    };
+    let paid = |n: u8| {
+        let c = net.c();
+        async move { c.token_balance(wallet(n).address()).await.expect("balance") }
+    };
+    // 400 paid: fee 4; 396 shared 500:300 by stake → node 248, pool 148; node withdrew 100.
+    let node_before = paid(NODE).await;
+    c.exit_account(&anyone, &witness(node))
+        .await
+        .expect("node exits");
+    assert_eq!(paid(NODE).await - node_before, U256::from(148 + 500 + 100));
+    let again = c
+        .exit_account(&anyone, &witness(node))
+        .await
+        .expect_err("once");
+    assert!(reason(again).contains("AlreadyExited"));
+    c.exit_delegation(
+        &anyone,
+        &witness(DELEGATION_BASE),
+        &witness(node),
+        &witness(holder),
+    )
+    .await
+    .expect("delegation exits");
+    // 300 delegated + 300 · ⌊148·10^18/300⌋ / 10^18 = 147 of the pool's 148.
+    assert_eq!(paid(HOLDER).await, U256::from(300 + 147));
+    let dev_before = paid(DEV).await;
+    c.exit_account(&anyone, &witness(dev))
+        .await
+        .expect("dev exits");
+    assert_eq!(paid(DEV).await - dev_before, U256::from(600));
+    c.exit_account(&anyone, &witness(1))
+        .await
+        .expect("fee account exits");
+    let late = tessera_contracts::QueuedDeposit {
+        seq,
+        slot: dev,
+        account: wallet(DEV).address(),
+        amount: 50,
+        block: 0,
+    };
+    c.refund_deposit(&anyone, &late, &witness(0))
+        .await
+        .expect("refund");
+    assert_eq!(paid(DEV).await - dev_before, U256::from(650));
+    let twice = c
+        .refund_deposit(&anyone, &late, &witness(0))
+        .await
+        .expect_err("once");
+    assert!(reason(twice).contains("AlreadyExited"));
+    // An applied deposit is not refundable.
+    let applied = tessera_contracts::QueuedDeposit {
+        seq: 0,
+        slot: dev,
+        account: wallet(DEV).address(),
+        amount: 1_000,
+        block: 0,
+    };
+    let err = c
+        .refund_deposit(&anyone, &applied, &witness(0))
+        .await
+        .expect_err("applied");
+    assert!(reason(err).contains("DepositApplied"));
+    // Everything deposited is out but the pool's one unit of rounding dust.
+    assert_eq!(
+        c.token_balance(net.d.settlement).await.expect("balance"),
+        U256::from(1)
+    );
+    let mut s = net.state.clone();
+    let batch = Batch::build(&mut s, vec![Tx::Epoch { epoch: 1 }], &net.queue);
+    let err = c
+        .submit_batch(&wallet(SEQUENCER), &batch)
+        .await
+        .expect_err("closed");
+    assert!(reason(err).contains("EscapeOpen"));
 }
