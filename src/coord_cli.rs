@@ -42,6 +42,13 @@ pub struct CoordinatorArgs {
     /// Seconds running jobs get to finish on Ctrl-C [default: 30].
     #[arg(long, env = "TESSERA_SHUTDOWN_GRACE")]
     shutdown_grace: Option<f64>,
+    /// Settle through the rollup on this L1: `embedded` (kept in DATA_DIR/l1) or an EVM
+    /// node's JSON-RPC URL (the operator key in DATA_DIR/l1/operator.key pays gas).
+    #[arg(long, env = "TESSERA_L1")]
+    l1: Option<String>,
+    /// Seconds between rollup batches [default: 10].
+    #[arg(long, env = "TESSERA_BATCH_INTERVAL")]
+    batch_interval: Option<f64>,
 }
 
 fn secs(flag: &str, v: f64) -> Result<Duration> {
@@ -77,6 +84,15 @@ impl CoordinatorArgs {
         if let Some(s) = self.shutdown_grace {
             c.shutdown_grace = secs("--shutdown-grace", s)?;
         }
+        if let Some(l1) = self.l1 {
+            c.settlement.get_or_insert_with(Default::default).l1 = l1;
+        }
+        if let Some(s) = self.batch_interval {
+            let interval = secs("--batch-interval", s)?;
+            c.settlement
+                .get_or_insert_with(Default::default)
+                .batch_interval = interval;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -108,6 +124,12 @@ pub fn coordinator(home: &Path, args: CoordinatorArgs) -> Result<()> {
             "OpenAI-compatible API on http://{}/v1 (Ctrl-C stops)",
             coordinator.http_addr()
         );
+        if coordinator.sequencer().is_some() {
+            eprintln!(
+                "settling through the rollup; wallets use --coordinator http://{}",
+                coordinator.http_addr()
+            );
+        }
         signals.recv().await;
         eprintln!("stopping: finishing running jobs (Ctrl-C again to quit now)");
         tokio::select! {

@@ -57,6 +57,14 @@ pub struct NodeArgs {
     /// Seconds in-flight jobs get to finish on Ctrl-C [default: 30].
     #[arg(long, env = "TESSERA_SHUTDOWN_GRACE")]
     shutdown_grace: Option<f64>,
+    /// Run a rollup watchtower against this coordinator's settlement (its HTTP URL): replay
+    /// every posted batch and challenge a wrong one. Challenges need ether on L1 for the
+    /// bond, held by DATA_DIR/watchtower.key.
+    #[arg(long, env = "TESSERA_WATCH")]
+    watch: Option<String>,
+    /// The L1's JSON-RPC URL for the watchtower [default: WATCH/l1, a devnet's chain].
+    #[arg(long, env = "TESSERA_L1", requires = "watch")]
+    l1: Option<String>,
 }
 
 impl NodeArgs {
@@ -177,7 +185,9 @@ impl Signals {
 
 /// Runs a node until Ctrl-C or SIGTERM.
 pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> Result<()> {
+    let watch = args.watch.clone().map(|url| (url, args.l1.clone()));
     let config = args.into_config(home)?;
+    let tower_key = config.data_dir.join("watchtower.key");
     for m in &config.models {
         fetch(&m.model)?;
     }
@@ -202,11 +212,29 @@ pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> 
             for addr in node.listen_addrs().await {
                 eprintln!("listening on {addr}/p2p/{id}");
             }
+            let stop = tokio_util::sync::CancellationToken::new();
+            let tower = match &watch {
+                Some((url, l1)) => {
+                    let tower =
+                        crate::wallet_cli::watchtower(url, l1.as_deref(), &tower_key).await?;
+                    Some(tokio::spawn(tower.run(
+                        Duration::from_secs(5),
+                        None,
+                        stop.clone(),
+                    )))
+                }
+                None => None,
+            };
             eprintln!("press Ctrl-C to leave the network");
             first.await;
-            node
+            (node, stop, tower)
         };
+        let (node, stop, tower) = node;
         eprintln!("leaving: finishing in-flight jobs (Ctrl-C again to quit now)");
+        stop.cancel();
+        if let Some(t) = tower {
+            let _ = t.await;
+        }
         tokio::select! {
             () = node.shutdown() => Ok(()),
             () = signals.recv() => bail!("quit before in-flight jobs finished"),

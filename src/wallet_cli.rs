@@ -560,3 +560,32 @@ pub fn rewards(args: RewardsArgs) -> Result<()> {
         Ok(())
     })
 }
+
+/// A watchtower over the settlement of the coordinator at `coordinator` (its HTTP URL),
+/// reading L1 at `l1` (default: the coordinator's `/l1`), challenging with the key at
+/// `key` (created if missing).
+pub async fn watchtower(
+    coordinator: &str,
+    l1: Option<&str>,
+    key: &Path,
+) -> Result<tessera_node::Watchtower> {
+    let at = Endpoints {
+        coordinator: coordinator.to_owned(),
+        l1: l1.map(str::to_owned),
+        wallet: String::new(),
+        json: false,
+    };
+    let s = Session::open(&at).await?;
+    let (w, _) = wallet::load_or_create(key)?;
+    if s.chain.eth_balance(w.address()).await? < s.d.params.challenge_bond {
+        eprintln!(
+            "watchtower {}: no ether for the challenge bond ({} wei): it verifies every batch but cannot challenge until funded",
+            w.address(),
+            s.d.params.challenge_bond
+        );
+    } else {
+        eprintln!("watchtower {} watching {}", w.address(), s.d.settlement);
+    }
+    let chain = tessera_contracts::AnyChain::Rpc(std::sync::Arc::new(s.chain));
+    Ok(tessera_node::Watchtower::new(chain, s.d, w))
+}

@@ -28,5 +28,5 @@ pub use sequencer::{
     AccountView, Fault, L1Setup, SequencerConfig, SequencerError, SequencerHandle, SequencerStatus,
     StatementRow,
 };
-pub use server::{Coordinator, CoordinatorConfig, StartError};
+pub use server::{Coordinator, CoordinatorConfig, SettlementConfig, StartError};
 pub use table::{NodeEntry, NodeTable, Throughput};

@@ -47,6 +47,31 @@ pub struct CoordinatorConfig {
     pub shutdown_grace: Duration,
     /// Listen addresses, bootstrap peers, mDNS, liveness.
     pub net: NetConfig,
+    /// Settle on an L1 through the rollup (docs/settlement.md); off when absent.
+    pub settlement: Option<SettlementConfig>,
+}
+
+/// Where and how the coordinator settles.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SettlementConfig {
+    /// `embedded` (a chain kept in `DATA_DIR/l1/`) or an EVM node's JSON-RPC URL.
+    pub l1: String,
+    /// Seconds between batches when anything waits.
+    #[serde(with = "secs")]
+    pub batch_interval: Duration,
+    /// Seconds a batch can be challenged (used when deploying the contracts).
+    pub challenge_window: u64,
+}
+
+impl Default for SettlementConfig {
+    fn default() -> Self {
+        Self {
+            l1: "embedded".into(),
+            batch_interval: SequencerConfig::default().batch_interval,
+            challenge_window: tessera_contracts::Params::default().challenge_window,
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -62,6 +87,7 @@ impl Default for CoordinatorConfig {
             job_timeout: dispatch.job_timeout,
             max_attempts: dispatch.max_attempts,
             shutdown_grace: Duration::from_secs(30),
+            settlement: None,
             net: NetConfig {
                 listen: vec![
                     format!("/ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT}")
@@ -160,7 +186,25 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the ledger, joins the network and starts serving the API.
     pub async fn start(config: CoordinatorConfig) -> Result<Self, StartError> {
-        Self::start_with(config, None).await
+        let Some(s) = config.settlement.clone() else {
+            return Self::start_with(config, None).await;
+        };
+        let rpc = (s.l1 != "embedded").then_some(s.l1.as_str());
+        let params = tessera_contracts::Params {
+            challenge_window: s.challenge_window,
+            escape_delay: tessera_contracts::Params::default()
+                .escape_delay
+                .max(s.challenge_window * 2),
+            ..tessera_contracts::Params::default()
+        };
+        let l1 = crate::l1::open_l1(&config.data_dir.join("l1"), rpc, &params)
+            .await
+            .map_err(|e| StartError::Config(format!("cannot open the L1 {:?}: {e}", s.l1)))?;
+        let sequencer = SequencerConfig {
+            batch_interval: s.batch_interval,
+            ..SequencerConfig::default()
+        };
+        Self::start_with(config, Some((l1, sequencer))).await
     }
 
     /// Starts a coordinator that also runs the rollup's sequencer on `settlement`'s L1:
@@ -323,6 +367,17 @@ mod tests {
         assert_eq!(c.max_attempts, 2);
         assert_eq!(c.requests_per_minute, 600, "defaults kept");
         c.validate().expect("valid");
+        std::fs::write(&path, "[settlement]\nbatch_interval = 2.5\n").expect("write");
+        let c = CoordinatorConfig::from_toml_file(&path).expect("parse");
+        let s = c.settlement.expect("settlement on");
+        assert_eq!(
+            (s.l1.as_str(), s.batch_interval),
+            ("embedded", Duration::from_millis(2500))
+        );
+        assert!(
+            CoordinatorConfig::default().settlement.is_none(),
+            "off unless configured"
+        );
         std::fs::write(&path, "htp = 1\n").expect("write");
         let err = CoordinatorConfig::from_toml_file(&path)
             .unwrap_err()
