@@ -637,6 +637,13 @@ async fn account(
     Ok(Json(body))
 }
 
+fn parse_address(address: &str) -> Result<Address, ApiError> {
+    address.parse().map_err(|_| {
+        ApiError::invalid_request(format!("{address:?} is not a 0x-prefixed 20-byte address"))
+            .with_param("address")
+    })
+}
+
 fn sequencer(state: &ApiState) -> Result<&SequencerHandle, ApiError> {
     state.sequencer.as_ref().ok_or_else(|| {
         ApiError::not_found(
@@ -672,10 +679,7 @@ async fn l2_account(
     Path(address): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let seq = sequencer(&state)?;
-    let address: Address = address.parse().map_err(|_| {
-        ApiError::invalid_request(format!("{address:?} is not a 0x-prefixed 20-byte address"))
-            .with_param("address")
-    })?;
+    let address = parse_address(&address)?;
     let view = seq
         .account(address)
         .await
@@ -767,10 +771,7 @@ async fn l2_statement(
     Path(address): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let seq = sequencer(&state)?;
-    let address: Address = address.parse().map_err(|_| {
-        ApiError::invalid_request(format!("{address:?} is not a 0x-prefixed 20-byte address"))
-            .with_param("address")
-    })?;
+    let address = parse_address(&address)?;
     let rows = seq
         .statement(address)
         .await
