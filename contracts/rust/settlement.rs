@@ -330,6 +330,29 @@ impl<'a, L: L1> Contracts<'a, L> {
         Self { chain, d }
     }
 
+    /// Sends `input` to the settlement contract with `value` wei.
+    async fn settlement_tx(
+        &self,
+        from: &PrivateKeySigner,
+        input: Vec<u8>,
+        value: U256,
+    ) -> Result<Receipt, ContractError> {
+        send(
+            self.chain,
+            from,
+            "Settlement",
+            Some(self.d.settlement),
+            input,
+            value,
+        )
+        .await
+    }
+
+    /// A read-only call to the settlement contract.
+    async fn settlement_view<C: SolCall>(&self, call: C) -> Result<C::Return, ContractError> {
+        view(self.chain, "Settlement", self.d.settlement, call).await
+    }
+
     /// Mints devnet tokens (the token owner only).
     pub async fn mint(
         &self,
@@ -389,15 +412,7 @@ impl<'a, L: L1> Contracts<'a, L> {
             amount: U256::from(amount),
         }
         .abi_encode();
-        let r = send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await?;
+        let r = self.settlement_tx(from, input, U256::ZERO).await?;
         let event = r
             .logs
             .iter()
@@ -441,15 +456,7 @@ impl<'a, L: L1> Contracts<'a, L> {
         wei: U256,
     ) -> Result<Receipt, ContractError> {
         let input = Settlement::postBondCall {}.abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            wei,
-        )
-        .await
+        self.settlement_tx(from, input, wei).await
     }
 
     /// Posts a batch; returns its index and the receipt.
@@ -464,15 +471,7 @@ impl<'a, L: L1> Contracts<'a, L> {
             roots: batch.roots.iter().map(|r| B256::from(*r)).collect(),
         }
         .abi_encode();
-        let r = send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await?;
+        let r = self.settlement_tx(from, input, U256::ZERO).await?;
         let e = r
             .logs
             .iter()
@@ -522,15 +521,11 @@ impl<'a, L: L1> Contracts<'a, L> {
 
     /// Batch `index`'s on-chain record.
     pub async fn batch(&self, index: u64) -> Result<BatchRecord, ContractError> {
-        let b = view(
-            self.chain,
-            "Settlement",
-            self.d.settlement,
-            Settlement::batchCall {
+        let b = self
+            .settlement_view(Settlement::batchCall {
                 index: U256::from(index),
-            },
-        )
-        .await?;
+            })
+            .await?;
         Ok(BatchRecord {
             root: b.root,
             steps: b.steps,
@@ -541,71 +536,35 @@ impl<'a, L: L1> Contracts<'a, L> {
 
     /// Batches posted and not reverted.
     pub async fn batch_count(&self) -> Result<u64, ContractError> {
-        view(
-            self.chain,
-            "Settlement",
-            self.d.settlement,
-            Settlement::batchCountCall {},
-        )
-        .await
+        self.settlement_view(Settlement::batchCountCall {}).await
     }
 
     /// Batches final so far (as last recorded by `finalize`).
     pub async fn finalized(&self) -> Result<u64, ContractError> {
-        view(
-            self.chain,
-            "Settlement",
-            self.d.settlement,
-            Settlement::finalizedCall {},
-        )
-        .await
+        self.settlement_view(Settlement::finalizedCall {}).await
     }
 
     /// The sequencer's bond.
     pub async fn bond(&self) -> Result<U256, ContractError> {
-        view(
-            self.chain,
-            "Settlement",
-            self.d.settlement,
-            Settlement::bondCall {},
-        )
-        .await
+        self.settlement_view(Settlement::bondCall {}).await
     }
 
     /// The cumulative withdrawal L1 has paid to `slot`.
     pub async fn paid(&self, slot: u32) -> Result<U256, ContractError> {
-        view(
-            self.chain,
-            "Settlement",
-            self.d.settlement,
-            Settlement::paidCall::new((slot,)),
-        )
-        .await
+        self.settlement_view(Settlement::paidCall::new((slot,)))
+            .await
     }
 
     /// The slot L1 assigned to `account` (0: none).
     pub async fn slot_of(&self, account: Address) -> Result<u32, ContractError> {
-        view(
-            self.chain,
-            "Settlement",
-            self.d.settlement,
-            Settlement::slotOfCall::new((account,)),
-        )
-        .await
+        self.settlement_view(Settlement::slotOfCall::new((account,)))
+            .await
     }
 
     /// Marks batches past their window final.
     pub async fn finalize(&self, from: &PrivateKeySigner) -> Result<Receipt, ContractError> {
         let input = Settlement::finalizeCall {}.abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await
+        self.settlement_tx(from, input, U256::ZERO).await
     }
 
     /// Challenges batch `index` with a fraud proof, putting up the challenge bond.
@@ -628,15 +587,7 @@ impl<'a, L: L1> Contracts<'a, L> {
             witnesses: proof.witnesses.iter().map(settlement_witness).collect(),
         }
         .abi_encode();
-        let r = send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            bond,
-        )
-        .await?;
+        let r = self.settlement_tx(from, input, bond).await?;
         for l in &r.logs {
             if let Ok(e) = Settlement::Challenged::decode_log(l) {
                 return Ok((
@@ -674,29 +625,13 @@ impl<'a, L: L1> Contracts<'a, L> {
             leaf,
         }
         .abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await
+        self.settlement_tx(from, input, U256::ZERO).await
     }
 
     /// Opens the escape hatch (anyone, once no batch was posted for the escape delay).
     pub async fn open_escape(&self, from: &PrivateKeySigner) -> Result<Receipt, ContractError> {
         let input = Settlement::openEscapeCall {}.abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await
+        self.settlement_tx(from, input, U256::ZERO).await
     }
 
     /// After escape: pays an account what the escape root holds for it.
@@ -709,15 +644,7 @@ impl<'a, L: L1> Contracts<'a, L> {
             leaf: settlement_witness(leaf),
         }
         .abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await
+        self.settlement_tx(from, input, U256::ZERO).await
     }
 
     /// After escape: pays a delegation and its share of the node's pool.
@@ -734,15 +661,7 @@ impl<'a, L: L1> Contracts<'a, L> {
             delegator: settlement_witness(delegator),
         }
         .abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await
+        self.settlement_tx(from, input, U256::ZERO).await
     }
 
     /// After escape: refunds a queued deposit the escape root never applied (`meta` is
@@ -761,15 +680,7 @@ impl<'a, L: L1> Contracts<'a, L> {
             meta: settlement_witness(meta),
         }
         .abi_encode();
-        send(
-            self.chain,
-            from,
-            "Settlement",
-            Some(self.d.settlement),
-            input,
-            U256::ZERO,
-        )
-        .await
+        self.settlement_tx(from, input, U256::ZERO).await
     }
 
     /// Re-executes one step in the verifier contract (a view): the root it computes.
