@@ -12,8 +12,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama};
 use serde::{Deserialize, Serialize};
 use tessera_protocol::{
-    Fingerprint, FinishReason, ModuleId, SamplingParams, SamplingParamsError, TokenRecord,
-    TranscriptCommitment,
+    Fingerprint, FinishReason, ModuleId, ReplayClaim, SamplingParams, SamplingParamsError,
+    TokenRecord, TranscriptCommitment, Verdict,
 };
 
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
@@ -21,6 +21,7 @@ use crate::gguf::{Architecture, Backend, LoadError, ModelFile};
 use crate::sampler::Sampler;
 use crate::text::{Push, TextStream};
 use crate::tokenizer::Tokenizer;
+use crate::verify::Judge;
 
 /// What the model is asked to continue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -436,6 +437,83 @@ impl Model {
     /// Logits after appending `token` at `pos` to the current context.
     pub fn logits_next(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, GenerateError> {
         Ok(self.forward(&[token], pos)?)
+    }
+
+    /// Replays a claimed transcript of `prompt` (teacher forcing: the prompt and the claimed
+    /// tokens run through the model in passes of `chunk` positions, far cheaper than
+    /// generating them) and judges every position against `claim` with the sampler of
+    /// `sampling`: see [`crate::verify`]. Structural faults (positions that do not follow the
+    /// prompt, ids outside the vocabulary, a transcript longer than the context) fail
+    /// without a replay.
+    pub fn replay(
+        &mut self,
+        prompt: &Prompt,
+        chat_fallback: bool,
+        sampling: &SamplingParams,
+        claim: &ReplayClaim,
+        chunk: usize,
+    ) -> Result<Verdict, GenerateError> {
+        sampling.validate()?;
+        let prompt = self.tokenize_prompt(prompt, chat_fallback)?;
+        let records = &claim.records;
+        let vocab = self.tokenizer.vocab_size();
+        let shape = Judge::check_shape(prompt.len(), records, vocab).or_else(|| {
+            let fits = prompt.len() + records.len() <= self.context_length as usize;
+            (!fits).then(|| tessera_protocol::Failure {
+                index: (self.context_length as usize).saturating_sub(prompt.len()) as u32,
+                kind: tessera_protocol::FailureKind::Position,
+                distance: 0.0,
+            })
+        });
+        if let Some(failure) = shape {
+            return Ok(Judge::structural(
+                records,
+                failure,
+                claim.tolerance,
+                &claim.commitment,
+            ));
+        }
+        let start = Instant::now();
+        let mut judge = Judge::new(&prompt, records, sampling, claim.tolerance);
+        if let Some((_, generated)) = records.split_last() {
+            // Inputs: the prompt, then every claimed token but the last (whose logits
+            // nothing was sampled from). Row `prompt.len() - 1` predicts the first record.
+            let mut seq = prompt.clone();
+            seq.extend(generated.iter().map(|r| r.token));
+            let first_row = prompt.len() - 1;
+            let chunk = chunk.max(1);
+            match &mut self.weights {
+                Weights::OwnLlama(_) | Weights::OwnGemma3(_) => {
+                    let mut c = 0;
+                    while c < seq.len() {
+                        let end = (c + chunk).min(seq.len());
+                        let from = first_row.saturating_sub(c).min(end - c);
+                        let rows = match &mut self.weights {
+                            Weights::OwnLlama(m) => m.forward_rows(&seq[c..end], c, from)?,
+                            Weights::OwnGemma3(m) => m.forward_rows(&seq[c..end], c, from)?,
+                            _ => unreachable!("matched an own model above"),
+                        };
+                        let width = rows.len() / (end - c - from).max(1);
+                        for row in rows.chunks_exact(width.max(1)) {
+                            judge.push(row);
+                        }
+                        c = end;
+                    }
+                }
+                Weights::CandleLlama(_) | Weights::CandleGemma3(_) => {
+                    // The reference path returns one row per pass: prefill, then a token
+                    // at a time.
+                    let logits = self.prefill(&prompt, seq.len())?;
+                    judge.push(&logits);
+                    for (i, &t) in seq.iter().enumerate().skip(prompt.len()) {
+                        let logits = self.forward(&[t], i)?;
+                        judge.push(&logits);
+                    }
+                }
+            }
+        }
+        let ms = start.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+        Ok(judge.finish(&claim.commitment, ms))
     }
 
     /// Generates for `req`, calling `on_text` with each text delta; returning

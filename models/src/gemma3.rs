@@ -15,7 +15,7 @@ use half::f16;
 
 use crate::kernels;
 use crate::serving::{
-    attention, last_logits, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm,
+    attention, logits_from, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm,
     rms_norm_in_place, rope, AttnShape, Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch,
     TensorSource,
 };
@@ -172,10 +172,26 @@ impl Gemma3 {
     /// Runs `tokens` at positions `pos..` (which must equal the cached length) and returns
     /// the logits of the last one, on a rayon worker like [`crate::llama::Llama::forward`].
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_inner(tokens, pos))
+        rayon::scope(|_| self.forward_inner(tokens, pos, tokens.len().saturating_sub(1)))
     }
 
-    fn forward_inner(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+    /// Like `forward`, returning the logits of every token from index `from` of `tokens`
+    /// on, row after row: what a replay verifier needs (teacher forcing in one pass).
+    pub fn forward_rows(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        from: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        rayon::scope(|_| self.forward_inner(tokens, pos, from))
+    }
+
+    fn forward_inner(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        from: usize,
+    ) -> candle_core::Result<Vec<f32>> {
         if pos == 0 {
             self.reset(tokens.len());
         }
@@ -257,7 +273,7 @@ impl Gemma3 {
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
         }
         self.cache.len += n;
-        let logits = last_logits(&mut s, dim, &self.norm, eps, &self.output, file, path);
+        let logits = logits_from(&mut s, dim, &self.norm, eps, &self.output, file, path, from);
         self.s = s;
         logits
     }

@@ -11,12 +11,14 @@ pub mod gemma3;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
+pub mod requant;
 pub mod sampler;
 mod serving;
 #[doc(hidden)]
 pub mod test_support;
 pub mod text;
 pub mod tokenizer;
+pub mod verify;
 
 pub use catalog::{CatalogEntry, CATALOG};
 pub use chat::{ChatError, ChatMessage, ChatTemplate};

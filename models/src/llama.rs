@@ -14,7 +14,7 @@ use candle_core::quantized::gguf_file;
 
 use crate::kernels;
 use crate::serving::{
-    attention, last_logits, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rope,
+    attention, logits_from, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rope,
     AttnShape, Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch, TensorSource,
 };
 
@@ -139,10 +139,26 @@ impl Llama {
     /// the logits of the last one. The pass runs on a rayon worker, so the ~200 matrix
     /// products inside it share the pool without a thread wake-up each.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_inner(tokens, pos))
+        rayon::scope(|_| self.forward_inner(tokens, pos, tokens.len().saturating_sub(1)))
     }
 
-    fn forward_inner(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+    /// Like `forward`, returning the logits of every token from index `from` of `tokens`
+    /// on, row after row: what a replay verifier needs (teacher forcing in one pass).
+    pub fn forward_rows(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        from: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        rayon::scope(|_| self.forward_inner(tokens, pos, from))
+    }
+
+    fn forward_inner(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        from: usize,
+    ) -> candle_core::Result<Vec<f32>> {
         if pos == 0 {
             self.reset(tokens.len());
         }
@@ -207,7 +223,7 @@ impl Llama {
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
         }
         self.cache.len += n;
-        let logits = last_logits(&mut s, dim, &self.norm, eps, &self.output, file, path);
+        let logits = logits_from(&mut s, dim, &self.norm, eps, &self.output, file, path, from);
         self.s = s;
         logits
     }

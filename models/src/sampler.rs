@@ -126,7 +126,19 @@ impl Sampler {
         cands[n - 1].1
     }
 
-    fn apply_repetition_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
+    /// The parameters this sampler applies.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The uniform draw `sample` would make next (none when greedy), advancing the stream
+    /// exactly as `sample` does: what a replay verifier needs to judge a sampled position.
+    pub fn draw(&mut self) -> Option<f64> {
+        (!self.params.is_greedy()).then(|| self.rng.next_f64())
+    }
+
+    /// The repetition penalty step of `sample`, on its own.
+    pub fn apply_repetition_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
         let penalty = self.params.repetition_penalty;
         if penalty == 1.0 || self.params.repeat_last_n == 0 {
             return;

@@ -489,9 +489,10 @@ impl KvCache {
     }
 }
 
-/// Logits of the last of the `dim`-wide rows in `s.x`: final RMSNorm, then the output
-/// projection (the common tail of every serving model's forward pass).
-pub(crate) fn last_logits(
+/// Logits of the `dim`-wide rows of `s.x` from row `from` on, row after row: final RMSNorm,
+/// then the output projection (the common tail of every serving model's forward pass).
+#[allow(clippy::too_many_arguments)] // the tail's inputs; one call per model
+pub(crate) fn logits_from(
     s: &mut Scratch,
     dim: usize,
     norm: &[f32],
@@ -499,12 +500,17 @@ pub(crate) fn last_logits(
     output: &Linear,
     file: &[u8],
     path: kernels::Path,
+    from: usize,
 ) -> candle_core::Result<Vec<f32>> {
     let n = s.x.len() / dim;
-    rms_norm(&s.x[(n - 1) * dim..], norm, eps, &mut s.h);
+    let rows = n.saturating_sub(from);
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    rms_norm(&s.x[from.min(n) * dim..], norm, eps, &mut s.h);
     quantize_rows(&s.h, dim, &mut s.xq);
-    let mut logits = Vec::with_capacity(output.rows());
-    output.forward(file, path, &s.h, &s.xq, 1, &mut logits)?;
+    let mut logits = Vec::with_capacity(rows * output.rows());
+    output.forward(file, path, &s.h, &s.xq, rows, &mut logits)?;
     Ok(logits)
 }
 

@@ -4,6 +4,7 @@
 //! purpose (iroh-base is the model): the swarm itself lives in `tessera-net`.
 
 pub mod advert;
+pub mod audit;
 pub mod bytes;
 pub mod chat;
 pub mod job;
@@ -18,6 +19,7 @@ pub use advert::{
     decode_advert, encode_advert, AdvertError, AdvertStatus, LatencyStats, Load, ModuleOffer,
     NodeAdvert, ADVERTS_TOPIC,
 };
+pub use audit::{Failure, FailureKind, ReplayClaim, Verdict};
 pub use chat::ChatMessage;
 pub use job::{
     ErrorCode, JobError, JobEvent, JobId, JobInput, JobRequest, JobResult, Receipt, Usage,
