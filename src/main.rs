@@ -6,6 +6,7 @@
 mod accounts_cli;
 mod coord_cli;
 mod net_cli;
+mod verify_cli;
 mod wallet_cli;
 
 use std::io::Write;
@@ -46,6 +47,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed on the llama.cpp anchor's workload; prints one JSON line.
     Bench(BenchArgs),
+    /// Measure the replay verifier on the real models: false positives of honest nodes,
+    /// detection of substituted ones, and the audit's cost (one JSON line per scenario).
+    VerifyBench(verify_cli::VerifyBenchArgs),
     /// Serve models to the network: join, advertise, run jobs, sign receipts (Ctrl-C leaves).
     Node(net_cli::NodeArgs),
     /// Send one job to a node and stream the answer (checks a node from the command line).
@@ -280,6 +284,9 @@ fn run() -> Result<()> {
             coord_cli::devnet(&home, args, |model| fetch_if_needed(&home, model))
         }
         Command::Ask(args) => net_cli::ask(args),
+        Command::VerifyBench(args) => {
+            verify_cli::verify_bench(&home, args, |model| fetch_if_needed(&home, model))
+        }
         Command::Accounts { ledger, command } => accounts_cli::accounts(&home, &ledger, command),
         Command::Keys { ledger, command } => accounts_cli::keys(&home, &ledger, command),
         Command::Wallet { at, command } => wallet_cli::wallet(&home, at, command),

@@ -486,7 +486,7 @@ impl Model {
                 Weights::OwnLlama(_) | Weights::OwnGemma3(_) => {
                     let mut c = 0;
                     while c < seq.len() {
-                        let end = (c + chunk).min(seq.len());
+                        let end = c.saturating_add(chunk).min(seq.len());
                         let from = first_row.saturating_sub(c).min(end - c);
                         let rows = match &mut self.weights {
                             Weights::OwnLlama(m) => m.forward_rows(&seq[c..end], c, from)?,

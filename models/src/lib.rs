@@ -19,6 +19,7 @@ pub mod test_support;
 pub mod text;
 pub mod tokenizer;
 pub mod verify;
+pub mod verify_bench;
 
 pub use catalog::{CatalogEntry, CATALOG};
 pub use chat::{ChatError, ChatMessage, ChatTemplate};

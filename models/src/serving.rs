@@ -123,10 +123,16 @@ impl TensorSource<'_> {
                     name,
                     &Device::Cpu,
                 )?;
+                // candle multiplies Q6_K by one row with a GEMV on the compact blocks and by
+                // several rows on repacked tiles, which quantize the activations differently:
+                // a replay (many rows) would then disagree with decoding (one row) by up to
+                // a logit. Such weights always take the many-row path.
+                let pad_single_row = qt.dtype() == GgmlDType::Q6K;
                 Ok(Linear::Candle {
                     mm: QMatMul::from_qtensor(qt)?,
                     rows,
                     cols,
+                    pad_single_row,
                 })
             }
         }
@@ -188,6 +194,8 @@ pub(crate) enum Linear {
         mm: QMatMul,
         rows: usize,
         cols: usize,
+        /// Run one-row products as two rows (see `TensorSource::linear`).
+        pad_single_row: bool,
     },
 }
 
@@ -221,10 +229,24 @@ impl Linear {
                 out.resize(n * rows, 0.0);
                 kernels::matmul(path, &m, &xq[..n * cols / QK], n, out);
             }
-            Self::Candle { mm, cols, .. } => {
-                let t = Tensor::from_slice(&x[..n * cols], (n, *cols), &Device::Cpu)?;
+            Self::Candle {
+                mm,
+                rows,
+                cols,
+                pad_single_row,
+            } => {
                 out.clear();
-                out.extend(mm.forward(&t)?.flatten_all()?.to_vec1::<f32>()?);
+                if n == 1 && *pad_single_row {
+                    let mut two = Vec::with_capacity(2 * cols);
+                    two.extend_from_slice(&x[..*cols]);
+                    two.extend_from_slice(&x[..*cols]);
+                    let t = Tensor::from_vec(two, (2, *cols), &Device::Cpu)?;
+                    let y = mm.forward(&t)?.flatten_all()?.to_vec1::<f32>()?;
+                    out.extend_from_slice(&y[..*rows]);
+                } else {
+                    let t = Tensor::from_slice(&x[..n * cols], (n, *cols), &Device::Cpu)?;
+                    out.extend(mm.forward(&t)?.flatten_all()?.to_vec1::<f32>()?);
+                }
             }
         }
         Ok(())

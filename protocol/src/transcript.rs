@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Number of top logits kept in each position's fingerprint.
 pub const FINGERPRINT_TOP_K: usize = 8;
 
-/// Logits are rounded to multiples of this before committing, so that tiny numeric noise
-/// between honest backends does not change most fingerprints.
-pub const LOGIT_GRID: f32 = 1.0 / 8.0;
+/// Logits are rounded to multiples of this before committing: fine enough that a verifier
+/// sees deviations of a few hundredths of a logit (what a substituted quantization causes),
+/// coarse enough that a fingerprint is a small integer. The verifier allows half a step of
+/// rounding slack on top of its tolerance.
+pub const LOGIT_GRID: f32 = 1.0 / 64.0;
 
 /// The k most likely tokens at one position and their logits on the grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -276,8 +278,8 @@ mod tests {
         let logits = [0.0, 5.0, 1.0, 5.0, -2.0, 3.0, 3.0, 2.0, 7.5, 0.5];
         let fp = Fingerprint::from_logits(&logits);
         assert_eq!(fp.ids, [8, 1, 3, 5, 6, 7, 2, 9]);
-        assert_eq!(fp.logits[0], 60);
-        assert_eq!(fp.logits[1], 40);
+        assert_eq!(fp.logits[0], 480);
+        assert_eq!(fp.logits[1], 320);
     }
 
     #[test]
