@@ -24,6 +24,10 @@ pub struct NodeArgs {
         value_delimiter = ','
     )]
     models: Vec<String>,
+    /// Test-only adversary: claim this model's module while running --model (needs
+    /// TESSERA_TEST_IMPERSONATION=1; audits exist to catch such a node).
+    #[arg(long, hide = true, value_name = "MODEL")]
+    impersonate: Option<String>,
     /// Price per 1,000 prompt tokens, in base units, for models given with --model.
     #[arg(long, env = "TESSERA_PRICE_INPUT")]
     price_input: Option<Amount>,
@@ -83,6 +87,11 @@ impl NodeArgs {
             config
                 .models
                 .push(ServedModel::new("smollm2-135m-instruct"));
+        }
+        if let Some(claimed) = &self.impersonate {
+            for m in &mut config.models {
+                m.impersonate = Some(claimed.clone());
+            }
         }
         if self.price_input.is_some() || self.price_output.is_some() {
             for m in &mut config.models {
@@ -328,6 +337,7 @@ pub fn ask(args: AskArgs) -> Result<()> {
             stop: vec![],
             max_price: offer.price,
             timeout,
+            replay: None,
         };
         let mut job = net.client().start(peer, spec).await?;
         let mut out = std::io::stdout().lock();
@@ -339,7 +349,7 @@ pub fn ask(args: AskArgs) -> Result<()> {
                     let _ = out.flush();
                 }
                 JobEvent::Result(r) => result = Some(r),
-                JobEvent::Accepted { .. } | JobEvent::Error(_) => {}
+                JobEvent::Accepted { .. } | JobEvent::Error(_) | JobEvent::Transcript(_) => {}
             }
         }
         let _ = writeln!(out);

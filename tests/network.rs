@@ -209,6 +209,7 @@ fn spec(module: &ModuleId, input: JobInput, max_tokens: u32) -> JobSpec {
             per_1k_output: Amount(1_000_000),
         },
         timeout: Duration::from_secs(120),
+        replay: None,
     }
 }
 
@@ -283,9 +284,19 @@ async fn two_nodes_are_discovered_and_each_streams_a_job_with_a_verified_receipt
                 }
                 JobEvent::Result(r) => result = Some(r),
                 JobEvent::Error(e) => panic!("error event {e:?}"),
+                JobEvent::Transcript(_) => panic!("transcript frames are gathered by the client"),
             }
         }
         let result = result.expect("a result ends the stream");
+        // The transcript arrived, one record per generated token, hashing to the commitment.
+        assert_eq!(
+            job.transcript().len(),
+            result.usage.completion_tokens as usize
+        );
+        assert_eq!(
+            tessera_protocol::TranscriptCommitment::from_records(job.transcript()),
+            result.commitment
+        );
         assert!(
             deltas > 1,
             "text streams as it is generated ({deltas} deltas)"
@@ -451,6 +462,7 @@ async fn garbage_oversized_frames_unknown_modules_and_bad_signatures_are_refused
             per_1k_output: Amount(1_000_000),
         },
         deadline_ms: u64::MAX / 2,
+        replay: None,
     };
     let key = Keypair::generate_ed25519();
 

@@ -52,17 +52,19 @@ impl ApiState {
     /// The API over a running network and a ledger, with the job and rate settings.
     pub fn new(
         net: &CoordinatorNet,
-        ledger: Ledger,
+        ledger: Arc<Ledger>,
+        metrics: Arc<Metrics>,
         dispatch: DispatchConfig,
         limits: RateLimits,
+        auditor: Option<crate::audit::Auditor>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::new());
         let dispatcher = Dispatcher::new(
             net.client(),
             net.table(),
-            Arc::new(ledger),
+            ledger,
             metrics.clone(),
             dispatch,
+            auditor,
         );
         Self {
             table: net.table(),
@@ -300,6 +302,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/audits", get(audits))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/receipts/{id}", get(receipt))
@@ -839,6 +843,83 @@ async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
     Json(json!({"status": "ok", "nodes": nodes}))
 }
 
+/// A node's audit standing as the API shows it.
+fn standing_json(r: &crate::audit::NodeRecord) -> Value {
+    json!({
+        "jobs": r.jobs,
+        "audits": {"passed": r.passed, "failed": r.failed, "missed": r.missed},
+        "reputation": (r.reputation() * 1000.0).round() / 1000.0,
+        "open_disputes": r.open_disputes,
+        "slashed": r.slashed,
+        "routed": !r.excluded(),
+        "last_audit_ms": r.last_audit_ms,
+    })
+}
+
+/// The node table: every node advertising, its modules and load, and its audit standing
+/// (nodes that left but have a standing are listed too, as offline).
+async fn nodes(State(state): State<ApiState>) -> Json<Value> {
+    let mut data = Vec::new();
+    if let Ok(table) = state.table.read() {
+        let fresh = crate::audit::NodeRecord::default();
+        for e in table.nodes() {
+            let standing = table.standing(&e.advert.node).unwrap_or(&fresh);
+            let modules: Vec<Value> = e
+                .advert
+                .modules
+                .iter()
+                .map(
+                    |o| json!({"alias": o.alias, "module": o.module.to_string(), "price": o.price}),
+                )
+                .collect();
+            data.push(json!({
+                "node": e.advert.node.to_string(),
+                "online": true,
+                "connected": e.connected,
+                "payout": e.advert.payout,
+                "modules": modules,
+                "load": {"running": e.advert.load.running, "waiting": e.advert.load.waiting, "capacity": e.advert.capacity},
+                "standing": standing_json(standing),
+            }));
+        }
+        for (peer, r) in table.standings() {
+            if table.get(peer).is_none() {
+                data.push(json!({"node": peer.to_string(), "online": false, "standing": standing_json(r)}));
+            }
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Audit history: every audit's result, and each dispute's verdict and slash (the
+/// transcripts stay in the coordinator's ledger: they are callers' answers).
+async fn audits(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let ledger = state.dispatcher.ledger().clone();
+    let (audits, disputes) = tokio::task::spawn_blocking(move || {
+        Ok::<_, LedgerError>((ledger.audits()?, ledger.disputes()?))
+    })
+    .await
+    .map_err(|_| ApiError::internal("ledger task failed"))?
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let disputes: Vec<Value> = disputes
+        .iter()
+        .map(|d| {
+            json!({
+                "job": d.audit.job,
+                "node": d.audit.node,
+                "auditor": d.audit.auditor,
+                "module": d.audit.module,
+                "verdict": d.audit.verdict,
+                "records": d.claimed.len(),
+                "slash": d.slash,
+                "open": d.open,
+                "at_ms": d.audit.at_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"audits": audits, "disputes": disputes})))
+}
+
 /// Per alias: its modules, each with node count and price range.
 async fn models(State(state): State<ApiState>) -> Json<serde_json::Value> {
     #[derive(Default)]
@@ -951,12 +1032,14 @@ mod tests {
         }
         let state = ApiState::new(
             &net,
-            ledger,
+            Arc::new(ledger),
+            Arc::new(Metrics::new()),
             DispatchConfig {
                 queue_timeout: Duration::from_millis(300),
                 ..DispatchConfig::default()
             },
             limits,
+            None,
         );
         Fixture {
             app: router(state.clone()),

@@ -13,7 +13,7 @@ use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
 use tessera_protocol::wire::{write_frame, FrameReader, WireError};
 use tessera_protocol::{
     JobError, JobEvent, JobId, JobInput, JobRequest, JobResult, Keypair, ModuleId, Price,
-    SamplingParams, Signed,
+    ReplayClaim, SamplingParams, Signed, TokenRecord, TranscriptCommitment,
 };
 
 /// Longest wait for a stream to open, within the job's own deadline.
@@ -89,6 +89,8 @@ pub struct JobSpec {
     pub max_price: Price,
     /// How long the whole job may take.
     pub timeout: Duration,
+    /// For an audit: the transcript to replay instead of generating.
+    pub replay: Option<ReplayClaim>,
 }
 
 /// Opens job streams to nodes, signing requests with the coordinator's key.
@@ -133,6 +135,7 @@ impl JobClient {
             stop: spec.stop,
             max_price: spec.max_price,
             deadline_ms: tessera_protocol::now_ms() + timeout.as_millis() as u64,
+            replay: spec.replay,
         };
         let signed =
             Signed::sign(request, &self.key).map_err(|e| ClientError::Request(e.to_string()))?;
@@ -169,6 +172,7 @@ impl JobClient {
             started,
             deadline,
             request_signer: Some(self.key.public().to_peer_id()),
+            transcript: Vec::new(),
             first_token: None,
             deltas: 0,
             finished: false,
@@ -248,6 +252,7 @@ pub struct JobStream {
     started: Instant,
     deadline: Instant,
     request_signer: Option<PeerId>,
+    transcript: Vec<TokenRecord>,
     first_token: Option<Instant>,
     deltas: u32,
     finished: bool,
@@ -263,6 +268,8 @@ pub struct JobOutcome {
     pub text: String,
     /// Usage, commitment and the verified receipt.
     pub result: JobResult,
+    /// The transcript, checked against the commitment.
+    pub transcript: Vec<TokenRecord>,
 }
 
 impl JobStream {
@@ -276,15 +283,56 @@ impl JobStream {
         self.node
     }
 
+    /// The transcript records received so far (all of them once a `Result` was returned).
+    pub fn transcript(&self) -> &[TokenRecord] {
+        &self.transcript
+    }
+
+    fn failed_here(&self) {
+        if let Some(t) = &self.table {
+            if let Ok(mut t) = t.write() {
+                t.record_failure(&self.node);
+            }
+        }
+    }
+
+    /// Most transcript records this job may send.
+    fn transcript_limit(&self) -> usize {
+        match &self.request.replay {
+            Some(claim) => claim.records.len(),
+            None => self.request.max_tokens as usize,
+        }
+    }
+
     /// The next event; `None` after the last. A `Result` event has passed
-    /// [`check_result`]; an `Error` event is returned as [`ClientError::Node`].
-    /// Cancel-safe: a pending call dropped in a `select!` loses no event.
+    /// [`check_result`] and [`check_transcript`]; `Transcript` frames are gathered here
+    /// (read them with [`JobStream::transcript`]) rather than returned; an `Error` event
+    /// is returned as [`ClientError::Node`]. Cancel-safe: a pending call dropped in a
+    /// `select!` loses no event.
     pub async fn next(&mut self) -> Option<Result<JobEvent, ClientError>> {
         if self.finished {
             return None;
         }
-        let read =
-            tokio::time::timeout_at(self.deadline.into(), self.reader.next::<JobEvent>()).await;
+        let read = loop {
+            let read =
+                tokio::time::timeout_at(self.deadline.into(), self.reader.next::<JobEvent>()).await;
+            match read {
+                Ok(Ok(Some(JobEvent::Transcript(records))))
+                    if self.transcript.len() + records.len() <= self.transcript_limit() =>
+                {
+                    self.transcript.extend(records);
+                }
+                Ok(Ok(Some(JobEvent::Transcript(_)))) => {
+                    self.finished = true;
+                    self.failed_here();
+                    return Some(Err(ClientError::Protocol {
+                        node: self.node,
+                        cause: "more transcript records than the job has positions".into(),
+                    }));
+                }
+                other => break other,
+            }
+        };
         let outcome = match read {
             Err(_) => Err(ClientError::Deadline(self.deadline - self.started)),
             Ok(Ok(None)) => Err(ClientError::PeerGone {
@@ -305,15 +353,17 @@ impl JobStream {
             }),
             Ok(Ok(Some(JobEvent::Error(e)))) => Err(ClientError::Node(e)),
             Ok(Ok(Some(JobEvent::Result(result)))) => {
-                match check_result(&self.request, self.node, &result).and_then(|()| {
-                    // The receipt must name the coordinator that signed the request.
-                    match self.request_signer {
-                        Some(me) if result.receipt.body.coordinator != me => {
-                            Err("receipt names another coordinator".to_owned())
+                match check_result(&self.request, self.node, &result)
+                    .and_then(|()| check_transcript(&self.request, &result, &self.transcript))
+                    .and_then(|()| {
+                        // The receipt must name the coordinator that signed the request.
+                        match self.request_signer {
+                            Some(me) if result.receipt.body.coordinator != me => {
+                                Err("receipt names another coordinator".to_owned())
+                            }
+                            _ => Ok(()),
                         }
-                        _ => Ok(()),
-                    }
-                }) {
+                    }) {
                     Ok(()) => {
                         if let (Some(t), Some(first)) = (&self.table, self.first_token) {
                             if let Ok(mut t) = t.write() {
@@ -377,9 +427,10 @@ impl JobStream {
                         node: self.node,
                         text,
                         result: *result,
+                        transcript: std::mem::take(&mut self.transcript),
                     })
                 }
-                JobEvent::Accepted { .. } | JobEvent::Error(_) => {}
+                JobEvent::Accepted { .. } | JobEvent::Error(_) | JobEvent::Transcript(_) => {}
             }
         }
         Err(ClientError::PeerGone {
@@ -415,6 +466,31 @@ impl JobStream {
             .ok()
             .flatten()
     }
+}
+
+/// Checks that the transcript a node streamed is the one its result commits to: every
+/// generated position of a job, or every replayed position of an audit (none when the
+/// claim failed its shape check).
+pub fn check_transcript(
+    request: &JobRequest,
+    result: &JobResult,
+    records: &[TokenRecord],
+) -> Result<(), String> {
+    let count_ok = match &request.replay {
+        None => records.len() == result.usage.completion_tokens as usize,
+        Some(claim) => records.is_empty() || records.len() == claim.records.len(),
+    };
+    if !count_ok {
+        return Err(format!(
+            "the transcript has {} records for {} generated tokens",
+            records.len(),
+            result.usage.completion_tokens
+        ));
+    }
+    if TranscriptCommitment::from_records(records) != result.commitment {
+        return Err("the transcript does not hash to the result's commitment".into());
+    }
+    Ok(())
 }
 
 /// Checks a result against the request it answers: the receipt's signature, signer, job,
@@ -467,6 +543,10 @@ pub fn check_result(request: &JobRequest, node: PeerId, result: &JobResult) -> R
                 .cost(r.usage.prompt_tokens, r.usage.completion_tokens)
                 == Some(r.cost),
             "cost does not follow from price and usage",
+        ),
+        (
+            r.verdict.is_some() == request.replay.is_some(),
+            "a verdict belongs in the receipt of an audit and only there",
         ),
     ];
     match checks.iter().find(|(ok, _)| !ok) {

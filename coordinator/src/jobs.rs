@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tessera_net::PeerId;
 use tessera_protocol::job::MAX_JOB_TOKENS;
 use tessera_protocol::{
-    Address, Amount, ErrorCode, FinishReason, JobEvent, JobId, JobResult, ModuleId, Price, Usage,
+    Address, Amount, ErrorCode, FinishReason, JobEvent, JobId, JobResult, ModuleId, Price,
+    TokenRecord, Usage,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -111,6 +112,7 @@ pub struct Dispatcher {
 
 struct Inner {
     client: JobClient,
+    auditor: Option<crate::audit::Auditor>,
     table: Arc<RwLock<NodeTable>>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
@@ -128,10 +130,12 @@ impl Dispatcher {
         ledger: Arc<Ledger>,
         metrics: Arc<Metrics>,
         config: DispatchConfig,
+        auditor: Option<crate::audit::Auditor>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 client,
+                auditor,
                 table,
                 ledger,
                 metrics,
@@ -408,6 +412,7 @@ impl Job {
             stop: self.req.stop.clone(),
             max_price: c.offer.price,
             timeout: self.inner.config.job_timeout,
+            replay: None,
         };
         let outcome = self.stream_job(c, spec, attempts, t0).await;
         if let Ok(mut t) = self.inner.table.write() {
@@ -474,7 +479,7 @@ impl Job {
                 }
                 Some(Err(e)) if !announced => return self.before_first_token(e).await,
                 Some(Err(e)) => return self.after_first_token(e).await,
-                Some(Ok(JobEvent::Accepted { .. })) => {}
+                Some(Ok(JobEvent::Accepted { .. } | JobEvent::Transcript(_))) => {}
                 Some(Ok(JobEvent::Delta(text))) => {
                     if !announced {
                         announced = true;
@@ -502,6 +507,7 @@ impl Job {
                             .await;
                     }
                     if let Some(done) = self.settle(&started, &result).await {
+                        self.offer_audit(&started, &result, stream.transcript());
                         self.finish(JobUpdate::Done(Box::new(done))).await;
                     }
                     return Attempt::Over;
@@ -650,6 +656,22 @@ impl Job {
             usage: result.usage,
             provenance,
         })
+    }
+
+    /// Offers a settled job to the auditor (which decides whether to replay it).
+    fn offer_audit(&self, started: &Started, result: &JobResult, transcript: &[TokenRecord]) {
+        if let Some(auditor) = &self.inner.auditor {
+            auditor.offer(crate::audit::AuditCase {
+                job: self.job_id,
+                node: started.node,
+                payout: started.payout,
+                module: started.module.clone(),
+                input: self.req.input.clone(),
+                sampling: result.receipt.body.sampling.clone(),
+                records: transcript.to_vec(),
+                commitment: result.commitment,
+            });
+        }
     }
 
     async fn release(&self) {

@@ -4,6 +4,7 @@
 //! causes commit together or not at all, and a job settles at most once, so a crash
 //! (tested by killing a process mid-stream of commits) loses neither and doubles neither.
 
+use crate::audit::{AuditRecord, Dispute, NodeRecord};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use tessera_protocol::job::MAX_EVENT_FRAME;
@@ -35,6 +36,12 @@ type UnbatchedRow<'a> = (&'a str, u128, &'a [u8; 20], &'a [u8; 32]);
 const POSTED: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("posted_receipts");
 /// L1 deposit queue positions already credited to a linked account.
 const DEPOSITS_SEEN: TableDefinition<u64, ()> = TableDefinition::new("deposits_seen");
+/// node peer id → its standing (JSON [`NodeRecord`]).
+const STANDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("node_standings");
+/// audited job id → the audit (JSON [`AuditRecord`]).
+const AUDITS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("audits");
+/// audited job id → the dispute a failed audit opened (JSON [`Dispute`]).
+const DISPUTES: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("disputes");
 
 /// Longest account id, in bytes (the wire's payer limit).
 pub const MAX_ACCOUNT_BYTES: usize = tessera_protocol::job::MAX_PAYER_BYTES;
@@ -195,7 +202,7 @@ fn key_hash(key: &str) -> [u8; 32] {
         .as_bytes()
 }
 
-fn check_account_id(id: &str) -> Result<(), LedgerError> {
+pub(crate) fn check_account_id(id: &str) -> Result<(), LedgerError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ACCOUNT_BYTES
         && id
@@ -233,6 +240,9 @@ impl Ledger {
         tx.open_table(UNBATCHED).map_err(db)?;
         tx.open_table(POSTED).map_err(db)?;
         tx.open_table(DEPOSITS_SEEN).map_err(db)?;
+        tx.open_table(STANDINGS).map_err(db)?;
+        tx.open_table(AUDITS).map_err(db)?;
+        tx.open_table(DISPUTES).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Self { db: database })
     }
@@ -780,6 +790,128 @@ impl Ledger {
 }
 
 /// An account's (credited, charged, reserved), or `UnknownAccount`.
+/// Audits: each node's standing, every audit, and the disputes failed ones opened.
+impl Ledger {
+    fn standing_in(
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        node: &str,
+    ) -> Result<NodeRecord, LedgerError> {
+        Ok(match table.get(node).map_err(db)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map_err(|e| LedgerError::BadReceipt(format!("stored standing unreadable: {e}")))?,
+            None => NodeRecord::default(),
+        })
+    }
+
+    /// Counts a settled job of `node`; returns its standing.
+    pub fn count_job(&self, node: &str) -> Result<NodeRecord, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let record = {
+            let mut t = tx.open_table(STANDINGS).map_err(db)?;
+            let mut r = Self::standing_in(&t, node)?;
+            r.jobs += 1;
+            t.insert(node, json(&r)?.as_slice()).map_err(db)?;
+            r
+        };
+        tx.commit().map_err(db)?;
+        Ok(record)
+    }
+
+    /// Stores an audit (and the dispute a failed one opens) and updates the node's
+    /// standing, in one transaction. Returns the new standing.
+    pub fn record_audit(
+        &self,
+        node: &str,
+        audit: &AuditRecord,
+        dispute: Option<&Dispute>,
+    ) -> Result<NodeRecord, LedgerError> {
+        let job = parse_job_hex(&audit.job)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        let record = {
+            let mut t = tx.open_table(STANDINGS).map_err(db)?;
+            let mut r = Self::standing_in(&t, node)?;
+            match audit.result.as_str() {
+                "passed" => r.passed += 1,
+                "failed" => r.failed += 1,
+                _ => r.missed += 1,
+            }
+            r.last_audit_ms = Some(audit.at_ms);
+            tx.open_table(AUDITS)
+                .map_err(db)?
+                .insert(&job, json(audit)?.as_slice())
+                .map_err(db)?;
+            if let Some(d) = dispute {
+                r.open_disputes += u32::from(d.open);
+                r.slashed = r.slashed.checked_add(d.slash.amount).unwrap_or(r.slashed);
+                tx.open_table(DISPUTES)
+                    .map_err(db)?
+                    .insert(&job, json(d)?.as_slice())
+                    .map_err(db)?;
+            }
+            t.insert(node, json(&r)?.as_slice()).map_err(db)?;
+            r
+        };
+        tx.commit().map_err(db)?;
+        Ok(record)
+    }
+
+    /// Every node's standing.
+    pub fn node_records(&self) -> Result<Vec<(String, NodeRecord)>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(STANDINGS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            out.push((k.value().to_owned(), Self::standing_in(&t, k.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Every audit, oldest first.
+    pub fn audits(&self) -> Result<Vec<AuditRecord>, LedgerError> {
+        let mut v: Vec<AuditRecord> = self.json_rows(AUDITS)?;
+        v.sort_by_key(|a| a.at_ms);
+        Ok(v)
+    }
+
+    /// Every dispute, oldest first.
+    pub fn disputes(&self) -> Result<Vec<Dispute>, LedgerError> {
+        let mut v: Vec<Dispute> = self.json_rows(DISPUTES)?;
+        v.sort_by_key(|d| d.audit.at_ms);
+        Ok(v)
+    }
+
+    fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&[u8; 16], &[u8]>,
+    ) -> Result<Vec<T>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(table).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (_, v) = row.map_err(db)?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| {
+                    LedgerError::BadReceipt(format!("stored audit unreadable: {e}"))
+                })?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// JSON encoding of stored audit rows.
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, LedgerError> {
+    serde_json::to_vec(v).map_err(|e| LedgerError::BadReceipt(e.to_string()))
+}
+
+fn parse_job_hex(hex_id: &str) -> Result<[u8; 16], LedgerError> {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(hex_id, &mut out)
+        .map_err(|_| LedgerError::BadReceipt(format!("job id {hex_id:?} is not 32 hex digits")))?;
+    Ok(out)
+}
+
 fn read_account(
     accounts: &impl ReadableTable<&'static str, (u128, u128, u128)>,
     account: &str,
@@ -920,6 +1052,7 @@ mod tests {
             commitment: TranscriptCommitment([3; 32]),
             started_ms: 1,
             finished_ms: 2,
+            verdict: None,
         };
         Signed::sign(body, &node).expect("sign")
     }

@@ -5,6 +5,7 @@
 //! and the rollup's sequencer, which posts what was settled to L1 (`docs/settlement.md`).
 
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod jobs;
 pub mod l1;
@@ -18,6 +19,7 @@ pub mod sequencer;
 pub mod server;
 pub mod table;
 
+pub use audit::{AuditConfig, AuditRecord, Auditor, Dispute, NodeRecord, SlashStatus};
 pub use client::{check_result, ClientError, JobClient, JobOutcome, JobSpec, JobStream};
 pub use jobs::{DispatchConfig, Dispatcher};
 pub use ledger::{ApiKey, Balance, Ledger, LedgerCheck, LedgerError, Settlement};

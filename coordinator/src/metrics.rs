@@ -40,6 +40,29 @@ pub struct TokenLabels {
     pub kind: String,
 }
 
+/// Labels of audit results.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    /// `passed`, `failed`, `missed` (could not run) or `dropped` (queue full).
+    pub result: String,
+}
+
+/// Labels of per-node figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// The node's peer id.
+    pub node: String,
+}
+
+/// Labels of per-node audit counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeAuditLabels {
+    /// The node's peer id.
+    pub node: String,
+    /// `passed`, `failed` or `missed`.
+    pub result: String,
+}
+
 /// Labels of job outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -68,6 +91,10 @@ pub struct Metrics {
     module_nodes: Family<ModuleLabels, Gauge>,
     module_queue: Family<ModuleLabels, Gauge>,
     module_inflight: Family<ModuleLabels, Gauge>,
+    audits: Family<AuditLabels, Counter>,
+    node_reputation: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    node_audits: Family<NodeAuditLabels, Gauge>,
+    node_disputes: Family<NodeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -136,8 +163,33 @@ impl Metrics {
             "Jobs this coordinator has running on each module",
             module_inflight.clone(),
         );
+        let audits = Family::<AuditLabels, Counter>::default();
+        registry.register("audits", "Audits by result", audits.clone());
+        let node_reputation =
+            Family::<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "node_reputation",
+            "Each node's reputation from its audits (0..1; unaudited 0.5)",
+            node_reputation.clone(),
+        );
+        let node_audits = Family::<NodeAuditLabels, Gauge>::default();
+        registry.register(
+            "node_audits",
+            "Each node's audits by result",
+            node_audits.clone(),
+        );
+        let node_disputes = Family::<NodeLabels, Gauge>::default();
+        registry.register(
+            "node_open_disputes",
+            "Disputes open against each node (it gets no jobs while any is open)",
+            node_disputes.clone(),
+        );
         Self {
             registry,
+            audits,
+            node_reputation,
+            node_audits,
+            node_disputes,
             requests,
             request_seconds,
             ttft_seconds,
@@ -195,6 +247,15 @@ impl Metrics {
             .inc_by(u64::try_from(charged).unwrap_or(u64::MAX));
     }
 
+    /// An audit ended with `result`.
+    pub fn audit(&self, result: &str) {
+        self.audits
+            .get_or_create(&AuditLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     /// A job moved to another node.
     pub fn retry(&self) {
         self.retries.inc();
@@ -224,6 +285,27 @@ impl Metrics {
             self.module_nodes.get_or_create(&labels).set(nodes);
             self.module_queue.get_or_create(&labels).set(queue);
             self.module_inflight.get_or_create(&labels).set(inflight);
+        }
+        for (node, r) in table.standings() {
+            let node = node.to_string();
+            self.node_reputation
+                .get_or_create(&NodeLabels { node: node.clone() })
+                .set(r.reputation());
+            self.node_disputes
+                .get_or_create(&NodeLabels { node: node.clone() })
+                .set(i64::from(r.open_disputes));
+            for (result, n) in [
+                ("passed", r.passed),
+                ("failed", r.failed),
+                ("missed", r.missed),
+            ] {
+                self.node_audits
+                    .get_or_create(&NodeAuditLabels {
+                        node: node.clone(),
+                        result: result.into(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -173,10 +173,18 @@ pub fn candidates(
 ) -> Result<Vec<Candidate>, RouteError> {
     let mut serving = 0usize;
     let mut priced_out = 0usize;
+    let mut disputed = 0usize;
     let mut list: Vec<Candidate> = Vec::new();
     for entry in table.nodes() {
         for offer in entry.advert.modules.iter().filter(|o| matches(o, model)) {
             serving += 1;
+            if table
+                .standing(&entry.advert.node)
+                .is_some_and(crate::audit::NodeRecord::excluded)
+            {
+                disputed += 1;
+                continue;
+            }
             if let Some(q) = &prefs.quantizations {
                 if !q
                     .iter()
@@ -196,7 +204,9 @@ pub fn candidates(
         return Err(RouteError::UnknownModel);
     }
     if list.is_empty() {
-        let why = if priced_out > 0 {
+        let why = if disputed == serving {
+            format!("every node serving {model} failed an audit and is out of routing until its dispute is resolved")
+        } else if priced_out > 0 {
             format!("no node serving {model} is within provider.max_price")
         } else {
             format!("no node serving {model} offers the quantizations in provider.quantizations")

@@ -155,6 +155,12 @@ enum Command {
         tx: Tx,
         reply: oneshot::Sender<Result<(), SequencerError>>,
     },
+    Slash {
+        node: Address,
+        amount: Amount,
+        evidence: [u8; 32],
+        reply: oneshot::Sender<Result<(), SequencerError>>,
+    },
     Flush {
         reply: oneshot::Sender<Result<Option<u64>, SequencerError>>,
     },
@@ -200,6 +206,23 @@ impl SequencerHandle {
     /// also takes the amount out of the API balance.
     pub async fn submit(&self, tx: Tx) -> Result<(), SequencerError> {
         self.ask(|reply| Command::Submit { tx, reply }).await?
+    }
+
+    /// Queues a slash of `amount` from the stake of the account at `node` (a failed
+    /// audit's penalty) for the next batch; `evidence` is the dispute's hash.
+    pub async fn slash(
+        &self,
+        node: Address,
+        amount: Amount,
+        evidence: [u8; 32],
+    ) -> Result<(), SequencerError> {
+        self.ask(|reply| Command::Slash {
+            node,
+            amount,
+            evidence,
+            reply,
+        })
+        .await?
     }
 
     /// Posts a batch now if anything waits; returns its index.
@@ -378,6 +401,14 @@ impl Sequencer {
             Command::Submit { tx, reply } => {
                 let _ = reply.send(self.submit(tx));
             }
+            Command::Slash {
+                node,
+                amount,
+                evidence,
+                reply,
+            } => {
+                let _ = reply.send(self.slash(node, amount, evidence));
+            }
             Command::Flush { reply } => {
                 let r = async {
                     self.sync().await?;
@@ -513,6 +544,31 @@ impl Sequencer {
                     self.ledger.debit(&account, Amount(before - after))?;
                 }
             }
+        }
+        self.pending = trial;
+        self.waiting.push(tx);
+        Ok(())
+    }
+
+    /// A slash the sequencer authors itself (audits), applied to the pending state like a
+    /// submitted transaction; refused with the reason when it would be a no-op.
+    fn slash(
+        &mut self,
+        node: Address,
+        amount: Amount,
+        evidence: [u8; 32],
+    ) -> Result<(), SequencerError> {
+        let Some(slot) = self.pending.slot_of(&node.0) else {
+            return Err(SequencerError::Rejected("the node has no L2 account"));
+        };
+        let tx = Tx::Slash {
+            node: slot,
+            amount: amount.0,
+            evidence,
+        };
+        let mut trial = self.pending.clone();
+        if let Outcome::NoOp(why) = trial.apply(&tx, &self.queue) {
+            return Err(SequencerError::Rejected(why));
         }
         self.pending = trial;
         self.waiting.push(tx);

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tessera_net::config::secs;
 use tessera_net::{Multiaddr, NetConfig, PeerId};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The coordinator's default libp2p port (nodes use 7400).
 pub const DEFAULT_P2P_PORT: u16 = 7300;
@@ -49,6 +50,8 @@ pub struct CoordinatorConfig {
     pub net: NetConfig,
     /// Settle on an L1 through the rollup (docs/settlement.md); off when absent.
     pub settlement: Option<SettlementConfig>,
+    /// Audits by replay (docs/verification.md).
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Where and how the coordinator settles.
@@ -88,6 +91,7 @@ impl Default for CoordinatorConfig {
             max_attempts: dispatch.max_attempts,
             shutdown_grace: Duration::from_secs(30),
             settlement: None,
+            audit: crate::audit::AuditConfig::default(),
             net: NetConfig {
                 listen: vec![
                     format!("/ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT}")
@@ -147,6 +151,9 @@ impl CoordinatorConfig {
     /// Checks ranges once, before anything starts.
     pub fn validate(&self) -> Result<(), StartError> {
         let bad = |m: String| Err(StartError::Config(m));
+        if let Err(e) = self.audit.validate() {
+            return bad(e);
+        }
         if self.requests_per_minute == 0 || self.concurrent_jobs == 0 {
             return bad("requests_per_minute and concurrent_jobs must be at least 1".into());
         }
@@ -181,6 +188,7 @@ pub struct Coordinator {
     http_stop: CancellationToken,
     http_task: tokio::task::JoinHandle<()>,
     grace: Duration,
+    audits: (TaskTracker, CancellationToken),
 }
 
 impl Coordinator {
@@ -235,20 +243,7 @@ impl Coordinator {
             cause,
         })?;
         let net = CoordinatorNet::start(key, &config.net).await?;
-        let state = ApiState::new(
-            &net,
-            ledger,
-            DispatchConfig {
-                queue_timeout: config.queue_timeout,
-                job_timeout: config.job_timeout,
-                max_attempts: config.max_attempts,
-            },
-            RateLimits {
-                requests_per_minute: config.requests_per_minute,
-                concurrent_jobs: config.concurrent_jobs,
-            },
-        );
-        let dispatcher = state.dispatcher.clone();
+        let ledger = Arc::new(ledger);
         let deployment = settlement.as_ref().map(|(l1, _)| l1.deployment.clone());
         let embedded_l1 = settlement.as_ref().and_then(|(l1, _)| match &l1.chain {
             tessera_contracts::AnyChain::Embedded(c) => Some(c.clone()),
@@ -258,19 +253,55 @@ impl Coordinator {
             Some((l1, seq_config)) => {
                 let stop = CancellationToken::new();
                 let genesis = l1.deployment.genesis();
-                let (handle, task) = crate::sequencer::start(
-                    l1,
-                    dispatcher.ledger().clone(),
-                    genesis,
-                    seq_config,
-                    stop.clone(),
-                )
-                .await
-                .map_err(|e| StartError::Config(format!("cannot start the sequencer: {e}")))?;
+                let (handle, task) =
+                    crate::sequencer::start(l1, ledger.clone(), genesis, seq_config, stop.clone())
+                        .await
+                        .map_err(|e| {
+                            StartError::Config(format!("cannot start the sequencer: {e}"))
+                        })?;
                 Some((handle, stop, task))
             }
             None => None,
         };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let audits = TaskTracker::new();
+        let audit_stop = CancellationToken::new();
+        let auditor = if config.audit.enabled {
+            match ledger.create_account(&config.audit.account) {
+                Ok(()) | Err(LedgerError::AccountExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            Some(crate::audit::spawn(
+                config.audit.clone(),
+                crate::audit::AuditDeps {
+                    client: net.client(),
+                    table: net.table(),
+                    ledger: ledger.clone(),
+                    metrics: metrics.clone(),
+                    sequencer: sequencer.as_ref().map(|(h, _, _)| h.clone()),
+                },
+                &audits,
+                audit_stop.clone(),
+            ))
+        } else {
+            None
+        };
+        let state = ApiState::new(
+            &net,
+            ledger,
+            metrics,
+            DispatchConfig {
+                queue_timeout: config.queue_timeout,
+                job_timeout: config.job_timeout,
+                max_attempts: config.max_attempts,
+            },
+            RateLimits {
+                requests_per_minute: config.requests_per_minute,
+                concurrent_jobs: config.concurrent_jobs,
+            },
+            auditor,
+        );
+        let dispatcher = state.dispatcher.clone();
         let mut state = state;
         state.sequencer = sequencer.as_ref().map(|(h, _, _)| h.clone());
         state.deployment = deployment;
@@ -289,6 +320,7 @@ impl Coordinator {
         tracing::info!(%http_addr, peer = %net.peer_id(), "coordinator started");
         Ok(Self {
             sequencer,
+            audits: (audits, audit_stop),
             net,
             dispatcher,
             http_addr,
@@ -340,6 +372,10 @@ impl Coordinator {
         if !finished {
             let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
         }
+        let (audits, audit_stop) = self.audits;
+        audit_stop.cancel();
+        audits.close();
+        audits.wait().await;
         if let Some((_, stop, task)) = self.sequencer {
             stop.cancel();
             let _ = task.await;

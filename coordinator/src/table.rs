@@ -66,6 +66,8 @@ pub struct NodeTable {
     /// Nodes that said goodbye: the seq of their leaving advert, so an older advert still
     /// in flight cannot bring them back.
     left: HashMap<PeerId, (u64, Instant)>,
+    /// Audit standings, kept across a node's comings and goings (the auditor writes them).
+    standings: HashMap<PeerId, crate::audit::NodeRecord>,
 }
 
 /// How long a goodbye is remembered.
@@ -225,6 +227,21 @@ impl NodeTable {
     /// How many nodes are in the table.
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// Records `node`'s audit standing (routing leaves out nodes under dispute).
+    pub fn set_standing(&mut self, node: PeerId, record: crate::audit::NodeRecord) {
+        self.standings.insert(node, record);
+    }
+
+    /// `node`'s audit standing, if it has one.
+    pub fn standing(&self, node: &PeerId) -> Option<&crate::audit::NodeRecord> {
+        self.standings.get(node)
+    }
+
+    /// Every standing known.
+    pub fn standings(&self) -> impl Iterator<Item = (&PeerId, &crate::audit::NodeRecord)> {
+        self.standings.iter()
     }
 
     /// Whether the table is empty.

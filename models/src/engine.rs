@@ -126,6 +126,18 @@ pub struct Completion {
     pub timings: Timings,
 }
 
+/// What a replay found: the verdict, and the replay's own records (the claimed tokens with
+/// the fingerprints the replay computed; empty when the claim failed its shape check).
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    /// The judgement.
+    pub verdict: Verdict,
+    /// The auditor's transcript.
+    pub records: Vec<TokenRecord>,
+    /// Tokens in the prompt as the auditor rendered it.
+    pub prompt_tokens: u32,
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -452,7 +464,7 @@ impl Model {
         sampling: &SamplingParams,
         claim: &ReplayClaim,
         chunk: usize,
-    ) -> Result<Verdict, GenerateError> {
+    ) -> Result<Replayed, GenerateError> {
         sampling.validate()?;
         let prompt = self.tokenize_prompt(prompt, chat_fallback)?;
         let records = &claim.records;
@@ -466,12 +478,11 @@ impl Model {
             })
         });
         if let Some(failure) = shape {
-            return Ok(Judge::structural(
-                records,
-                failure,
-                claim.tolerance,
-                &claim.commitment,
-            ));
+            return Ok(Replayed {
+                verdict: Judge::structural(records, failure, claim.tolerance, &claim.commitment),
+                records: Vec::new(),
+                prompt_tokens: prompt.len() as u32,
+            });
         }
         let start = Instant::now();
         let mut judge = Judge::new(&prompt, records, sampling, claim.tolerance);
@@ -513,7 +524,12 @@ impl Model {
             }
         }
         let ms = start.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-        Ok(judge.finish(&claim.commitment, ms))
+        let replayed = judge.replayed().to_vec();
+        Ok(Replayed {
+            verdict: judge.finish(&claim.commitment, ms),
+            records: replayed,
+            prompt_tokens: prompt.len() as u32,
+        })
     }
 
     /// Generates for `req`, calling `on_text` with each text delta; returning
@@ -676,8 +692,28 @@ enum Command {
         events: tokio::sync::mpsc::Sender<Result<GenerateEvent, GenerateError>>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     },
+    Replay {
+        req: Box<ReplayRequest>,
+        reply: tokio::sync::oneshot::Sender<Result<Replayed, GenerateError>>,
+    },
     Shutdown,
 }
+
+/// An audit's replay, as the engine thread runs it.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    /// The audited job's prompt.
+    pub prompt: Prompt,
+    /// Whether the audited job used the chat fallback format.
+    pub chat_fallback: bool,
+    /// Its sampler settings and seed.
+    pub sampling: SamplingParams,
+    /// What the audited node claimed.
+    pub claim: ReplayClaim,
+}
+
+/// Positions per pass of an engine's replay: the whole transcript of any job we audit.
+pub const REPLAY_CHUNK: usize = 4096;
 
 /// What handles can know about the engine's model without asking its thread.
 #[derive(Debug, Clone)]
@@ -723,8 +759,22 @@ impl Engine {
             .name(format!("engine-{}", model.name))
             .spawn(move || {
                 while let Some(cmd) = rx.blocking_recv() {
-                    let Command::Generate { req, events, stop } = cmd else {
-                        break;
+                    let (req, events, stop) = match cmd {
+                        Command::Generate { req, events, stop } => (req, events, stop),
+                        Command::Replay { req, reply } => {
+                            if !reply.is_closed() {
+                                let r = model.replay(
+                                    &req.prompt,
+                                    req.chat_fallback,
+                                    &req.sampling,
+                                    &req.claim,
+                                    REPLAY_CHUNK,
+                                );
+                                let _ = reply.send(r);
+                            }
+                            continue;
+                        }
+                        Command::Shutdown => break,
                     };
                     if events.is_closed() {
                         continue;
@@ -824,6 +874,19 @@ impl EngineHandle {
             stop: stop.clone(),
         };
         (command, EventStream { rx, stop })
+    }
+
+    /// Replays an audited transcript on the engine thread (queued like a request).
+    pub async fn replay(&self, req: ReplayRequest) -> Result<Replayed, GenerateError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Command::Replay {
+                req: Box::new(req),
+                reply,
+            })
+            .await
+            .map_err(|_| GenerateError::EngineGone)?;
+        rx.await.map_err(|_| GenerateError::EngineGone)?
     }
 
     /// Queues `req` only if there is room now; `Ok(None)` means busy.

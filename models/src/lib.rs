@@ -25,7 +25,7 @@ pub use catalog::{CatalogEntry, CATALOG};
 pub use chat::{ChatError, ChatMessage, ChatTemplate};
 pub use engine::{
     Completion, Engine, EngineHandle, EventStream, GenerateError, GenerateEvent, GenerateRequest,
-    Model, ModelInfo, Prompt, Timings, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
+    Model, ModelInfo, Prompt, ReplayRequest, Replayed, Timings, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
 };
 pub use fetch::{fetch, FetchError, FetchOptions, FetchProgress};
 pub use gguf::{resolve, Architecture, Backend, LoadError, ModelFile, ResolvedModel};

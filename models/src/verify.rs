@@ -32,6 +32,11 @@ const WEIGHT_FLOOR: f64 = 30.0;
 
 /// How far a claimed fingerprint is from the replayed logits, in logits.
 pub fn fingerprint_distance(logits: &[f32], claimed: &Fingerprint) -> f32 {
+    distance_to(logits, &Fingerprint::from_logits(logits), claimed)
+}
+
+/// [`fingerprint_distance`] with the replay's own fingerprint `top` already computed.
+fn distance_to(logits: &[f32], top: &Fingerprint, claimed: &Fingerprint) -> f32 {
     let slack = LOGIT_GRID / 2.0;
     let vocab = logits.len();
     let expected = FINGERPRINT_TOP_K.min(vocab);
@@ -58,7 +63,6 @@ pub fn fingerprint_distance(logits: &[f32], claimed: &Fingerprint) -> f32 {
     }
     // Completeness: a token the replay ranks in its top-k must not beat the claim's last
     // logit by more than the tolerance if the claim left it out.
-    let top = Fingerprint::from_logits(logits);
     for &id in &top.ids {
         if id == u32::MAX || claimed.ids.contains(&id) {
             continue;
@@ -204,6 +208,7 @@ pub struct Judge {
     max_fp: f32,
     max_choice: f32,
     scratch: Vec<f32>,
+    replayed: Vec<TokenRecord>,
 }
 
 impl Judge {
@@ -229,6 +234,7 @@ impl Judge {
             max_fp: 0.0,
             max_choice: 0.0,
             scratch: Vec::new(),
+            replayed: Vec::with_capacity(records.len()),
         }
     }
 
@@ -260,7 +266,12 @@ impl Judge {
         let Some(record) = self.records.get(self.next).copied() else {
             return;
         };
-        let fp = fingerprint_distance(logits, &record.fingerprint);
+        let top = Fingerprint::from_logits(logits);
+        let fp = distance_to(logits, &top, &record.fingerprint);
+        self.replayed.push(TokenRecord {
+            fingerprint: top,
+            ..record
+        });
         self.scratch.clear();
         self.scratch.extend_from_slice(logits);
         self.sampler
@@ -293,6 +304,12 @@ impl Judge {
     /// Records judged so far.
     pub fn judged(&self) -> usize {
         self.next
+    }
+
+    /// The replay's own records so far: the claimed positions and tokens with the
+    /// fingerprints the replay computed (the auditor's side of a dispute).
+    pub fn replayed(&self) -> &[TokenRecord] {
+        &self.replayed
     }
 
     /// The verdict; `claimed` is the commitment the receipt carries.

@@ -247,7 +247,9 @@ pub fn audit(
 ) -> Result<(Verdict, f64), GenerateError> {
     let t = Instant::now();
     let fallback = !auditor.has_chat_template();
-    let v = auditor.replay(&prompt(job), fallback, &sampling_mix(job), claim, chunk)?;
+    let v = auditor
+        .replay(&prompt(job), fallback, &sampling_mix(job), claim, chunk)?
+        .verdict;
     Ok((v, t.elapsed().as_secs_f64() * 1e3))
 }
 

@@ -582,7 +582,8 @@ fn an_honest_transcript_replays_exactly_in_any_chunking() {
         for chunk in [1, 3, 7, 512] {
             let v = m
                 .replay(&req.prompt, false, &req.sampling, &claim(&done), chunk)
-                .expect("replay");
+                .expect("replay")
+                .verdict;
             assert!(v.passed, "t={temperature} chunk={chunk}: {}", v.summary());
             assert_eq!(v.positions, done.transcript.len() as u32);
             assert_eq!(v.max_distance, 0.0, "t={temperature} chunk={chunk}");
@@ -609,7 +610,8 @@ fn replay_catches_other_weights_edited_records_and_a_wrong_prompt() {
     let (_, cheat) = run(&mut other, &req);
     let v = honest
         .replay(&req.prompt, false, &req.sampling, &claim(&cheat), 64)
-        .expect("replay");
+        .expect("replay")
+        .verdict;
     assert!(!v.passed, "{}", v.summary());
     assert_eq!(v.first_failure.map(|f| f.index), Some(0));
     assert!(v.max_distance > 0.5, "{}", v.summary());
@@ -621,7 +623,8 @@ fn replay_catches_other_weights_edited_records_and_a_wrong_prompt() {
     c.commitment = TranscriptCommitment::from_records(&c.records);
     let v = honest
         .replay(&req.prompt, false, &req.sampling, &c, 64)
-        .expect("replay");
+        .expect("replay")
+        .verdict;
     assert_eq!(v.first_failure.map(|f| f.index), Some(3), "{}", v.summary());
 
     // Records that do not hash to the receipt's commitment fail as such.
@@ -629,7 +632,8 @@ fn replay_catches_other_weights_edited_records_and_a_wrong_prompt() {
     c.commitment = TranscriptCommitment([1; 32]);
     let v = honest
         .replay(&req.prompt, false, &req.sampling, &c, 64)
-        .expect("replay");
+        .expect("replay")
+        .verdict;
     assert_eq!(
         v.first_failure.map(|f| f.kind),
         Some(tessera_protocol::FailureKind::Commitment)
@@ -644,7 +648,8 @@ fn replay_catches_other_weights_edited_records_and_a_wrong_prompt() {
             &claim(&done),
             64,
         )
-        .expect("replay");
+        .expect("replay")
+        .verdict;
     assert_eq!(
         v.first_failure.map(|f| f.kind),
         Some(tessera_protocol::FailureKind::Position)

@@ -24,7 +24,18 @@ pub struct ServedModel {
     /// format (Gemma turns) instead of refusing chat jobs.
     #[serde(default)]
     pub chat_fallback: bool,
+    /// Test-only adversary: advertise (and claim in receipts) the module of this model
+    /// while running `model`. Refused unless `TESSERA_TEST_IMPERSONATION=1` is set: it
+    /// exists so tests can show that audits catch such a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impersonate: Option<String>,
+    /// The module `impersonate` names, resolved at load.
+    #[serde(skip)]
+    pub impersonated: Option<tessera_protocol::ModuleId>,
 }
+
+/// Environment switch that allows [`ServedModel::impersonate`] (tests only).
+pub const IMPERSONATION_ENV: &str = "TESSERA_TEST_IMPERSONATION";
 
 fn default_price() -> Price {
     Price {
@@ -40,6 +51,8 @@ impl ServedModel {
             model: model.into(),
             price: default_price(),
             chat_fallback: false,
+            impersonate: None,
+            impersonated: None,
         }
     }
 }

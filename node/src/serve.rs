@@ -11,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_models::{
     Engine, EngineHandle, GenerateError, GenerateEvent, GenerateRequest, Model, Prompt,
+    ReplayRequest,
 };
 use tessera_net::{Multiaddr, NetEvent, NetHandle, PeerId, Stream};
-use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
+use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME, MAX_TRANSCRIPT_CHUNK};
 use tessera_protocol::wire::{read_frame, write_frame};
 use tessera_protocol::{
     encode_advert, AdvertStatus, ErrorCode, JobError, JobEvent, JobInput, JobRequest, JobResult,
-    Keypair, Load, ModuleId, ModuleOffer, NodeAdvert, Price, Receipt, Signed, Usage,
-    PROTOCOL_VERSION,
+    Keypair, Load, ModuleId, ModuleOffer, NodeAdvert, Price, Receipt, ReplayClaim, Signed,
+    TokenRecord, TranscriptCommitment, Usage, PROTOCOL_VERSION,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -183,12 +184,28 @@ pub fn load_models(
         .models
         .iter()
         .map(|m| {
+            let load_err = |cause| NodeError::Load {
+                model: m.model.clone(),
+                cause,
+            };
+            let mut m = m.clone();
+            if let Some(claimed) = &m.impersonate {
+                if std::env::var(crate::config::IMPERSONATION_ENV).as_deref() != Ok("1") {
+                    return Err(NodeError::Config(crate::config::ConfigError::Invalid(format!(
+                        "impersonate is a test-only option (a node that claims {claimed} while running {}); it needs {}=1",
+                        m.model,
+                        crate::config::IMPERSONATION_ENV
+                    ))));
+                }
+                let resolved = tessera_models::resolve(claimed, home).map_err(load_err)?;
+                let file = tessera_models::ModelFile::open(&resolved.path).map_err(load_err)?;
+                let module = file.module_id(file.weights_hash());
+                tracing::warn!(running = %m.model, claiming = %module, "TEST ADVERSARY: this node claims a module it does not run");
+                m.impersonated = Some(module);
+            }
             tessera_models::load_with(&m.model, home, tessera_models::Backend::default())
-                .map(|model| (m.clone(), model))
-                .map_err(|cause| NodeError::Load {
-                    model: m.model.clone(),
-                    cause,
-                })
+                .map(|model| (m, model))
+                .map_err(load_err)
         })
         .collect()
 }
@@ -209,7 +226,10 @@ impl RunningNode {
         let mut engines = Vec::new();
         let mut served: Vec<Served> = Vec::new();
         for (cfg, model) in models {
-            let module = model.module_id().clone();
+            let module = cfg
+                .impersonated
+                .clone()
+                .unwrap_or_else(|| model.module_id().clone());
             if served.iter().any(|s| s.module == module) {
                 return Err(NodeError::DuplicateModule(module.to_string()));
             }
@@ -588,6 +608,9 @@ async fn run_job(
         JobInput::Text(t) => Prompt::Text(t.clone()),
         JobInput::Chat(m) => Prompt::Chat(m.clone()),
     };
+    if let Some(claim) = &request.replay {
+        return run_replay(shared, &job, prompt, claim.clone(), writer).await;
+    }
     let generate = GenerateRequest {
         prompt,
         sampling: request.sampling.clone(),
@@ -660,6 +683,7 @@ async fn run_job(
                         commitment: done.commitment,
                         started_ms,
                         finished_ms: tessera_protocol::now_ms(),
+                        verdict: None,
                     };
                     let receipt = match Signed::sign(receipt, &shared.key) {
                         Ok(r) => r,
@@ -683,6 +707,9 @@ async fn run_job(
                     };
                     shared.jobs_served.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(job_id = %request.job_id, tokens = usage.completion_tokens, ttft_ms, "job done");
+                    if !send_transcript(&mut writer, &done.transcript).await {
+                        return;
+                    }
                     if send(&mut writer, &JobEvent::Result(Box::new(result))).await {
                         let _ = writer.close().await;
                     }
@@ -708,6 +735,109 @@ async fn run_job(
                 return fail(&mut writer, reject(ErrorCode::ShuttingDown, "node shut down before the job finished")).await;
             }
         }
+    }
+}
+
+/// Sends a transcript in frames of at most [`MAX_TRANSCRIPT_CHUNK`] records.
+async fn send_transcript(writer: &mut WriteHalf<Stream>, records: &[TokenRecord]) -> bool {
+    for chunk in records.chunks(MAX_TRANSCRIPT_CHUNK) {
+        if !send(writer, &JobEvent::Transcript(chunk.to_vec())).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// An audit: replay the claimed transcript on this module's engine, stream the replay's
+/// own records, and sign a receipt that carries the verdict. Priced as input tokens.
+async fn run_replay(
+    shared: &Shared,
+    job: &Admitted,
+    prompt: Prompt,
+    claim: ReplayClaim,
+    mut writer: WriteHalf<Stream>,
+) {
+    let served = &shared.served[job.module];
+    let request = &job.request;
+    let started_ms = tessera_protocol::now_ms();
+    let queued = served.admitted.fetch_add(1, Ordering::SeqCst);
+    shared.load_changed.notify_one();
+    let _slot = SlotGuard { shared, served };
+    tracing::info!(job_id = %request.job_id, module = %served.alias, records = claim.records.len(), "audit admitted");
+    if !send(&mut writer, &JobEvent::Accepted { queued }).await {
+        return;
+    }
+    let replay = served.engine.replay(ReplayRequest {
+        prompt,
+        chat_fallback: served.chat_fallback,
+        sampling: request.sampling.clone(),
+        claim,
+    });
+    let deadline = tokio::time::sleep(Duration::from_millis(
+        request
+            .deadline_ms
+            .saturating_sub(tessera_protocol::now_ms()),
+    ));
+    let replayed = tokio::select! {
+        r = replay => r,
+        () = deadline => {
+            return fail(&mut writer, reject(ErrorCode::DeadlineExceeded, "deadline reached while replaying")).await;
+        }
+        () = shared.abort_jobs.cancelled() => {
+            return fail(&mut writer, reject(ErrorCode::ShuttingDown, "node shut down before the replay finished")).await;
+        }
+    };
+    let replayed = match replayed {
+        Ok(r) => r,
+        Err(e) => return fail(&mut writer, engine_error(e)).await,
+    };
+    let usage = Usage {
+        prompt_tokens: replayed
+            .prompt_tokens
+            .saturating_add(replayed.verdict.positions),
+        completion_tokens: 0,
+    };
+    let Some(cost) = served.price.cost(usage.prompt_tokens, 0) else {
+        return fail(&mut writer, reject(ErrorCode::Internal, "cost overflows")).await;
+    };
+    let commitment = TranscriptCommitment::from_records(&replayed.records);
+    let replay_ms = replayed.verdict.replay_ms;
+    tracing::info!(job_id = %request.job_id, verdict = %replayed.verdict.summary(), "audit done");
+    let receipt = Receipt {
+        job_id: request.job_id,
+        node: shared.peer_id,
+        coordinator: job.coordinator,
+        payer: request.payer.clone(),
+        module: served.module.clone(),
+        input_hash: request.input.hash(),
+        sampling: request.sampling.clone(),
+        usage,
+        finish_reason: tessera_protocol::FinishReason::Stop,
+        price: served.price,
+        cost,
+        commitment,
+        started_ms,
+        finished_ms: tessera_protocol::now_ms(),
+        verdict: Some(replayed.verdict),
+    };
+    let receipt = match Signed::sign(receipt, &shared.key) {
+        Ok(r) => r,
+        Err(e) => return fail(&mut writer, reject(ErrorCode::Internal, e.to_string())).await,
+    };
+    let result = JobResult {
+        usage,
+        finish_reason: tessera_protocol::FinishReason::Stop,
+        commitment,
+        ttft_ms: replay_ms,
+        decode_ms: 0,
+        receipt,
+    };
+    shared.jobs_served.fetch_add(1, Ordering::Relaxed);
+    if !send_transcript(&mut writer, &replayed.records).await {
+        return;
+    }
+    if send(&mut writer, &JobEvent::Result(Box::new(result))).await {
+        let _ = writer.close().await;
     }
 }
 

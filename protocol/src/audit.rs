@@ -13,8 +13,9 @@ use crate::{TokenRecord, TranscriptCommitment};
 /// gives the measured distances this sits above, and the detection rates it keeps.
 pub const DEFAULT_TOLERANCE: f32 = 0.05;
 
-/// Most records one replay claim may carry (a full context of the largest module).
-pub const MAX_REPLAY_RECORDS: usize = 4096;
+/// Most records one replay claim may carry: what fits a request frame (a record encodes to
+/// at most ~60 bytes). Longer jobs are not audited (`docs/verification.md`).
+pub const MAX_REPLAY_RECORDS: usize = 3072;
 
 /// What the audited node claimed: the records it committed to, and the commitment itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -4,9 +4,13 @@
 //! the transcript commitment and a node-signed [`Receipt`]; or one `Error` with a
 //! machine-readable [`ErrorCode`] at any point. Either side closing the stream ends the job.
 
+use crate::audit::MAX_REPLAY_RECORDS;
 use crate::money::{Amount, Price};
 use crate::signed::{Signed, SignedMessage};
-use crate::{ChatMessage, FinishReason, ModuleId, SamplingParams, TranscriptCommitment};
+use crate::{
+    ChatMessage, FinishReason, ModuleId, ReplayClaim, SamplingParams, TokenRecord,
+    TranscriptCommitment, Verdict,
+};
 use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -25,6 +29,8 @@ pub const MAX_STOP: (usize, usize) = (4, 256);
 pub const MAX_PAYER_BYTES: usize = 64;
 /// Most tokens one job may ask for.
 pub const MAX_JOB_TOKENS: u32 = 32 * 1024;
+/// Most transcript records in one event frame (a record encodes to at most ~60 bytes).
+pub const MAX_TRANSCRIPT_CHUNK: usize = 512;
 
 /// A job's id: 16 random bytes chosen by the coordinator.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -92,6 +98,10 @@ pub struct JobRequest {
     pub max_price: Price,
     /// Unix milliseconds after which the job is worthless; a node refuses or stops then.
     pub deadline_ms: u64,
+    /// An audit: instead of generating, replay this claimed transcript of `input` and
+    /// judge it (`max_tokens` and `stop` are then unused). Priced as input tokens: the
+    /// prompt and the claimed tokens all go through one teacher-forced pass.
+    pub replay: Option<ReplayClaim>,
 }
 
 impl SignedMessage for JobRequest {
@@ -134,6 +144,20 @@ impl JobRequest {
         }
         if let Err(e) = self.sampling.validate() {
             return bad(e.to_string());
+        }
+        if let Some(claim) = &self.replay {
+            if claim.records.is_empty() || claim.records.len() > MAX_REPLAY_RECORDS {
+                return bad(format!(
+                    "a replay claim carries 1..={MAX_REPLAY_RECORDS} records, got {}",
+                    claim.records.len()
+                ));
+            }
+            if !(claim.tolerance.is_finite() && claim.tolerance >= 0.0) {
+                return bad(format!(
+                    "replay tolerance must be a finite number ≥ 0, got {}",
+                    claim.tolerance
+                ));
+            }
         }
         Ok(())
     }
@@ -180,6 +204,9 @@ pub struct Receipt {
     pub started_ms: u64,
     /// When it finished (unix ms).
     pub finished_ms: u64,
+    /// For an audit job: the auditor's verdict on the replayed transcript, signed with the
+    /// receipt so the auditor answers for it.
+    pub verdict: Option<Verdict>,
 }
 
 impl SignedMessage for Receipt {
@@ -275,6 +302,10 @@ pub enum JobEvent {
     },
     /// The next piece of text.
     Delta(String),
+    /// The next records of the transcript (at most [`MAX_TRANSCRIPT_CHUNK`] per frame),
+    /// sent after the last delta and before the result: the generated positions of a
+    /// job, or the replayed positions of an audit. They must hash to the commitment.
+    Transcript(Vec<TokenRecord>),
     /// Finished; always the last frame.
     Result(Box<JobResult>),
     /// Failed; always the last frame.
@@ -309,6 +340,7 @@ mod tests {
                 per_1k_output: Amount(20),
             },
             deadline_ms: 2_000_000,
+            replay: None,
         }
     }
 
