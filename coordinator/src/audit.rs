@@ -2,7 +2,9 @@
 //! weights, which replays the transcript in one teacher-forced pass and signs a verdict
 //! (ARCHITECTURE.md, step 6). A failed audit opens a dispute that keeps both transcripts,
 //! drops the node's reputation, takes it out of routing, and queues a slash of its stake
-//! for the rollup's sequencer.
+//! for the rollup's sequencer. A failing verdict is replayed again on a second auditor:
+//! a dispute needs two auditors to agree, so one lying or broken auditor can neither get
+//! an honest node slashed nor clear a cheat alone.
 //!
 //! Which jobs: always the first [`AuditConfig::first_jobs`] of a node this coordinator has
 //! not yet seen pass, then [`AuditConfig::share`] of the rest, raised to
@@ -360,7 +362,7 @@ async fn run_case(config: &AuditConfig, deps: &AuditDeps, secret: &[u8; 32], cas
         }
         Outcome::Missed(audit) => {
             deps.metrics.audit("missed");
-            tracing::warn!(job = %case.job, node = %case.node, "audit not run: {}", audit.detail);
+            tracing::warn!(job = %case.job, node = %case.node, "audit inconclusive: {}", audit.detail);
             blocking(move || ledger.record_audit(&node, &audit, None)).await
         }
         Outcome::Failed(audit, replayed) => {
@@ -410,52 +412,44 @@ enum Outcome {
     Missed(AuditRecord),
 }
 
-/// Picks an auditor, pays it from the audit account, and runs the replay.
-async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outcome {
-    let mut rec = AuditRecord {
-        job: case.job.to_hex(),
-        node: case.node.to_string(),
-        module: case.module.to_string(),
-        auditor: None,
-        audit_job: None,
-        result: "missed".into(),
-        detail: String::new(),
-        verdict: None,
-        at_ms: tessera_protocol::now_ms(),
-    };
-    let missed = |mut rec: AuditRecord, why: String| {
-        rec.detail = why;
-        Outcome::Missed(rec)
-    };
-    let Some((auditor, module, price, payout)) = pick_auditor(deps, case) else {
-        return missed(
-            rec,
-            format!(
-                "no other node serves weights {} to replay on",
-                case.module.weights
-            ),
-        );
-    };
-    rec.auditor = Some(auditor.to_string());
-    let tokens = case.records.len() as u32 + 4096;
-    let Some(bound) = price.cost(tokens, 0) else {
-        return missed(rec, "the auditor's price overflows".into());
-    };
+/// One replay on one auditor.
+struct Replay {
+    auditor: PeerId,
+    audit_job: JobId,
+    verdict: Verdict,
+    records: Vec<TokenRecord>,
+}
+
+/// Picks an auditor (not in `exclude`), pays it from the audit account, and runs the
+/// replay. `Err` says why it could not run.
+async fn replay_once(
+    config: &AuditConfig,
+    deps: &AuditDeps,
+    case: &AuditCase,
+    exclude: &[PeerId],
+) -> Result<Replay, String> {
+    let (auditor, module, price, payout) = pick_auditor(deps, case, exclude).ok_or_else(|| {
+        format!(
+            "no other node serves weights {} to replay on",
+            case.module.weights
+        )
+    })?;
+    // The prompt's length is the auditor's to count; bound it by the request frame.
+    let tokens = case.records.len() as u32 + (tessera_protocol::job::MAX_REQUEST_FRAME as u32);
+    let bound = price
+        .cost(tokens, 0)
+        .ok_or("the auditor's price overflows")?;
     let audit_job = crate::client::new_job_id();
-    rec.audit_job = Some(audit_job.to_hex());
     let (ledger, account) = (deps.ledger.clone(), config.account.clone());
     match blocking(move || ledger.reserve(&account, audit_job, bound)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => {
-            return missed(
-                rec,
-                format!(
-                    "cannot pay the auditor from account {:?}: {e}",
-                    config.account
-                ),
-            )
+            return Err(format!(
+                "cannot pay the auditor from account {:?}: {e}",
+                config.account
+            ))
         }
-        None => return missed(rec, "ledger task failed".into()),
+        None => return Err("ledger task failed".into()),
     }
     if let Ok(mut t) = deps.table.write() {
         t.begin_job(&auditor);
@@ -491,25 +485,88 @@ async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outc
         Err(e) => {
             let ledger = deps.ledger.clone();
             let _ = blocking(move || ledger.release(audit_job)).await;
-            return missed(rec, format!("the auditor {auditor} failed: {e}"));
+            return Err(format!("the auditor {auditor} failed: {e}"));
         }
     };
     let (ledger, receipt) = (deps.ledger.clone(), outcome.result.receipt.clone());
     if let Some(Err(e)) = blocking(move || ledger.settle(audit_job, &receipt, &payout)).await {
         tracing::error!(%audit_job, error = %e, "settling the auditor's receipt failed");
     }
-    let Some(verdict) = outcome.result.receipt.body.verdict.clone() else {
-        return missed(rec, "the auditor's receipt carries no verdict".into());
+    let verdict = outcome
+        .result
+        .receipt
+        .body
+        .verdict
+        .clone()
+        .ok_or("the auditor's receipt carries no verdict")?;
+    Ok(Replay {
+        auditor,
+        audit_job,
+        verdict,
+        records: outcome.transcript,
+    })
+}
+
+/// Runs the audit: one replay, and when it fails a second one on another auditor to
+/// confirm. A dispute needs two auditors to agree: one lying or broken auditor can neither
+/// get an honest node slashed nor clear a cheat alone. A failure nobody could confirm
+/// (no third node serves the weights) or that another auditor contradicts counts as a
+/// missed audit, which raises the node's audit share until the truth shows.
+async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outcome {
+    let mut rec = AuditRecord {
+        job: case.job.to_hex(),
+        node: case.node.to_string(),
+        module: case.module.to_string(),
+        auditor: None,
+        audit_job: None,
+        result: "missed".into(),
+        detail: String::new(),
+        verdict: None,
+        at_ms: tessera_protocol::now_ms(),
     };
-    rec.detail = verdict.summary();
-    let passed = verdict.passed;
-    rec.verdict = Some(verdict);
-    if passed {
+    let first = match replay_once(config, deps, case, &[case.node]).await {
+        Ok(r) => r,
+        Err(why) => {
+            rec.detail = why;
+            return Outcome::Missed(rec);
+        }
+    };
+    rec.auditor = Some(first.auditor.to_string());
+    rec.audit_job = Some(first.audit_job.to_hex());
+    rec.detail = first.verdict.summary();
+    rec.verdict = Some(first.verdict.clone());
+    if first.verdict.passed {
         rec.result = "passed".into();
-        Outcome::Passed(rec)
-    } else {
-        rec.result = "failed".into();
-        Outcome::Failed(rec, outcome.transcript)
+        return Outcome::Passed(rec);
+    }
+    match replay_once(config, deps, case, &[case.node, first.auditor]).await {
+        Ok(second) if !second.verdict.passed => {
+            rec.result = "failed".into();
+            rec.detail = format!(
+                "{} (confirmed by {}: {})",
+                first.verdict.summary(),
+                second.auditor,
+                second.verdict.summary()
+            );
+            Outcome::Failed(rec, first.records)
+        }
+        Ok(second) => {
+            rec.detail = format!(
+                "contested: auditor {} failed it ({}), auditor {} passed it",
+                first.auditor,
+                first.verdict.summary(),
+                second.auditor
+            );
+            Outcome::Missed(rec)
+        }
+        Err(why) => {
+            rec.detail = format!(
+                "unconfirmed: auditor {} failed it ({}), and no second auditor could confirm ({why})",
+                first.auditor,
+                first.verdict.summary()
+            );
+            Outcome::Missed(rec)
+        }
     }
 }
 
@@ -517,12 +574,13 @@ async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outc
 fn pick_auditor(
     deps: &AuditDeps,
     case: &AuditCase,
+    exclude: &[PeerId],
 ) -> Option<(PeerId, ModuleId, tessera_protocol::Price, Address)> {
     let table = deps.table.read().ok()?;
     let mut best: Option<(u32, PeerId, ModuleId, tessera_protocol::Price, Address)> = None;
     for e in table.nodes() {
         let peer = e.advert.node;
-        if peer == case.node || table.standing(&peer).is_some_and(NodeRecord::excluded) {
+        if exclude.contains(&peer) || table.standing(&peer).is_some_and(NodeRecord::excluded) {
             continue;
         }
         let Some(offer) = e.advert.modules.iter().find(|o| {

@@ -129,7 +129,8 @@ pub fn requantize(src: &Path, dst: &Path, to: GgmlDType) -> Result<RequantSummar
     let md_refs: Vec<(&str, &gguf_file::Value)> =
         metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let tmp = dst.with_extension("partial");
+    // A private name per process: two makers of the same file never write into each other.
+    let tmp = dst.with_extension(format!("partial-{}", std::process::id()));
     let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
     gguf_file::write(&mut out, &md_refs, &t_refs).map_err(|cause| RequantError::Tensor {
         tensor: "(writing)".into(),

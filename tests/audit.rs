@@ -1,0 +1,322 @@
+//! End-to-end audit: a local network of a coordinator and three `tessera node` processes,
+//! one of which cheats. It advertises SmolLM2 Q4_1 but runs the same weights requantized
+//! to Q4_0 (the test-only `--impersonate` adversary). Its first job is audited by replay
+//! on an honest node and confirmed on the other; the cheater loses reputation, gets no
+//! more jobs, and a slash of its stake is queued, while the honest nodes pass their audits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera_coordinator::{AuditConfig, Coordinator, CoordinatorConfig, Ledger};
+use tessera_net::{NetConfig, PeerId, Protocol};
+use tessera_protocol::Amount;
+
+mod common;
+use common::{smollm2, MODEL};
+
+/// The Q4_0 substitute of SmolLM2, made once into the model cache.
+fn substitute() -> PathBuf {
+    let home = tessera_models::catalog::tessera_home();
+    let path = tessera_models::verify_bench::substitute_path(&home, &smollm2(), "q4_0");
+    if !path.exists() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("derived dir");
+        tessera_models::requant::requantize(
+            &smollm2(),
+            &path,
+            tessera_models::requant::parse_format("q4_0").expect("format"),
+        )
+        .expect("requantize SmolLM2 to Q4_0");
+    }
+    path
+}
+
+struct Node {
+    child: Child,
+    peer: PeerId,
+    log: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(dir: &Path, name: &str, bootstrap: &str, model: &Path, claim: Option<&Path>) -> Node {
+    let data = dir.join(name);
+    let (key, _) =
+        tessera_net::load_or_create_identity(&data.join("identity.key")).expect("identity");
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.args(["--threads", "1", "node", "--model"])
+        .arg(model)
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--advert-interval",
+            "0.5",
+            "--advert-ttl",
+            "3",
+            "--bootstrap",
+            bootstrap,
+        ])
+        .env("TESSERA_HOME", dir.join("home"))
+        .env("RUST_LOG", "info,libp2p=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"));
+    if let Some(claim) = claim {
+        cmd.arg("--impersonate")
+            .arg(claim)
+            .env("TESSERA_TEST_IMPERSONATION", "1");
+    }
+    Node {
+        child: cmd.spawn().expect("start tessera node"),
+        peer: key.public().to_peer_id(),
+        log,
+    }
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+fn standing<'a>(nodes: &'a Value, peer: &PeerId) -> &'a Value {
+    nodes["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|n| n["node"] == peer.to_string()))
+        .map(|n| &n["standing"])
+        .unwrap_or(&Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_running_another_quantization_is_audited_routed_around_and_slashed() {
+    let sub = substitute();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("coordinator");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let audit = AuditConfig::default();
+    let key = {
+        let ledger = Ledger::open(&data.join("ledger.redb")).expect("ledger");
+        ledger.create_account("dev").expect("account");
+        ledger.credit("dev", Amount(1_000_000_000_000)).expect("credit");
+        ledger.create_account(&audit.account).expect("audit account");
+        ledger
+            .credit(&audit.account, Amount(1_000_000_000_000))
+            .expect("fund audits");
+        ledger.create_key("dev").expect("key").expose().to_owned()
+    };
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: data,
+        net: NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NetConfig::default()
+        },
+        audit: audit.clone(),
+        ..CoordinatorConfig::default()
+    })
+    .await
+    .expect("coordinator");
+    let bootstrap = loop {
+        if let Some(a) = coordinator.listen_addrs().await.into_iter().next() {
+            break a.with(Protocol::P2p(coordinator.peer_id())).to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let model = smollm2();
+    let honest = [
+        spawn_node(dir.path(), "honest-1", &bootstrap, &model, None),
+        spawn_node(dir.path(), "honest-2", &bootstrap, &model, None),
+    ];
+    let cheat = spawn_node(dir.path(), "cheat", &bootstrap, &sub, Some(&model));
+    let logs = || {
+        let mut s = String::new();
+        for n in honest.iter().chain([&cheat]) {
+            s.push_str(&format!(
+                "--- {}:\n{}\n",
+                n.log.display(),
+                std::fs::read_to_string(&n.log).unwrap_or_default()
+            ));
+        }
+        s
+    };
+    // All three advertise the same module: the cheater claims SmolLM2 Q4_1's weights hash.
+    let table = coordinator.net().table();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let modules: Vec<String> = table
+            .read()
+            .expect("table")
+            .nodes()
+            .map(|e| e.advert.modules[0].module.to_string())
+            .collect();
+        if modules.len() == 3 {
+            assert!(
+                modules.iter().all(|m| m == &modules[0]),
+                "the cheater advertises the honest module: {modules:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes not discovered\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let base = format!("http://{}", coordinator.http_addr());
+    let client = reqwest::Client::new();
+    let chat = |seed: u64, order: Option<&PeerId>| {
+        let mut body = json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Write a two-line poem about the sea."}],
+            "max_tokens": 24,
+            "temperature": 0.7,
+            "seed": seed,
+        });
+        if let Some(peer) = order {
+            body["provider"] = json!({"order": [peer.to_string()], "allow_fallbacks": false});
+        }
+        body
+    };
+    let complete = |body: Value| {
+        let (client, key, url) = (client.clone(), key.clone(), format!("{base}/v1/chat/completions"));
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("POST");
+            let node = r
+                .headers()
+                .get("x-tessera-node")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let status = r.status().as_u16();
+            (status, node, r.json::<Value>().await.expect("JSON"))
+        }
+    };
+
+    // The cheater's first job: served, paid, and (a new node's first jobs always are)
+    // audited.
+    let (status, node, body) = complete(chat(1, Some(&cheat.peer))).await;
+    assert_eq!(status, 200, "{body}\n{}", logs());
+    assert_eq!(node, Some(cheat.peer.to_string()));
+
+    // The audit fails on an honest auditor, is confirmed on the other, and opens a dispute.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let nodes = loop {
+        let nodes = get(&client, &format!("{base}/v1/nodes")).await;
+        if standing(&nodes, &cheat.peer)["open_disputes"] == 1 {
+            break nodes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dispute opened: {nodes}\n{}",
+            get(&client, &format!("{base}/v1/audits")).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let s = standing(&nodes, &cheat.peer);
+    assert_eq!(s["audits"]["failed"], 1, "{s}");
+    assert_eq!(s["routed"], false, "{s}");
+    let reputation = s["reputation"].as_f64().expect("reputation");
+    assert!(reputation < 0.1, "reputation dropped from 0.5: {reputation}");
+
+    let audits = get(&client, &format!("{base}/v1/audits")).await;
+    let disputes = audits["disputes"].as_array().expect("disputes");
+    assert_eq!(disputes.len(), 1, "{audits}");
+    let d = &disputes[0];
+    assert_eq!(d["node"], cheat.peer.to_string());
+    assert_eq!(d["open"], true);
+    assert_eq!(d["verdict"]["passed"], false);
+    assert!(d["verdict"]["max_distance"].as_f64().expect("distance") > 0.5, "{d}");
+    assert!(
+        honest.iter().any(|h| d["auditor"] == h.peer.to_string()),
+        "an honest node audited it: {d}"
+    );
+    assert_eq!(d["slash"]["status"]["status"], "queued", "{d}");
+    assert_eq!(d["slash"]["amount"], audit.slash.0.to_string());
+    assert!(
+        d["records"].as_u64().expect("records") > 0,
+        "the dispute keeps the claimed transcript"
+    );
+    // The ledger keeps both transcripts.
+    let (claimed, replayed) = {
+        let r = coordinator.ledger().disputes().expect("disputes");
+        (r[0].claimed.clone(), r[0].replayed.clone())
+    };
+    assert_eq!(claimed.len(), replayed.len());
+    assert!(claimed.iter().zip(&replayed).all(|(c, r)| c.token == r.token));
+    assert!(claimed.iter().zip(&replayed).any(|(c, r)| c.fingerprint != r.fingerprint));
+
+    // It gets no more jobs, even when a caller asks for it by name; the honest nodes serve
+    // everything, and pass their own first audits.
+    for seed in 2..8u64 {
+        let order = (seed % 2 == 0).then_some(&cheat.peer);
+        let (status, node, body) = complete(chat(seed, order)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(node, Some(cheat.peer.to_string()), "routed to the cheater");
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let nodes = get(&client, &format!("{base}/v1/nodes")).await;
+        let passed: Vec<u64> = honest
+            .iter()
+            .map(|h| standing(&nodes, &h.peer)["audits"]["passed"].as_u64().unwrap_or(0))
+            .collect();
+        for h in &honest {
+            let s = standing(&nodes, &h.peer);
+            assert_eq!(s["audits"]["failed"], 0, "an honest node failed: {s}");
+            assert_eq!(s["open_disputes"], 0, "{s}");
+        }
+        if passed.iter().sum::<u64>() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "honest audits did not pass: {nodes}\n{}",
+            get(&client, &format!("{base}/v1/audits")).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The figures are in /metrics.
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("tessera_audits_total{result=\"failed\"} 1"), "{metrics}");
+    assert!(metrics.contains(&format!(
+        "tessera_node_open_disputes{{node=\"{}\"}} 1",
+        cheat.peer
+    )));
+    assert!(metrics.contains("tessera_node_reputation{"));
+
+    // The auditors were paid from the audit account: two replays of the cheat, and one per
+    // passed honest audit.
+    let check = coordinator.ledger().check().expect("check");
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    let funds = coordinator
+        .ledger()
+        .balance(&audit.account)
+        .expect("audit account");
+    assert!(funds.charged.0 > 0, "auditors are paid: {funds:?}");
+    coordinator.shutdown().await;
+}
