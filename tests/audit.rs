@@ -111,8 +111,12 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
     let key = {
         let ledger = Ledger::open(&data.join("ledger.redb")).expect("ledger");
         ledger.create_account("dev").expect("account");
-        ledger.credit("dev", Amount(1_000_000_000_000)).expect("credit");
-        ledger.create_account(&audit.account).expect("audit account");
+        ledger
+            .credit("dev", Amount(1_000_000_000_000))
+            .expect("credit");
+        ledger
+            .create_account(&audit.account)
+            .expect("audit account");
         ledger
             .credit(&audit.account, Amount(1_000_000_000_000))
             .expect("fund audits");
@@ -170,7 +174,11 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
             );
             break;
         }
-        assert!(Instant::now() < deadline, "nodes not discovered\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "nodes not discovered\n{}",
+            logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -190,7 +198,11 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
         body
     };
     let complete = |body: Value| {
-        let (client, key, url) = (client.clone(), key.clone(), format!("{base}/v1/chat/completions"));
+        let (client, key, url) = (
+            client.clone(),
+            key.clone(),
+            format!("{base}/v1/chat/completions"),
+        );
         async move {
             let r = client
                 .post(url)
@@ -233,7 +245,10 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
     assert_eq!(s["audits"]["failed"], 1, "{s}");
     assert_eq!(s["routed"], false, "{s}");
     let reputation = s["reputation"].as_f64().expect("reputation");
-    assert!(reputation < 0.1, "reputation dropped from 0.5: {reputation}");
+    assert!(
+        reputation < 0.1,
+        "reputation dropped from 0.5: {reputation}"
+    );
 
     let audits = get(&client, &format!("{base}/v1/audits")).await;
     let disputes = audits["disputes"].as_array().expect("disputes");
@@ -242,7 +257,10 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
     assert_eq!(d["node"], cheat.peer.to_string());
     assert_eq!(d["open"], true);
     assert_eq!(d["verdict"]["passed"], false);
-    assert!(d["verdict"]["max_distance"].as_f64().expect("distance") > 0.5, "{d}");
+    assert!(
+        d["verdict"]["max_distance"].as_f64().expect("distance") > 0.5,
+        "{d}"
+    );
     assert!(
         honest.iter().any(|h| d["auditor"] == h.peer.to_string()),
         "an honest node audited it: {d}"
@@ -259,8 +277,14 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
         (r[0].claimed.clone(), r[0].replayed.clone())
     };
     assert_eq!(claimed.len(), replayed.len());
-    assert!(claimed.iter().zip(&replayed).all(|(c, r)| c.token == r.token));
-    assert!(claimed.iter().zip(&replayed).any(|(c, r)| c.fingerprint != r.fingerprint));
+    assert!(claimed
+        .iter()
+        .zip(&replayed)
+        .all(|(c, r)| c.token == r.token));
+    assert!(claimed
+        .iter()
+        .zip(&replayed)
+        .any(|(c, r)| c.fingerprint != r.fingerprint));
 
     // It gets no more jobs, even when a caller asks for it by name; the honest nodes serve
     // everything, and pass their own first audits.
@@ -275,7 +299,11 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
         let nodes = get(&client, &format!("{base}/v1/nodes")).await;
         let passed: Vec<u64> = honest
             .iter()
-            .map(|h| standing(&nodes, &h.peer)["audits"]["passed"].as_u64().unwrap_or(0))
+            .map(|h| {
+                standing(&nodes, &h.peer)["audits"]["passed"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
             .collect();
         for h in &honest {
             let s = standing(&nodes, &h.peer);
@@ -302,7 +330,10 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
         .text()
         .await
         .expect("text");
-    assert!(metrics.contains("tessera_audits_total{result=\"failed\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tessera_audits_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains(&format!(
         "tessera_node_open_disputes{{node=\"{}\"}} 1",
         cheat.peer

@@ -101,23 +101,32 @@ pub fn choice_margin(logits: &[f32], claimed: u32, u: Option<f64>, params: &Samp
         .copied()
         .filter(|l| !l.is_nan())
         .fold(f32::NEG_INFINITY, f32::max);
-    // The candidates that carry weight, best first (ties by id, as the sampler sorts).
+    // The candidates that carry weight.
     let floor = f64::from(lmax) - WEIGHT_FLOOR * t;
-    let mut cands: Vec<(f32, u32)> = logits
+    let cands: Vec<(f32, u32)> = logits
         .iter()
         .enumerate()
         .filter(|&(i, &l)| f64::from(l) >= floor || i == claimed as usize)
         .map(|(i, &l)| (l, i as u32))
         .collect();
-    cands.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let k = params.top_k as usize;
-    let rank_c = cands.iter().position(|c| c.1 == claimed).unwrap_or(0);
-    // The replay's top-k set, with the claimed token kept in it.
-    let set: Vec<(f64, f64)> = cands
+    // The replay's top-k set (as the sampler selects it), with the claimed token kept in
+    // it; sorted best first only where top-p needs the order (the sampler's sort).
+    let mut top: Vec<(f32, u32)> = cands.clone();
+    if k > 0 && k < top.len() {
+        top.select_nth_unstable_by(k - 1, by_logit_desc);
+        top.truncate(k);
+        if !top.iter().any(|c| c.1 == claimed) {
+            top.push((lc, claimed));
+        }
+    }
+    if params.top_p < 1.0 {
+        top.sort_unstable_by(by_logit_desc);
+    }
+    let set: Vec<(f64, f64)> = top
         .iter()
-        .enumerate()
-        .filter(|&(i, _)| k == 0 || i < k || i == rank_c)
-        .map(|(_, &(l, id))| {
+        .map(|&(l, id)| {
             let l = f64::from(l);
             (l, if id == claimed { f64::NAN } else { l })
         })

@@ -11,7 +11,7 @@ use crate::{TokenRecord, TranscriptCommitment};
 /// Logit tolerance (in logits, after the commitment grid's rounding slack) under which a
 /// replayed position counts as honest. Calibrated on honest runs: `docs/verification.md`
 /// gives the measured distances this sits above, and the detection rates it keeps.
-pub const DEFAULT_TOLERANCE: f32 = 0.05;
+pub const DEFAULT_TOLERANCE: f32 = 0.1;
 
 /// Most records one replay claim may carry: what fits a request frame (a record encodes to
 /// at most ~60 bytes). Longer jobs are not audited (`docs/verification.md`).
