@@ -162,6 +162,14 @@ pub struct DevnetArgs {
     /// Seconds a posted batch can be challenged before it is final.
     #[arg(long, default_value_t = 60)]
     challenge_window: u64,
+    /// Tokens each new node deposits and stakes as its own bond, so a failed audit's slash
+    /// has something to take (0: nodes start unstaked).
+    #[arg(long, default_value = "0")]
+    node_stake: Amount,
+    /// Test-only adversary: the last node runs this model while claiming --model's module
+    /// (needs TESSERA_TEST_IMPERSONATION=1).
+    #[arg(long, hide = true, value_name = "MODEL")]
+    adversary: Option<String>,
     /// Seconds between rollup batches (when anything waits).
     #[arg(long, default_value_t = 10.0)]
     batch_interval: f64,
@@ -220,6 +228,66 @@ fn devnet_account(
     Ok((key.expose().to_owned(), deposit))
 }
 
+/// Stakes each node's deposit as its own bond once the sequencer has applied the deposit.
+async fn stake_nodes(
+    seq: &tessera_coordinator::SequencerHandle,
+    deployment: &tessera_contracts::Deployment,
+    wallets: &[alloy::signers::local::PrivateKeySigner],
+    stakes: &[u128],
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for (w, &amount) in wallets.iter().zip(stakes) {
+        if amount == 0 {
+            continue;
+        }
+        let address = Address(w.address().0 .0);
+        let view = loop {
+            if let Some(v) = seq.account(address).await? {
+                if v.pending.balance >= amount {
+                    break v;
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the deposit of node {address} never reached L2");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let tx = tessera_rollup::Tx::sign(
+            w.credential(),
+            &deployment.domain.0,
+            view.slot,
+            view.pending.nonce,
+            tessera_rollup::Action::Stake { amount },
+        );
+        seq.submit(tx).await?;
+        eprintln!("node {address} staked {amount}");
+    }
+    Ok(())
+}
+
+/// Makes sure the account that pays auditors exists and is linked to the audit wallet
+/// (its L1 deposits fund it); returns the tokens to deposit for it (on first creation).
+fn audit_account(
+    ledger_path: &Path,
+    account: &str,
+    fund: Amount,
+    address: &Address,
+) -> Result<u128> {
+    let ledger = Ledger::open(ledger_path)?;
+    let mut deposit = 0;
+    if ledger.balance(account).is_err() {
+        ledger.create_account(account)?;
+        deposit = fund.0;
+        eprintln!(
+            "created the audit account {account}; depositing {fund} tokens for it on the devnet L1"
+        );
+    }
+    if ledger.address_of(account)?.as_ref() != Some(address) {
+        ledger.link(account, address)?;
+    }
+    Ok(deposit)
+}
+
 fn write_secret(path: &Path, secret: &str) -> Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
@@ -268,17 +336,35 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         args.fund,
         &Address(dev_wallet.address().0 .0),
     )?;
+    // Auditors are paid from an account of their own, funded by a deposit like any other.
+    let (audit_wallet, _) = wallet::load_or_create(&dir.join("wallet").join("audits.key"))?;
+    let audit_deposit = audit_account(
+        &coordinator_config.ledger_path(),
+        &coordinator_config.audit.account,
+        Amount(args.fund.0 / 10),
+        &Address(audit_wallet.address().0 .0),
+    )?;
     let mut node_wallets = Vec::new();
+    let mut new_nodes = Vec::new();
     for i in 1..=args.nodes {
         let path = dir.join("wallet").join(format!("node-{i}.key"));
-        node_wallets.push(wallet::load_or_create(&path)?.0);
+        let (w, created) = wallet::load_or_create(&path)?;
+        node_wallets.push(w);
+        new_nodes.push(created);
     }
     let batch_interval = secs("--batch-interval", args.batch_interval)?;
     let node_configs: Vec<NodeConfig> = (1..=args.nodes)
         .map(|i| NodeConfig {
             data_dir: dir.join(format!("node-{i}")),
             payout: Address(node_wallets[i - 1].address().0 .0),
-            models: vec![ServedModel::new(&args.model)],
+            models: vec![match &args.adversary {
+                // The last node cheats: it runs another model and claims this one.
+                Some(other) if i == args.nodes => ServedModel {
+                    impersonate: Some(args.model.clone()),
+                    ..ServedModel::new(other)
+                },
+                _ => ServedModel::new(&args.model),
+            }],
             max_jobs: args.max_jobs,
             advert_interval: Duration::from_secs(2),
             advert_ttl_secs: 10,
@@ -308,15 +394,25 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         let AnyChain::Embedded(chain) = l1.chain.clone() else {
             unreachable!("the devnet's L1 is embedded")
         };
-        for w in std::iter::once(&dev_wallet).chain(&node_wallets) {
+        for w in [&dev_wallet, &audit_wallet].into_iter().chain(&node_wallets) {
             if chain.eth_balance(w.address()).await? < U256::from(WALLET_ETH / 2) {
                 chain.fund(w.address(), U256::from(WALLET_ETH))?;
             }
         }
-        if deposit > 0 {
-            let c = Contracts::new(&l1.chain, &l1.deployment);
-            c.mint(&l1.operator, dev_wallet.address(), U256::from(deposit)).await?;
-            c.deposit(&dev_wallet, dev_wallet.address(), deposit).await?;
+        // New nodes get tokens to stake, so that a slash for a failed audit has teeth.
+        let stakes: Vec<u128> = new_nodes
+            .iter()
+            .map(|&new| if new { args.node_stake.0 } else { 0 })
+            .collect();
+        let funded = [(&dev_wallet, deposit), (&audit_wallet, audit_deposit)]
+            .into_iter()
+            .chain(node_wallets.iter().zip(stakes.iter().copied()));
+        for (w, amount) in funded {
+            if amount > 0 {
+                let c = Contracts::new(&l1.chain, &l1.deployment);
+                c.mint(&l1.operator, w.address(), U256::from(amount)).await?;
+                c.deposit(w, w.address(), amount).await?;
+            }
         }
         let sequencer = SequencerConfig {
             batch_interval,
@@ -325,6 +421,9 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         let coordinator = Coordinator::start_with(coordinator_config, Some((l1.clone(), sequencer)))
             .await
             .context("cannot start the coordinator")?;
+        if let Some(seq) = coordinator.sequencer() {
+            stake_nodes(seq, &l1.deployment, &node_wallets, &stakes).await?;
+        }
         // Every node watches the rollup and challenges a wrong batch.
         let towers = tokio_util::sync::CancellationToken::new();
         let mut tower_tasks = Vec::new();

@@ -14,7 +14,7 @@ use tessera_net::{NetConfig, PeerId, Protocol};
 use tessera_protocol::Amount;
 
 mod common;
-use common::{smollm2, MODEL};
+use common::{smollm2, Devnet, MODEL};
 
 /// The Q4_0 substitute of SmolLM2, made once into the model cache.
 fn substitute() -> PathBuf {
@@ -350,4 +350,104 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
         .expect("audit account");
     assert!(funds.charged.0 > 0, "auditors are paid: {funds:?}");
     coordinator.shutdown().await;
+}
+
+/// The same cheat in a `tessera devnet` that settles on its embedded L1: every node stakes
+/// at creation, the cheater's failed audit is confirmed, and the slash goes out in a rollup
+/// batch, taking the slash from its posted stake on L2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_devnet_the_cheaters_slash_is_applied_to_its_stake_on_l2() {
+    let sub = substitute();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stake: u128 = 1_000_000_000;
+    let net = Devnet::start_with_env(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--adversary",
+            sub.to_str().expect("utf-8 path"),
+            "--node-stake",
+            &stake.to_string(),
+            "--batch-interval",
+            "1",
+        ],
+        &[("TESSERA_TEST_IMPERSONATION", "1")],
+    );
+    let base = format!("http://{}", net.addr);
+    let client = reqwest::Client::new();
+    let (cheat_key, _) =
+        tessera_net::load_or_create_identity(&dir.path().join("node-3").join("identity.key"))
+            .expect("node-3 identity");
+    let cheat = cheat_key.public().to_peer_id();
+    let nodes = get(&client, &format!("{base}/v1/nodes")).await;
+    let payout = nodes["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|n| n["node"] == cheat.to_string()))
+        .map(|n| n["payout"].as_str().expect("payout").to_owned())
+        .unwrap_or_else(|| panic!("the cheater is in the node table: {nodes}"));
+    let posted_stake = |v: &Value| {
+        v["posted"]["stake"]
+            .as_str()
+            .and_then(|s| s.parse::<u128>().ok())
+    };
+    // Its stake is posted before it cheats.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acct = get(&client, &format!("{base}/v1/l2/accounts/{payout}")).await;
+        if posted_stake(&acct) == Some(stake) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stake never posted: {acct}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&net.key)
+        .json(&json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Name three colors."}],
+            "max_tokens": 16,
+            "temperature": 0,
+            "provider": {"order": [cheat.to_string()], "allow_fallbacks": false},
+        }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(
+        r.headers()
+            .get("x-tessera-node")
+            .and_then(|v| v.to_str().ok()),
+        Some(cheat.to_string().as_str())
+    );
+    // The dispute opens and its slash is handed to the sequencer …
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let dispute = loop {
+        let audits = get(&client, &format!("{base}/v1/audits")).await;
+        if let Some(d) = audits["disputes"].as_array().and_then(|d| d.first()) {
+            break d.clone();
+        }
+        assert!(Instant::now() < deadline, "no dispute: {audits}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(dispute["node"], cheat.to_string());
+    assert_eq!(
+        dispute["slash"]["status"]["status"], "submitted",
+        "{dispute}"
+    );
+    let slash: u128 = dispute["slash"]["amount"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("amount");
+    // … which posts it in the next batch: the cheater's stake on L2 drops by the slash.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acct = get(&client, &format!("{base}/v1/l2/accounts/{payout}")).await;
+        if posted_stake(&acct) == Some(stake - slash) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slash never posted: {acct}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(net);
 }

@@ -32,6 +32,11 @@ impl Devnet {
 
     /// As `start`, with more `tessera devnet` flags.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// As `start_with`, with environment variables for the devnet process.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -45,6 +50,7 @@ impl Devnet {
             .args(extra)
             .env("TESSERA_HOME", dir.join("home"))
             .env("RUST_LOG", "info,libp2p=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
