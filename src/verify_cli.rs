@@ -61,17 +61,28 @@ fn load(path: &Path, name: &str, backend: Backend) -> Result<Model> {
     Model::load_with(path, name, None, backend).with_context(|| format!("loading {name}"))
 }
 
-/// Generates on `gen` (inside a pool of `gen_threads`) and replays on `auditor`.
-fn run_honest_like(
-    name: &str,
+/// How many jobs a scenario runs and how long they are.
+struct Workload {
     jobs: usize,
     tokens: u32,
+    /// Generate exactly `tokens` (the cost figure) rather than stop at end of text.
     ignore_eos: bool,
-    gen: &mut Model,
-    gen_threads: usize,
+}
+
+/// Generates on `gen` (inside a pool of `gen_threads`) and replays on `auditor`, in
+/// passes of `chunks[job % len]` positions.
+fn run_honest_like(
+    name: &str,
+    work: Workload,
+    (gen, gen_threads): (&mut Model, usize),
     auditor: &mut Model,
     chunks: &[usize],
 ) -> Result<Vec<JobFigure>> {
+    let Workload {
+        jobs,
+        tokens,
+        ignore_eos,
+    } = work;
     let mut out = Vec::with_capacity(jobs);
     for job in 0..jobs {
         let (done, gen_ms) = with_threads(gen_threads, || generate(gen, job, tokens, ignore_eos))?;
@@ -118,11 +129,12 @@ pub fn verify_bench(
         let mut gen = load(&smol_path, "smollm2 (honest node)", Backend::Tessera)?;
         let figs = run_honest_like(
             "honest",
-            args.jobs,
-            args.tokens,
-            false,
-            &mut gen,
-            threads,
+            Workload {
+                jobs: args.jobs,
+                tokens: args.tokens,
+                ignore_eos: false,
+            },
+            (&mut gen, threads),
             &mut auditor,
             &[usize::MAX],
         )?;
@@ -137,11 +149,12 @@ pub fn verify_bench(
         let mut gen = load(&smol_path, "smollm2 (1-thread node)", Backend::Tessera)?;
         let figs = run_honest_like(
             "honest-shapes",
-            args.scenario_jobs,
-            args.tokens,
-            false,
-            &mut gen,
-            1,
+            Workload {
+                jobs: args.scenario_jobs,
+                tokens: args.tokens,
+                ignore_eos: false,
+            },
+            (&mut gen, 1),
             &mut auditor,
             &[1, 7, 32, usize::MAX],
         )?;
@@ -159,11 +172,12 @@ pub fn verify_bench(
         let n = args.scenario_jobs / 2;
         let figs = run_honest_like(
             "honest-gemma3",
-            n,
-            args.tokens,
-            false,
-            &mut gen,
-            1,
+            Workload {
+                jobs: n,
+                tokens: args.tokens,
+                ignore_eos: false,
+            },
+            (&mut gen, 1),
             &mut gaud,
             &[7, usize::MAX],
         )?;
@@ -179,11 +193,12 @@ pub fn verify_bench(
         let mut reference = load(&smol_path, "smollm2 (candle reference)", Backend::Candle)?;
         let figs = run_honest_like(
             "honest-reference",
-            args.reference_jobs,
-            args.tokens,
-            false,
-            &mut gen,
-            threads,
+            Workload {
+                jobs: args.reference_jobs,
+                tokens: args.tokens,
+                ignore_eos: false,
+            },
+            (&mut gen, threads),
             &mut reference,
             &[usize::MAX],
         )?;
@@ -216,11 +231,12 @@ pub fn verify_bench(
         )?;
         let figs = run_honest_like(
             format,
-            args.scenario_jobs,
-            args.tokens,
-            false,
-            &mut gen,
-            threads,
+            Workload {
+                jobs: args.scenario_jobs,
+                tokens: args.tokens,
+                ignore_eos: false,
+            },
+            (&mut gen, threads),
             &mut auditor,
             &[usize::MAX],
         )?;
@@ -261,11 +277,12 @@ pub fn verify_bench(
         let mut gen = load(&smol_path, "smollm2 (honest node)", Backend::Tessera)?;
         let figs = run_honest_like(
             "cost",
-            args.cost_jobs,
-            128,
-            true,
-            &mut gen,
-            threads,
+            Workload {
+                jobs: args.cost_jobs,
+                tokens: 128,
+                ignore_eos: true,
+            },
+            (&mut gen, threads),
             &mut auditor,
             &[usize::MAX],
         )?;
@@ -282,11 +299,12 @@ pub fn verify_bench(
         let mut gaud = load(&gpath, "gemma3 (auditor)", Backend::Tessera)?;
         let figs = run_honest_like(
             "cost-gemma3",
-            args.cost_jobs / 2,
-            128,
-            true,
-            &mut gen,
-            threads,
+            Workload {
+                jobs: args.cost_jobs / 2,
+                tokens: 128,
+                ignore_eos: true,
+            },
+            (&mut gen, threads),
             &mut gaud,
             &[usize::MAX],
         )?;

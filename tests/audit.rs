@@ -451,3 +451,55 @@ async fn in_a_devnet_the_cheaters_slash_is_applied_to_its_stake_on_l2() {
     }
     drop(net);
 }
+
+/// `tessera verify-bench` on the real model: honest jobs replay at distance 0 and are never
+/// flagged; a Q4_0 substitute is flagged on every job; an unknown scenario is a clear error.
+#[test]
+fn verify_bench_prints_rates_that_separate_honest_from_substituted_jobs() {
+    substitute();
+    let home = tessera_models::catalog::tessera_home();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("verify-bench")
+            .args(args)
+            .env("TESSERA_HOME", &home)
+            .output()
+            .expect("run tessera verify-bench")
+    };
+    let out = run(&[
+        "--only",
+        "honest,q4_0",
+        "--jobs",
+        "3",
+        "--scenario-jobs",
+        "3",
+        "--tokens",
+        "12",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (honest, sub) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (honest["scenario"].as_str(), sub["scenario"].as_str()),
+        (Some("honest"), Some("q4_0"))
+    );
+    assert_eq!(honest["jobs"], 3);
+    assert_eq!(honest["flagged_at_default"], 0.0, "{honest}");
+    assert_eq!(
+        honest["distance"][3], 0.0,
+        "honest replays are exact: {honest}"
+    );
+    assert_eq!(sub["flagged_at_default"], 1.0, "{sub}");
+    assert!(sub["distance"][0].as_f64().expect("min") > 0.1, "{sub}");
+    let out = run(&["--only", "nonsense"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
+}

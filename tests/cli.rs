@@ -233,6 +233,28 @@ fn node_refuses_bad_settings_with_the_setting_named() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("max_job"), "{}", stderr(&out));
+    // The impersonating adversary exists for tests only: without its switch it is refused.
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &TinySpec::default()).expect("write");
+    let m = model.to_str().expect("utf-8");
+    let out = tessera(
+        dir.path(),
+        &[
+            "node",
+            "--model",
+            m,
+            "--impersonate",
+            m,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("test-only") && stderr(&out).contains("TESSERA_TEST_IMPERSONATION"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
