@@ -36,6 +36,21 @@ fn books(dir: &Path) -> Value {
     serde_json::from_str(&stdout).expect("check prints JSON")
 }
 
+/// `tessera accounts show tessera-audits`: what the auditors were paid.
+fn audit_account(dir: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["accounts", "show", "tessera-audits", "--ledger"])
+        .arg(dir.join("coordinator").join("ledger.redb"))
+        .output()
+        .expect("run accounts show");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("show prints JSON")
+}
+
 fn amount(v: &Value) -> u128 {
     v.as_str()
         .and_then(|s| s.parse().ok())
@@ -366,10 +381,19 @@ async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact
     let (_, last_cost, _) = check_stream(&parse_reply(&raw));
     net.stop();
 
-    // The books: account debits = receipts = node credits, exactly.
+    // The books: account debits = receipts = node credits, exactly. Besides the caller's
+    // jobs, the ledger pays the auditors that replayed the nodes' first jobs.
     let b = books(dir.path());
     assert_eq!(b["problems"], json!([]));
-    assert_eq!(amount(&b["charged"]), amount(&after["charged"]) + last_cost);
+    let audits = audit_account(dir.path());
+    assert!(
+        amount(&audits["charged"]) > 0,
+        "auditors were paid: {audits}"
+    );
+    assert_eq!(
+        amount(&b["charged"]),
+        amount(&after["charged"]) + last_cost + amount(&audits["charged"])
+    );
     assert_eq!(amount(&b["receipts_charged"]), amount(&b["charged"]));
     assert_eq!(amount(&b["node_credits"]), amount(&b["charged"]));
     assert_eq!(b["open_reservations"], 0);

@@ -412,6 +412,23 @@ enum Outcome {
     Missed(AuditRecord),
 }
 
+/// An audit's reservation, released when dropped unless it was settled.
+struct Hold {
+    ledger: Arc<Ledger>,
+    job: Option<JobId>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            // One small local write; no await is possible in a drop.
+            if let Err(e) = self.ledger.release(job) {
+                tracing::error!(%job, error = %e, "releasing an audit's reservation failed");
+            }
+        }
+    }
+}
+
 /// One replay on one auditor.
 struct Replay {
     auditor: PeerId,
@@ -451,6 +468,12 @@ async fn replay_once(
         }
         None => return Err("ledger task failed".into()),
     }
+    // Released however this future ends unless settled: a coordinator that stops in the
+    // middle of a replay drops it, and must not leave the hold behind.
+    let mut hold = Hold {
+        ledger: deps.ledger.clone(),
+        job: Some(audit_job),
+    };
     if let Ok(mut t) = deps.table.write() {
         t.begin_job(&auditor);
     }
@@ -482,15 +505,15 @@ async fn replay_once(
     }
     let outcome = match result {
         Ok(o) => o,
-        Err(e) => {
-            let ledger = deps.ledger.clone();
-            let _ = blocking(move || ledger.release(audit_job)).await;
-            return Err(format!("the auditor {auditor} failed: {e}"));
-        }
+        Err(e) => return Err(format!("the auditor {auditor} failed: {e}")),
     };
     let (ledger, receipt) = (deps.ledger.clone(), outcome.result.receipt.clone());
-    if let Some(Err(e)) = blocking(move || ledger.settle(audit_job, &receipt, &payout)).await {
-        tracing::error!(%audit_job, error = %e, "settling the auditor's receipt failed");
+    match blocking(move || ledger.settle(audit_job, &receipt, &payout)).await {
+        Some(Ok(_)) => hold.job = None,
+        Some(Err(e)) => {
+            tracing::error!(%audit_job, error = %e, "settling the auditor's receipt failed")
+        }
+        None => tracing::error!(%audit_job, "ledger task failed settling an audit"),
     }
     let verdict = outcome
         .result
