@@ -290,9 +290,10 @@ async fn devnet_answers_curl_the_openai_sdk_and_32_concurrent_streams_with_exact
 
     // The official OpenAI Python SDK: chat, streamed chat with usage, completion, errors.
     let base = format!("http://{}/v1", net.addr);
-    let sdk = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/openai-sdk-check.sh"
+    let sdk = Command::new(format!(
+        "{}/scripts/openai-sdk-check.sh",
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
     ))
     .args([&base, &net.key, MODEL])
     .env("TESSERA_HOME", tessera_models::catalog::tessera_home())

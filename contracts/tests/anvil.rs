@@ -12,7 +12,13 @@ use tessera_contracts::{RpcChain, L1};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn anvil_binary() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/@foundry-rs");
+    // The manifest directory at run time: cargo sets it for tests, and a test binary reused
+    // from a shared target directory may have been built in another checkout.
+    let dir = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("node_modules/@foundry-rs");
     let found = std::fs::read_dir(&dir).ok().and_then(|entries| {
         entries
             .filter_map(Result::ok)

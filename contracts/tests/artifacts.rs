@@ -6,7 +6,12 @@ use std::path::Path;
 
 #[test]
 fn compiling_the_sources_again_reproduces_the_committed_artifacts() {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The manifest directory at run time: cargo sets it for tests, and a test binary reused
+    // from a shared target directory may have been built in another checkout.
+    let here = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    );
     let out = tempfile::tempdir().expect("dir");
     let status = std::process::Command::new("node")
         .arg(here.join("compile.mjs"))
