@@ -580,10 +580,12 @@ fn an_honest_transcript_replays_exactly_in_any_chunking() {
         let (_, done) = run(&mut m, &req);
         assert!(done.transcript.len() > 5);
         for chunk in [1, 3, 7, 512] {
-            let v = m
+            let replayed = m
                 .replay(&req.prompt, false, &req.sampling, &claim(&done), chunk)
-                .expect("replay")
-                .verdict;
+                .expect("replay");
+            // The auditor's own transcript is the node's, record for record.
+            assert_eq!(replayed.records, done.transcript);
+            let v = replayed.verdict;
             assert!(v.passed, "t={temperature} chunk={chunk}: {}", v.summary());
             assert_eq!(v.positions, done.transcript.len() as u32);
             assert_eq!(v.max_distance, 0.0, "t={temperature} chunk={chunk}");
