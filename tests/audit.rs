@@ -449,6 +449,39 @@ async fn in_a_devnet_the_cheaters_slash_is_applied_to_its_stake_on_l2() {
         assert!(Instant::now() < deadline, "slash never posted: {acct}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Killed and started again, the coordinator hands the open dispute's slash to the
+    // sequencer once more; already posted, it is recognised by its evidence and the stake
+    // is not slashed twice.
+    drop(net);
+    let net = Devnet::start_with_env(
+        dir.path(),
+        &[
+            "--nodes",
+            "3",
+            "--adversary",
+            sub.to_str().expect("utf-8 path"),
+            "--batch-interval",
+            "1",
+        ],
+        &[("TESSERA_TEST_IMPERSONATION", "1")],
+    );
+    let base = format!("http://{}", net.addr);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let acct = get(&client, &format!("{base}/v1/l2/accounts/{payout}")).await;
+    assert_eq!(posted_stake(&acct), Some(stake - slash), "{acct}");
+    assert_eq!(
+        acct["pending"]["stake"]
+            .as_str()
+            .and_then(|s| s.parse::<u128>().ok()),
+        Some(stake - slash),
+        "nothing more is waiting: {acct}"
+    );
+    let nodes = get(&client, &format!("{base}/v1/nodes")).await;
+    assert_eq!(
+        standing(&nodes, &cheat)["routed"],
+        false,
+        "still out after a restart"
+    );
     drop(net);
 }
 

@@ -313,6 +313,7 @@ pub fn spawn(
     };
     let secret: [u8; 32] = *blake3::hash(&crate::client::new_job_id().0).as_bytes();
     tasks.spawn(async move {
+        resubmit_slashes(&deps).await;
         loop {
             let case = tokio::select! {
                 c = rx.recv() => match c { Some(c) => c, None => break },
@@ -326,6 +327,35 @@ pub fn spawn(
         tracing::debug!("audit task stopped");
     });
     auditor
+}
+
+/// Hands the sequencer the slashes of every open dispute again at start: one queued before
+/// settlement was configured, or submitted but lost with a crash before its batch, goes
+/// out now; one already posted is recognised by its evidence and not applied twice.
+async fn resubmit_slashes(deps: &AuditDeps) {
+    let Some(seq) = &deps.sequencer else { return };
+    let ledger = deps.ledger.clone();
+    let Some(Ok(disputes)) = blocking(move || ledger.disputes()).await else {
+        tracing::error!("cannot read the disputes to resubmit their slashes");
+        return;
+    };
+    for d in disputes.into_iter().filter(|d| d.open) {
+        if !matches!(d.slash.status, SlashStatus::Queued | SlashStatus::Submitted) {
+            continue;
+        }
+        let status = match seq
+            .slash(d.slash.payout, d.slash.amount, d.slash.evidence)
+            .await
+        {
+            Ok(()) => SlashStatus::Submitted,
+            Err(e) => SlashStatus::NotApplied(e.to_string()),
+        };
+        tracing::info!(job = %d.audit.job, node = %d.audit.node, ?status, "slash of an open dispute handed to the sequencer");
+        let (ledger, job) = (deps.ledger.clone(), d.audit.job.clone());
+        if let Some(Err(e)) = blocking(move || ledger.set_slash_status(&job, status)).await {
+            tracing::error!(error = %e, "cannot record a slash's status");
+        }
+    }
 }
 
 /// Uniform in [0, 1) from the job id and the secret: unpredictable to the node.

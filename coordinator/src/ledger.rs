@@ -4,7 +4,7 @@
 //! causes commit together or not at all, and a job settles at most once, so a crash
 //! (tested by killing a process mid-stream of commits) loses neither and doubles neither.
 
-use crate::audit::{AuditRecord, Dispute, NodeRecord};
+use crate::audit::{AuditRecord, Dispute, NodeRecord, SlashStatus};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use tessera_protocol::job::MAX_EVENT_FRAME;
@@ -853,6 +853,29 @@ impl Ledger {
         };
         tx.commit().map_err(db)?;
         Ok(record)
+    }
+
+    /// Records where the slash of the dispute over `job` stands.
+    pub fn set_slash_status(&self, job: &str, status: SlashStatus) -> Result<(), LedgerError> {
+        let key = parse_job_hex(job)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = tx.open_table(DISPUTES).map_err(db)?;
+            let mut d: Dispute = match t.get(&key).map_err(db)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(|e| {
+                    LedgerError::BadReceipt(format!("stored dispute unreadable: {e}"))
+                })?,
+                None => {
+                    return Err(LedgerError::BadReceipt(format!(
+                        "no dispute over job {job}"
+                    )))
+                }
+            };
+            d.slash.status = status;
+            t.insert(&key, json(&d)?.as_slice()).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
     }
 
     /// Every node's standing.

@@ -209,7 +209,8 @@ impl SequencerHandle {
     }
 
     /// Queues a slash of `amount` from the stake of the account at `node` (a failed
-    /// audit's penalty) for the next batch; `evidence` is the dispute's hash.
+    /// audit's penalty) for the next batch; `evidence` is the dispute's hash, and a slash
+    /// with the same evidence already posted or waiting is not queued again.
     pub async fn slash(
         &self,
         node: Address,
@@ -558,6 +559,17 @@ impl Sequencer {
         amount: Amount,
         evidence: [u8; 32],
     ) -> Result<(), SequencerError> {
+        // Idempotent by evidence: a coordinator that restarts hands its open disputes'
+        // slashes over again, and one already posted or waiting must not apply twice.
+        let known = self
+            .posted
+            .iter()
+            .flat_map(|p| &p.txs)
+            .chain(&self.waiting)
+            .any(|t| matches!(t, Tx::Slash { evidence: e, .. } if *e == evidence));
+        if known {
+            return Ok(());
+        }
         let Some(slot) = self.pending.slot_of(&node.0) else {
             return Err(SequencerError::Rejected("the node has no L2 account"));
         };
