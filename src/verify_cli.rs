@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_models::engine::REPLAY_CHUNK;
 use tessera_models::verify_bench::{
     self as vb, audit, claim_of, figure, generate, with_threads, JobFigure, ScenarioReport,
 };
@@ -123,7 +124,7 @@ pub fn verify_bench(
         Ok(())
     };
     let cpu = cpu_name();
-    eprintln!("verify-bench on {cpu}, {threads} threads; auditor: SmolLM2 Q4_1 on our engine, whole transcript per pass");
+    eprintln!("verify-bench on {cpu}, {threads} threads; auditor: SmolLM2 Q4_1 on our engine, {REPLAY_CHUNK} positions per pass");
 
     if wanted("honest") {
         let mut gen = load(&smol_path, "smollm2 (honest node)", Backend::Tessera)?;
@@ -136,7 +137,7 @@ pub fn verify_bench(
             },
             (&mut gen, threads),
             &mut auditor,
-            &[usize::MAX],
+            &[REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             "honest",
@@ -156,11 +157,11 @@ pub fn verify_bench(
             },
             (&mut gen, 1),
             &mut auditor,
-            &[1, 7, 32, usize::MAX],
+            &[1, 7, 32, REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             "honest-shapes",
-            format!("SmolLM2 Q4_1: node at 1 thread decoding a token per pass; auditor at {threads} threads replaying in passes of 1, 7, 32 and all positions"),
+            format!("SmolLM2 Q4_1: node at 1 thread decoding a token per pass; auditor at {threads} threads replaying in passes of 1, 7, 32 and {REPLAY_CHUNK} positions"),
             true,
             &figs,
         ))?;
@@ -179,11 +180,11 @@ pub fn verify_bench(
             },
             (&mut gen, 1),
             &mut gaud,
-            &[7, usize::MAX],
+            &[7, REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             "honest-gemma3",
-            format!("gemma3-270m Q4_K_M (Gemma turn fallback): node at 1 thread, auditor at {threads} threads in passes of 7 and all positions"),
+            format!("gemma3-270m Q4_K_M (Gemma turn fallback): node at 1 thread, auditor at {threads} threads in passes of 7 and {REPLAY_CHUNK} positions"),
             true,
             &figs,
         ))?;
@@ -200,7 +201,7 @@ pub fn verify_bench(
             },
             (&mut gen, threads),
             &mut reference,
-            &[usize::MAX],
+            &[REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             "honest-reference",
@@ -238,7 +239,7 @@ pub fn verify_bench(
             },
             (&mut gen, threads),
             &mut auditor,
-            &[usize::MAX],
+            &[REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             format,
@@ -262,7 +263,7 @@ pub fn verify_bench(
             let done = other.generate(&req, |_| std::ops::ControlFlow::Continue(()))?;
             let gen_ms = t.elapsed().as_secs_f64() * 1e3;
             let claim = vb::foreign_claim(&auditor, job, &done.text, args.tokens);
-            let (v, replay_ms) = audit(&mut auditor, job, &claim, usize::MAX)?;
+            let (v, replay_ms) = audit(&mut auditor, job, &claim, REPLAY_CHUNK)?;
             progress("other-model", job, jobs, &v);
             figs.push(figure(&v, gen_ms, replay_ms));
         }
@@ -284,7 +285,7 @@ pub fn verify_bench(
             },
             (&mut gen, threads),
             &mut auditor,
-            &[usize::MAX],
+            &[REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             "cost",
@@ -306,7 +307,7 @@ pub fn verify_bench(
             },
             (&mut gen, threads),
             &mut gaud,
-            &[usize::MAX],
+            &[REPLAY_CHUNK],
         )?;
         emit(ScenarioReport::new(
             "cost-gemma3",

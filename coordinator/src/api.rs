@@ -846,7 +846,6 @@ async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
 /// A node's audit standing as the API shows it.
 fn standing_json(r: &crate::audit::NodeRecord) -> Value {
     json!({
-        "jobs": r.jobs,
         "audits": {"passed": r.passed, "failed": r.failed, "missed": r.missed},
         "reputation": (r.reputation() * 1000.0).round() / 1000.0,
         "open_disputes": r.open_disputes,

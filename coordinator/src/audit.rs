@@ -98,8 +98,6 @@ impl AuditConfig {
 /// A node's standing with this coordinator: its audit history and reputation.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
-    /// Jobs settled on it.
-    pub jobs: u64,
     /// Audits that passed.
     pub passed: u64,
     /// Audits that failed.
@@ -247,6 +245,8 @@ pub struct AuditCase {
     pub input: JobInput,
     /// The sampler settings and seed.
     pub sampling: SamplingParams,
+    /// Prompt tokens its receipt counts (the auditor must count the same).
+    pub prompt_tokens: u32,
     /// The transcript it streamed (checked against its commitment).
     pub records: Vec<TokenRecord>,
     /// Its commitment.
@@ -258,15 +258,32 @@ pub struct AuditCase {
 pub struct Auditor {
     tx: mpsc::Sender<AuditCase>,
     metrics: Arc<Metrics>,
+    table: Arc<RwLock<NodeTable>>,
+    config: Arc<AuditConfig>,
+    secret: [u8; 32],
 }
 
 impl Auditor {
-    /// Hands a settled job to the audit task without waiting; when its queue is full the
-    /// job is not audited (counted as `dropped`).
+    /// Decides at once, from the node's standing, whether to audit a settled job, and
+    /// hands the chosen ones to the audit task without waiting (so the queue holds only
+    /// audits); when it is full the audit is dropped (counted as `dropped`). Jobs longer
+    /// than a replay claim can carry are counted as `too_long`.
     pub fn offer(&self, case: AuditCase) {
-        if case.records.is_empty()
-            || case.records.len() > tessera_protocol::audit::MAX_REPLAY_RECORDS
-        {
+        if case.records.is_empty() {
+            return;
+        }
+        let share = self
+            .table
+            .read()
+            .ok()
+            .map(|t| t.standing(&case.node).cloned().unwrap_or_default())
+            .unwrap_or_default()
+            .audit_share(&self.config);
+        if draw(&self.secret, &case.job) >= share {
+            return;
+        }
+        if case.records.len() > tessera_protocol::audit::MAX_REPLAY_RECORDS {
+            self.metrics.audit("too_long");
             return;
         }
         if self.tx.try_send(case).is_err() {
@@ -307,11 +324,14 @@ pub fn spawn(
         }
     }
     let (tx, mut rx) = mpsc::channel::<AuditCase>(config.queue);
+    let secret: [u8; 32] = *blake3::hash(&crate::client::new_job_id().0).as_bytes();
     let auditor = Auditor {
         tx,
         metrics: deps.metrics.clone(),
+        table: deps.table.clone(),
+        config: Arc::new(config.clone()),
+        secret,
     };
-    let secret: [u8; 32] = *blake3::hash(&crate::client::new_job_id().0).as_bytes();
     tasks.spawn(async move {
         resubmit_slashes(&deps).await;
         loop {
@@ -371,17 +391,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 async fn run_case(config: &AuditConfig, deps: &AuditDeps, secret: &[u8; 32], case: AuditCase) {
-    let ledger = deps.ledger.clone();
-    let node = case.node.to_string();
-    let Some(Ok(record)) = blocking(move || ledger.count_job(&node)).await else {
-        tracing::warn!(job = %case.job, "cannot read the node's record; not auditing");
-        return;
-    };
-    publish(deps, &case.node, &record);
-    if draw(secret, &case.job) >= record.audit_share(config) {
+    // A node taken out of routing since this job was queued has its dispute already.
+    let excluded = deps
+        .table
+        .read()
+        .map(|t| t.standing(&case.node).is_some_and(NodeRecord::excluded))
+        .unwrap_or(false);
+    if excluded {
         return;
     }
-    let outcome = audit(config, deps, &case).await;
+    let outcome = audit(config, deps, secret, &case).await;
     let ledger = deps.ledger.clone();
     let node = case.node.to_string();
     let saved = match outcome {
@@ -399,14 +418,6 @@ async fn run_case(config: &AuditConfig, deps: &AuditDeps, secret: &[u8; 32], cas
             deps.metrics.audit("failed");
             tracing::warn!(job = %case.job, node = %case.node, "AUDIT FAILED: {}", audit.detail);
             let evidence = Dispute::evidence(&audit, &case.records, &replayed);
-            let status = match &deps.sequencer {
-                None => SlashStatus::Queued,
-                Some(seq) => match seq.slash(case.payout, config.slash, evidence).await {
-                    Ok(()) => SlashStatus::Submitted,
-                    Err(e) => SlashStatus::NotApplied(e.to_string()),
-                },
-            };
-            tracing::warn!(node = %case.node, amount = %config.slash, ?status, "slash queued");
             let dispute = Dispute {
                 audit: audit.clone(),
                 claimed: case.records.clone(),
@@ -416,11 +427,27 @@ async fn run_case(config: &AuditConfig, deps: &AuditDeps, secret: &[u8; 32], cas
                     payout: case.payout,
                     amount: config.slash,
                     evidence,
-                    status,
+                    status: SlashStatus::Queued,
                 },
                 open: true,
             };
-            blocking(move || ledger.record_audit(&node, &audit, Some(&dispute))).await
+            // The dispute is on record before its slash leaves: a crash in between leaves
+            // a queued slash that the next start hands over, never a slash without a
+            // dispute.
+            let saved = blocking(move || ledger.record_audit(&node, &audit, Some(&dispute))).await;
+            if let (Some(Ok(_)), Some(seq)) = (&saved, &deps.sequencer) {
+                let status = match seq.slash(case.payout, config.slash, evidence).await {
+                    Ok(()) => SlashStatus::Submitted,
+                    Err(e) => SlashStatus::NotApplied(e.to_string()),
+                };
+                tracing::warn!(node = %case.node, amount = %config.slash, ?status, "slash queued");
+                let (ledger, job) = (deps.ledger.clone(), case.job.to_hex());
+                if let Some(Err(e)) = blocking(move || ledger.set_slash_status(&job, status)).await
+                {
+                    tracing::error!(error = %e, "cannot record a slash's status");
+                }
+            }
+            saved
         }
     };
     match saved {
@@ -472,17 +499,20 @@ struct Replay {
 async fn replay_once(
     config: &AuditConfig,
     deps: &AuditDeps,
+    secret: &[u8; 32],
     case: &AuditCase,
-    exclude: &[PeerId],
+    exclude: &[(PeerId, Address)],
 ) -> Result<Replay, String> {
-    let (auditor, module, price, payout) = pick_auditor(deps, case, exclude).ok_or_else(|| {
-        format!(
-            "no other node serves weights {} to replay on",
-            case.module.weights
-        )
-    })?;
-    // The prompt's length is the auditor's to count; bound it by the request frame.
-    let tokens = case.records.len() as u32 + (tessera_protocol::job::MAX_REQUEST_FRAME as u32);
+    let (auditor, module, price, payout) =
+        pick_auditor(deps, secret, case, exclude).ok_or_else(|| {
+            format!(
+                "no other node serves weights {} to replay on",
+                case.module.weights
+            )
+        })?;
+    // The replay reads the prompt (as the audited receipt counts it) and every claimed
+    // token: the most the auditor is paid (settling caps a charge at its reservation).
+    let tokens = case.prompt_tokens.saturating_add(case.records.len() as u32);
     let bound = price
         .cost(tokens, 0)
         .ok_or("the auditor's price overflows")?;
@@ -504,9 +534,7 @@ async fn replay_once(
         ledger: deps.ledger.clone(),
         job: Some(audit_job),
     };
-    if let Ok(mut t) = deps.table.write() {
-        t.begin_job(&auditor);
-    }
+    let _busy = InFlight::begin(&deps.table, auditor);
     let spec = JobSpec {
         module,
         payer: config.account.clone(),
@@ -529,14 +557,21 @@ async fn replay_once(
             .collect()
             .await
     };
-    let result = run.await;
-    if let Ok(mut t) = deps.table.write() {
-        t.end_job(&auditor);
-    }
-    let outcome = match result {
+    let outcome = match run.await {
         Ok(o) => o,
         Err(e) => return Err(format!("the auditor {auditor} failed: {e}")),
     };
+    // An auditor's word is checked before it is paid: the verdict must be about this
+    // claim, and a pass must agree with the auditor's own replayed records.
+    let verdict = outcome
+        .result
+        .receipt
+        .body
+        .verdict
+        .clone()
+        .ok_or("the auditor's receipt carries no verdict")?;
+    check_verdict(config, case, &outcome, &verdict)
+        .map_err(|why| format!("the auditor {auditor}'s verdict is inconsistent: {why}"))?;
     let (ledger, receipt) = (deps.ledger.clone(), outcome.result.receipt.clone());
     match blocking(move || ledger.settle(audit_job, &receipt, &payout)).await {
         Some(Ok(_)) => hold.job = None,
@@ -545,13 +580,6 @@ async fn replay_once(
         }
         None => tracing::error!(%audit_job, "ledger task failed settling an audit"),
     }
-    let verdict = outcome
-        .result
-        .receipt
-        .body
-        .verdict
-        .clone()
-        .ok_or("the auditor's receipt carries no verdict")?;
     Ok(Replay {
         auditor,
         audit_job,
@@ -560,12 +588,86 @@ async fn replay_once(
     })
 }
 
+/// Whether an auditor's answer is about this claim and agrees with itself: the positions,
+/// tolerance and commitment of the claim, and, for a pass,
+/// a replayed transcript of the claimed tokens whose fingerprints are within tolerance of
+/// the claimed ones (checked here, without a model).
+fn check_verdict(
+    config: &AuditConfig,
+    case: &AuditCase,
+    outcome: &crate::client::JobOutcome,
+    verdict: &Verdict,
+) -> Result<(), String> {
+    if verdict.positions as usize != case.records.len() {
+        return Err(format!(
+            "it judged {} positions of {}",
+            verdict.positions,
+            case.records.len()
+        ));
+    }
+    if (verdict.tolerance - config.tolerance).abs() > f32::EPSILON {
+        return Err(format!("it judged at tolerance {}", verdict.tolerance));
+    }
+    if verdict.commitment != case.commitment && verdict.passed {
+        return Err("it passed records that do not hash to the receipt's commitment".into());
+    }
+    if verdict.passed {
+        let replayed = &outcome.transcript;
+        if replayed.len() != case.records.len() {
+            return Err("a pass without the replayed records".into());
+        }
+        for (i, (c, r)) in case.records.iter().zip(replayed).enumerate() {
+            if (c.position, c.token) != (r.position, r.token) {
+                return Err(format!("replayed record {i} is not the claimed position"));
+            }
+            let gap = c.fingerprint.gap(&r.fingerprint);
+            if gap > config.tolerance {
+                return Err(format!(
+                    "it passed record {i} although its own replay is {gap:.3} logits from the claim"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A job counted against a node's in-flight figure until dropped.
+struct InFlight {
+    table: Arc<RwLock<NodeTable>>,
+    node: PeerId,
+}
+
+impl InFlight {
+    fn begin(table: &Arc<RwLock<NodeTable>>, node: PeerId) -> Self {
+        if let Ok(mut t) = table.write() {
+            t.begin_job(&node);
+        }
+        Self {
+            table: table.clone(),
+            node,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.write() {
+            t.end_job(&self.node);
+        }
+    }
+}
+
 /// Runs the audit: one replay, and when it fails a second one on another auditor to
 /// confirm. A dispute needs two auditors to agree: one lying or broken auditor can neither
 /// get an honest node slashed nor clear a cheat alone. A failure nobody could confirm
 /// (no third node serves the weights) or that another auditor contradicts counts as a
 /// missed audit, which raises the node's audit share until the truth shows.
-async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outcome {
+async fn audit(
+    config: &AuditConfig,
+    deps: &AuditDeps,
+    secret: &[u8; 32],
+    case: &AuditCase,
+) -> Outcome {
     let mut rec = AuditRecord {
         job: case.job.to_hex(),
         node: case.node.to_string(),
@@ -577,7 +679,8 @@ async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outc
         verdict: None,
         at_ms: tessera_protocol::now_ms(),
     };
-    let first = match replay_once(config, deps, case, &[case.node]).await {
+    let me = (case.node, case.payout);
+    let first = match replay_once(config, deps, secret, case, &[me]).await {
         Ok(r) => r,
         Err(why) => {
             rec.detail = why;
@@ -592,7 +695,16 @@ async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outc
         rec.result = "passed".into();
         return Outcome::Passed(rec);
     }
-    match replay_once(config, deps, case, &[case.node, first.auditor]).await {
+    let first_payout = payout_of(deps, &first.auditor);
+    match replay_once(
+        config,
+        deps,
+        secret,
+        case,
+        &[me, (first.auditor, first_payout)],
+    )
+    .await
+    {
         Ok(second) if !second.verdict.passed => {
             rec.result = "failed".into();
             rec.detail = format!(
@@ -623,36 +735,56 @@ async fn audit(config: &AuditConfig, deps: &AuditDeps, case: &AuditCase) -> Outc
     }
 }
 
-/// Another node serving the same weights, not itself under dispute, least loaded first.
+/// The payout address `node` advertises (zero if it left).
+fn payout_of(deps: &AuditDeps, node: &PeerId) -> Address {
+    deps.table
+        .read()
+        .ok()
+        .and_then(|t| t.get(node).map(|e| e.advert.payout))
+        .unwrap_or_default()
+}
+
+/// Another node serving the same weights, chosen at random (keyed by the job and the
+/// coordinator's secret, so no node can arrange to be picked), never one in `exclude` by
+/// peer id or payout address (a second identity of the audited node), never one under
+/// dispute.
 fn pick_auditor(
     deps: &AuditDeps,
+    secret: &[u8; 32],
     case: &AuditCase,
-    exclude: &[PeerId],
+    exclude: &[(PeerId, Address)],
 ) -> Option<(PeerId, ModuleId, tessera_protocol::Price, Address)> {
     let table = deps.table.read().ok()?;
-    let mut best: Option<(u32, PeerId, ModuleId, tessera_protocol::Price, Address)> = None;
-    for e in table.nodes() {
-        let peer = e.advert.node;
-        if exclude.contains(&peer) || table.standing(&peer).is_some_and(NodeRecord::excluded) {
-            continue;
-        }
-        let Some(offer) = e.advert.modules.iter().find(|o| {
-            o.module.weights == case.module.weights && o.module.family == case.module.family
-        }) else {
-            continue;
-        };
-        let load = (e.advert.load.running + e.advert.load.waiting).max(e.inflight);
-        if best.as_ref().is_none_or(|b| load < b.0) {
-            best = Some((
-                load,
-                peer,
-                offer.module.clone(),
-                offer.price,
-                e.advert.payout,
-            ));
-        }
+    let mut eligible: Vec<(PeerId, ModuleId, tessera_protocol::Price, Address)> = table
+        .nodes()
+        .filter(|e| {
+            let peer = e.advert.node;
+            !exclude
+                .iter()
+                .any(|(p, a)| *p == peer || (*a == e.advert.payout && *a != Address::default()))
+                && !table.standing(&peer).is_some_and(NodeRecord::excluded)
+        })
+        .filter_map(|e| {
+            e.advert
+                .modules
+                .iter()
+                .find(|o| {
+                    o.module.weights == case.module.weights && o.module.family == case.module.family
+                })
+                .map(|o| (e.advert.node, o.module.clone(), o.price, e.advert.payout))
+        })
+        .collect();
+    if eligible.is_empty() {
+        return None;
     }
-    best.map(|(_, p, m, price, payout)| (p, m, price, payout))
+    eligible.sort_by_key(|c| c.0);
+    let mut key = case.job.0.to_vec();
+    key.push(exclude.len() as u8);
+    let h = blake3::keyed_hash(secret, &key);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    let pick = (u64::from_le_bytes(b) % eligible.len() as u64) as usize;
+    Some(eligible.swap_remove(pick))
 }
 
 #[cfg(test)]

@@ -668,6 +668,7 @@ impl Job {
                 module: started.module.clone(),
                 input: self.req.input.clone(),
                 sampling: result.receipt.body.sampling.clone(),
+                prompt_tokens: result.usage.prompt_tokens,
                 records: transcript.to_vec(),
                 commitment: result.commitment,
             });

@@ -803,20 +803,6 @@ impl Ledger {
         })
     }
 
-    /// Counts a settled job of `node`; returns its standing.
-    pub fn count_job(&self, node: &str) -> Result<NodeRecord, LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
-        let record = {
-            let mut t = tx.open_table(STANDINGS).map_err(db)?;
-            let mut r = Self::standing_in(&t, node)?;
-            r.jobs += 1;
-            t.insert(node, json(&r)?.as_slice()).map_err(db)?;
-            r
-        };
-        tx.commit().map_err(db)?;
-        Ok(record)
-    }
-
     /// Stores an audit (and the dispute a failed one opens) and updates the node's
     /// standing, in one transaction. Returns the new standing.
     pub fn record_audit(

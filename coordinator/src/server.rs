@@ -242,6 +242,13 @@ impl Coordinator {
             addr: config.http,
             cause,
         })?;
+        if config.audit.enabled {
+            // Before anything starts that an early return would leave running.
+            match ledger.create_account(&config.audit.account) {
+                Ok(()) | Err(LedgerError::AccountExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let net = CoordinatorNet::start(key, &config.net).await?;
         let ledger = Arc::new(ledger);
         let deployment = settlement.as_ref().map(|(l1, _)| l1.deployment.clone());
@@ -267,10 +274,6 @@ impl Coordinator {
         let audits = TaskTracker::new();
         let audit_stop = CancellationToken::new();
         let auditor = if config.audit.enabled {
-            match ledger.create_account(&config.audit.account) {
-                Ok(()) | Err(LedgerError::AccountExists(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
             Some(crate::audit::spawn(
                 config.audit.clone(),
                 crate::audit::AuditDeps {

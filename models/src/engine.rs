@@ -712,8 +712,10 @@ pub struct ReplayRequest {
     pub claim: ReplayClaim,
 }
 
-/// Positions per pass of an engine's replay: the whole transcript of any job we audit.
-pub const REPLAY_CHUNK: usize = 4096;
+/// Positions per pass of an engine's replay: large enough that the matrix products run
+/// on full activation tiles, small enough that one pass's logits stay small (128 rows of
+/// gemma3's 262,144-token vocabulary are 134 MB). Any chunking replays exactly.
+pub const REPLAY_CHUNK: usize = 128;
 
 /// What handles can know about the engine's model without asking its thread.
 #[derive(Debug, Clone)]

@@ -124,24 +124,26 @@ pub fn choice_margin(logits: &[f32], claimed: u32, u: Option<f64>, params: &Samp
     if params.top_p < 1.0 {
         top.sort_unstable_by(by_logit_desc);
     }
-    let set: Vec<(f64, f64)> = top
-        .iter()
-        .map(|&(l, id)| {
-            let l = f64::from(l);
-            (l, if id == claimed { f64::NAN } else { l })
-        })
-        .collect();
-    let weight = |l: f64| ((l - f64::from(lmax)) / t).exp();
+    let lmaxf = f64::from(lmax);
+    let weight = |l: f64| ((l - lmaxf) / t).exp();
     let lc = f64::from(lc);
+    // Every weight once: the bisection below only sums them.
+    let ws: Vec<f64> = top.iter().map(|&(l, _)| weight(f64::from(l))).collect();
     let wc = weight(lc);
-    let z: f64 = set.iter().map(|&(l, _)| weight(l)).sum();
+    let z: f64 = ws.iter().sum();
+    let mut others: Vec<(f64, f64)> = top
+        .iter()
+        .zip(&ws)
+        .filter(|(c, _)| c.1 != claimed)
+        .map(|(&(l, _), &w)| (f64::from(l), w))
+        .collect();
     // The replay's top-p mass (what the sampler scales u by).
     let p = f64::from(params.top_p);
     let mass = if p < 1.0 {
         let mut cum = 0.0;
         let mut m = 1.0;
-        for &(l, _) in &set {
-            cum += weight(l) / z;
+        for w in &ws {
+            cum += w / z;
             if cum >= p {
                 m = cum;
                 break;
@@ -151,26 +153,14 @@ pub fn choice_margin(logits: &[f32], claimed: u32, u: Option<f64>, params: &Samp
     } else {
         1.0
     };
-    let accept = |delta: f64| -> bool {
-        let strict = |l: f64| l > lc + 2.0 * delta;
-        if k > 0 && cands.iter().filter(|c| strict(f64::from(c.0))).count() >= k {
+    // Whether some logit vector within δ of these picks the claimed token, given the
+    // weight ahead of it for certain (`strict`), possibly (`maybe`), and how many
+    // candidates are certainly ranked above it (top-k).
+    let accept = |delta: f64, ahead_strict: f64, ahead_maybe: f64, strict_count: usize| -> bool {
+        if k > 0 && strict_count >= k {
             return false;
         }
         let g = (delta / t).exp();
-        let mut ahead_strict = 0.0;
-        let mut ahead_maybe = 0.0;
-        for &(l, other) in &set {
-            if other.is_nan() {
-                continue;
-            }
-            let w = weight(l);
-            if strict(l) {
-                ahead_strict += w;
-            }
-            if l >= lc - 2.0 * delta {
-                ahead_maybe += w;
-            }
-        }
         let lo = (ahead_strict / g) / (ahead_strict / g + (z - ahead_strict) * g);
         let hi = (ahead_maybe + wc) * g / ((ahead_maybe + wc) * g + (z - ahead_maybe - wc) / g);
         if p < 1.0 && lo >= p {
@@ -183,17 +173,44 @@ pub fn choice_margin(logits: &[f32], claimed: u32, u: Option<f64>, params: &Samp
         };
         u * m_hi >= lo && u * m_lo < hi
     };
-    if accept(0.0) {
+    // δ = 0 in one pass: the answer for every honest position.
+    let strict0: f64 = others.iter().filter(|o| o.0 > lc).map(|o| o.1).sum();
+    let maybe0: f64 = others.iter().filter(|o| o.0 >= lc).map(|o| o.1).sum();
+    let count0 = if k > 0 {
+        cands.iter().filter(|c| f64::from(c.0) > lc).count()
+    } else {
+        0
+    };
+    if accept(0.0, strict0, maybe0, count0) {
         return 0.0;
     }
+    // A deviation: sort once, then each trial δ is two binary searches over prefix sums.
+    others.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    let mut prefix = Vec::with_capacity(others.len() + 1);
+    prefix.push(0.0);
+    for o in &others {
+        prefix.push(prefix[prefix.len() - 1] + o.1);
+    }
+    let mut ranked: Vec<f64> = if k > 0 {
+        cands.iter().map(|c| f64::from(c.0)).collect()
+    } else {
+        Vec::new()
+    };
+    ranked.sort_unstable_by(|a, b| b.total_cmp(a));
+    let trial = |delta: f64| {
+        let strict = others.partition_point(|o| o.0 > lc + 2.0 * delta);
+        let maybe = others.partition_point(|o| o.0 >= lc - 2.0 * delta);
+        let count = ranked.partition_point(|&l| l > lc + 2.0 * delta);
+        accept(delta, prefix[strict], prefix[maybe], count)
+    };
     let max = f64::from(MAX_DISTANCE);
-    if !accept(max) {
+    if !trial(max) {
         return MAX_DISTANCE;
     }
     let (mut lo, mut hi) = (0.0, max);
     for _ in 0..30 {
         let mid = (lo + hi) / 2.0;
-        if accept(mid) {
+        if trial(mid) {
             hi = mid;
         } else {
             lo = mid;

@@ -238,7 +238,8 @@ pub fn generate(
     Ok((done, t.elapsed().as_secs_f64() * 1e3))
 }
 
-/// Replays `claim` of job `job` on `auditor` in passes of `chunk` positions.
+/// Replays `claim` of job `job` on `auditor` in passes of `chunk` positions (a node uses
+/// [`crate::engine::REPLAY_CHUNK`]).
 pub fn audit(
     auditor: &mut Model,
     job: usize,

@@ -61,6 +61,41 @@ impl Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// How far apart two fingerprints of the same position must be, in logits, whatever
+    /// the full logits were: a shared id's two values, or an id one lists above the other's
+    /// lowest listed value (the other says every unlisted id is at most that). Both sides'
+    /// rounding is allowed for. Lets a coordinator check an auditor's pass against the
+    /// auditor's own replayed records without a model.
+    pub fn gap(&self, other: &Fingerprint) -> f32 {
+        let listed = |f: &Fingerprint| {
+            f.ids
+                .iter()
+                .zip(&f.logits)
+                .filter(|(&id, _)| id != u32::MAX)
+                .map(|(&id, &l)| (id, l as f32 * LOGIT_GRID))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (listed(self), listed(other));
+        let floor = |v: &[(u32, f32)]| v.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+        let (fa, fb) = (floor(&a), floor(&b));
+        let one_way = |x: &[(u32, f32)], y: &[(u32, f32)], y_floor: f32| {
+            x.iter()
+                .map(|&(id, v)| match y.iter().find(|p| p.0 == id) {
+                    Some(&(_, w)) => (v - w).abs(),
+                    None => v - y_floor,
+                })
+                .fold(0f32, f32::max)
+        };
+        let d = one_way(&a, &b, fb).max(one_way(&b, &a, fa)) - LOGIT_GRID;
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            d.max(0.0)
+        }
+    }
+}
+
 /// Rounds a logit onto the commitment grid, saturating at the i32 range.
 pub fn quantize_logit(l: f32) -> i32 {
     if l.is_nan() {
@@ -280,6 +315,24 @@ mod tests {
         assert_eq!(fp.ids, [8, 1, 3, 5, 6, 7, 2, 9]);
         assert_eq!(fp.logits[0], 480);
         assert_eq!(fp.logits[1], 320);
+    }
+
+    #[test]
+    fn the_gap_between_fingerprints_bounds_their_logit_distance() {
+        let logits: Vec<f32> = (0..40).map(|i| ((i * 7) % 13) as f32 * 0.5).collect();
+        let fp = Fingerprint::from_logits(&logits);
+        assert_eq!(fp.gap(&fp), 0.0);
+        let mut moved = logits.clone();
+        moved[fp.ids[0] as usize] += 1.0;
+        let g = fp.gap(&Fingerprint::from_logits(&moved));
+        assert!((0.9..=1.0).contains(&g), "{g}");
+        // An id listed on one side only, far above the other side's lowest value.
+        let mut other = logits.clone();
+        let outsider = (0..40u32)
+            .find(|i| !fp.ids.contains(i))
+            .expect("unlisted id");
+        other[outsider as usize] = 30.0;
+        assert!(fp.gap(&Fingerprint::from_logits(&other)) > 20.0);
     }
 
     #[test]
