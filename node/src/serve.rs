@@ -665,29 +665,9 @@ async fn run_job(
                         prompt_tokens: done.prompt_tokens,
                         completion_tokens: done.completion_tokens,
                     };
-                    let Some(cost) = served.price.cost(usage.prompt_tokens, usage.completion_tokens) else {
-                        return fail(&mut writer, reject(ErrorCode::Internal, "cost overflows")).await;
-                    };
-                    let receipt = Receipt {
-                        job_id: request.job_id,
-                        node: shared.peer_id,
-                        coordinator: job.coordinator,
-                        payer: request.payer.clone(),
-                        module: served.module.clone(),
-                        input_hash: request.input.hash(),
-                        sampling: request.sampling.clone(),
-                        usage,
-                        finish_reason: done.finish_reason,
-                        price: served.price,
-                        cost,
-                        commitment: done.commitment,
-                        started_ms,
-                        finished_ms: tessera_protocol::now_ms(),
-                        verdict: None,
-                    };
-                    let receipt = match Signed::sign(receipt, &shared.key) {
+                    let receipt = match sign_receipt(shared, &job, usage, done.finish_reason, done.commitment, started_ms, None) {
                         Ok(r) => r,
-                        Err(e) => return fail(&mut writer, reject(ErrorCode::Internal, e.to_string())).await,
+                        Err(e) => return fail(&mut writer, e).await,
                     };
                     let decode_ms = done.timings.decode.as_millis().min(u128::from(u32::MAX)) as u32;
                     let ttft_ms = ttft.as_millis().min(u128::from(u32::MAX)) as u32;
@@ -736,6 +716,42 @@ async fn run_job(
             }
         }
     }
+}
+
+/// The node-signed receipt of a finished job or audit: its price applied to `usage`.
+fn sign_receipt(
+    shared: &Shared,
+    job: &Admitted,
+    usage: Usage,
+    finish_reason: tessera_protocol::FinishReason,
+    commitment: TranscriptCommitment,
+    started_ms: u64,
+    verdict: Option<tessera_protocol::Verdict>,
+) -> Result<Signed<Receipt>, JobError> {
+    let served = &shared.served[job.module];
+    let request = &job.request;
+    let cost = served
+        .price
+        .cost(usage.prompt_tokens, usage.completion_tokens)
+        .ok_or_else(|| reject(ErrorCode::Internal, "cost overflows"))?;
+    let receipt = Receipt {
+        job_id: request.job_id,
+        node: shared.peer_id,
+        coordinator: job.coordinator,
+        payer: request.payer.clone(),
+        module: served.module.clone(),
+        input_hash: request.input.hash(),
+        sampling: request.sampling.clone(),
+        usage,
+        finish_reason,
+        price: served.price,
+        cost,
+        commitment,
+        started_ms,
+        finished_ms: tessera_protocol::now_ms(),
+        verdict,
+    };
+    Signed::sign(receipt, &shared.key).map_err(|e| reject(ErrorCode::Internal, e.to_string()))
 }
 
 /// Sends a transcript in frames of at most [`MAX_TRANSCRIPT_CHUNK`] records.
@@ -797,32 +813,20 @@ async fn run_replay(
             .saturating_add(replayed.verdict.positions),
         completion_tokens: 0,
     };
-    let Some(cost) = served.price.cost(usage.prompt_tokens, 0) else {
-        return fail(&mut writer, reject(ErrorCode::Internal, "cost overflows")).await;
-    };
     let commitment = TranscriptCommitment::from_records(&replayed.records);
     let replay_ms = replayed.verdict.replay_ms;
     tracing::info!(job_id = %request.job_id, verdict = %replayed.verdict.summary(), "audit done");
-    let receipt = Receipt {
-        job_id: request.job_id,
-        node: shared.peer_id,
-        coordinator: job.coordinator,
-        payer: request.payer.clone(),
-        module: served.module.clone(),
-        input_hash: request.input.hash(),
-        sampling: request.sampling.clone(),
+    let receipt = match sign_receipt(
+        shared,
+        job,
         usage,
-        finish_reason: tessera_protocol::FinishReason::Stop,
-        price: served.price,
-        cost,
+        tessera_protocol::FinishReason::Stop,
         commitment,
         started_ms,
-        finished_ms: tessera_protocol::now_ms(),
-        verdict: Some(replayed.verdict),
-    };
-    let receipt = match Signed::sign(receipt, &shared.key) {
+        Some(replayed.verdict),
+    ) {
         Ok(r) => r,
-        Err(e) => return fail(&mut writer, reject(ErrorCode::Internal, e.to_string())).await,
+        Err(e) => return fail(&mut writer, e).await,
     };
     let result = JobResult {
         usage,
