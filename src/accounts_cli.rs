@@ -91,6 +91,47 @@ pub fn accounts(home: &Path, ledger: &LedgerArg, cmd: AccountsCommand) -> Result
     }
 }
 
+#[derive(Subcommand, Debug)]
+pub enum DisputesCommand {
+    /// Print every dispute (node, auditor, verdict, slash, open or not) as JSON.
+    List,
+    /// Close a dispute: the node is routed again once it has none open (its slash and
+    /// audit history stay). Run while the coordinator is stopped.
+    Close {
+        /// The audited job's id (`job` in the list).
+        job: String,
+    },
+}
+
+/// Runs a disputes subcommand.
+pub fn disputes(home: &Path, ledger: &LedgerArg, cmd: DisputesCommand) -> Result<()> {
+    let l = ledger.open(home)?;
+    let summary = |d: &tessera_coordinator::Dispute| {
+        serde_json::json!({
+            "job": d.audit.job,
+            "node": d.audit.node,
+            "auditor": d.audit.auditor,
+            "module": d.audit.module,
+            "detail": d.audit.detail,
+            "records": d.claimed.len(),
+            "slash": d.slash,
+            "open": d.open,
+            "at_ms": d.audit.at_ms,
+        })
+    };
+    match cmd {
+        DisputesCommand::List => {
+            let all: Vec<_> = l.disputes()?.iter().map(summary).collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        DisputesCommand::Close { job } => {
+            let d = l.close_dispute(&job)?;
+            println!("{}", summary(&d));
+        }
+    }
+    Ok(())
+}
+
 /// Runs a keys subcommand.
 pub fn keys(home: &Path, ledger: &LedgerArg, cmd: KeysCommand) -> Result<()> {
     let l = ledger.open(home)?;

@@ -65,6 +65,13 @@ enum Command {
         #[command(subcommand)]
         command: accounts_cli::AccountsCommand,
     },
+    /// Disputes opened by failed audits: list, close (on the ledger file).
+    Disputes {
+        #[command(flatten)]
+        ledger: accounts_cli::LedgerArg,
+        #[command(subcommand)]
+        command: accounts_cli::DisputesCommand,
+    },
     /// Coordinator API keys: create.
     Keys {
         #[command(flatten)]
@@ -289,6 +296,7 @@ fn run() -> Result<()> {
         }
         Command::Accounts { ledger, command } => accounts_cli::accounts(&home, &ledger, command),
         Command::Keys { ledger, command } => accounts_cli::keys(&home, &ledger, command),
+        Command::Disputes { ledger, command } => accounts_cli::disputes(&home, &ledger, command),
         Command::Wallet { at, command } => wallet_cli::wallet(&home, at, command),
         Command::Stake(args) => wallet_cli::stake(&home, args),
         Command::Delegate(args) => wallet_cli::delegate(&home, args),

@@ -350,6 +350,48 @@ async fn a_node_running_another_quantization_is_audited_routed_around_and_slashe
         .expect("audit account");
     assert!(funds.charged.0 > 0, "auditors are paid: {funds:?}");
     coordinator.shutdown().await;
+
+    // The operator closes the dispute on the stopped coordinator's ledger: the node has no
+    // open dispute left (so it is routed again), its history stays, and a second close is
+    // refused with the reason.
+    let ledger = dir.path().join("coordinator").join("ledger.redb");
+    let disputes = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("disputes")
+            .args(args)
+            .arg("--ledger")
+            .arg(&ledger)
+            .output()
+            .expect("run tessera disputes")
+    };
+    let out = disputes(&["list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let job = list[0]["job"].as_str().expect("job").to_owned();
+    assert_eq!(list[0]["open"], true);
+    let out = disputes(&["close", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = disputes(&["close", &job]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already closed"));
+    let standings = Ledger::open(&ledger)
+        .expect("ledger")
+        .node_records()
+        .expect("standings");
+    let (_, cheat_record) = standings
+        .iter()
+        .find(|(n, _)| *n == cheat.peer.to_string())
+        .expect("the cheater's standing");
+    assert_eq!(cheat_record.open_disputes, 0);
+    assert_eq!(cheat_record.failed, 1, "history stays");
 }
 
 /// The same cheat in a `tessera devnet` that settles on its embedded L1: every node stakes

@@ -864,6 +864,43 @@ impl Ledger {
         Ok(())
     }
 
+    /// Closes the dispute over `job` (an operator's decision, e.g. after the node fixed its
+    /// setup): the node's open disputes drop by one, so it is routed again once none is
+    /// left. Its slash and audit history stay. Returns the dispute as closed.
+    pub fn close_dispute(&self, job: &str) -> Result<Dispute, LedgerError> {
+        let key = parse_job_hex(job)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        let dispute = {
+            let mut t = tx.open_table(DISPUTES).map_err(db)?;
+            let mut d: Dispute = match t.get(&key).map_err(db)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(|e| {
+                    LedgerError::BadReceipt(format!("stored dispute unreadable: {e}"))
+                })?,
+                None => {
+                    return Err(LedgerError::BadReceipt(format!(
+                        "no dispute over job {job}"
+                    )))
+                }
+            };
+            if !d.open {
+                return Err(LedgerError::BadReceipt(format!(
+                    "the dispute over job {job} is already closed"
+                )));
+            }
+            d.open = false;
+            t.insert(&key, json(&d)?.as_slice()).map_err(db)?;
+            let mut standings = tx.open_table(STANDINGS).map_err(db)?;
+            let mut r = Self::standing_in(&standings, &d.audit.node)?;
+            r.open_disputes = r.open_disputes.saturating_sub(1);
+            standings
+                .insert(d.audit.node.as_str(), json(&r)?.as_slice())
+                .map_err(db)?;
+            d
+        };
+        tx.commit().map_err(db)?;
+        Ok(dispute)
+    }
+
     /// Every node's standing.
     pub fn node_records(&self) -> Result<Vec<(String, NodeRecord)>, LedgerError> {
         let tx = self.db.begin_read().map_err(db)?;
