@@ -43,6 +43,9 @@ pub struct AuditConfig {
     pub raised_share: f64,
     /// A node's first jobs on this coordinator are always audited, until this many passed.
     pub first_jobs: u32,
+    /// Share of passes checked again on a second auditor (an auditor that passes what it
+    /// did not replay is then contradicted).
+    pub confirm_share: f64,
     /// Logit tolerance the auditor judges with.
     pub tolerance: f32,
     /// Stake slashed for a failed audit, in base units.
@@ -63,6 +66,7 @@ impl Default for AuditConfig {
             share: 0.05,
             raised_share: 0.5,
             first_jobs: 3,
+            confirm_share: 0.1,
             tolerance: tessera_protocol::audit::DEFAULT_TOLERANCE,
             slash: Amount(100_000_000),
             account: "tessera-audits".into(),
@@ -76,10 +80,10 @@ impl AuditConfig {
     /// Checks ranges once, at start.
     pub fn validate(&self) -> Result<(), String> {
         let share_ok = |s: f64| (0.0..=1.0).contains(&s);
-        if !share_ok(self.share) || !share_ok(self.raised_share) {
+        if !share_ok(self.share) || !share_ok(self.raised_share) || !share_ok(self.confirm_share) {
             return Err(format!(
-                "audit shares must be in [0, 1], got share {} and raised_share {}",
-                self.share, self.raised_share
+                "audit shares must be in [0, 1], got share {}, raised_share {} and confirm_share {}",
+                self.share, self.raised_share, self.confirm_share
             ));
         }
         if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
@@ -691,11 +695,41 @@ async fn audit(
     rec.audit_job = Some(first.audit_job.to_hex());
     rec.detail = first.verdict.summary();
     rec.verdict = Some(first.verdict.clone());
+    let first_payout = payout_of(deps, &first.auditor);
     if first.verdict.passed {
+        // A share of passes goes to a second auditor too (drawn apart from the audit's own
+        // draw): one that passed without replaying is then contradicted.
+        let mut key = case.job.0.to_vec();
+        key.extend_from_slice(b"confirm");
+        let h = blake3::keyed_hash(secret, &key);
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.as_bytes()[..8]);
+        let confirm =
+            ((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64) < config.confirm_share;
+        if confirm {
+            if let Ok(second) = replay_once(
+                config,
+                deps,
+                secret,
+                case,
+                &[me, (first.auditor, first_payout)],
+            )
+            .await
+            {
+                if !second.verdict.passed {
+                    rec.detail = format!(
+                        "contested: auditor {} passed it, auditor {} failed it ({})",
+                        first.auditor,
+                        second.auditor,
+                        second.verdict.summary()
+                    );
+                    return Outcome::Missed(rec);
+                }
+            }
+        }
         rec.result = "passed".into();
         return Outcome::Passed(rec);
     }
-    let first_payout = payout_of(deps, &first.auditor);
     match replay_once(
         config,
         deps,
@@ -837,5 +871,10 @@ mod tests {
             ..AuditConfig::default()
         };
         assert!(bad.validate().unwrap_err().contains("share"));
+        let bad = AuditConfig {
+            confirm_share: -0.1,
+            ..AuditConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("confirm_share"));
     }
 }
