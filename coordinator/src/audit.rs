@@ -521,19 +521,17 @@ async fn replay_once(
         .cost(tokens, 0)
         .ok_or("the auditor's price overflows")?;
     let audit_job = crate::client::new_job_id();
-    let (ledger, account) = (deps.ledger.clone(), config.account.clone());
-    match blocking(move || ledger.reserve(&account, audit_job, bound)).await {
-        Some(Ok(())) => {}
-        Some(Err(e)) => {
-            return Err(format!(
+    // Reserved and guarded with no await in between (one small local write): a
+    // coordinator that stops drops this future at an await, and the hold must then be
+    // released, never left behind. Released however the audit ends unless settled.
+    deps.ledger
+        .reserve(&config.account, audit_job, bound)
+        .map_err(|e| {
+            format!(
                 "cannot pay the auditor from account {:?}: {e}",
                 config.account
-            ))
-        }
-        None => return Err("ledger task failed".into()),
-    }
-    // Released however this future ends unless settled: a coordinator that stops in the
-    // middle of a replay drops it, and must not leave the hold behind.
+            )
+        })?;
     let mut hold = Hold {
         ledger: deps.ledger.clone(),
         job: Some(audit_job),
