@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tessera_models::engine::REPLAY_CHUNK;
 use tessera_models::verify_bench::{
-    self as vb, audit, claim_of, figure, generate, with_threads, JobFigure, ScenarioReport,
+    self as vb, audit, claim_of, figure, generate, with_threads, ScenarioReport,
 };
 use tessera_models::{catalog, Backend, Model, Prompt};
 
@@ -70,15 +70,31 @@ struct Workload {
     ignore_eos: bool,
 }
 
-/// Generates on `gen` (inside a pool of `gen_threads`) and replays on `auditor`, in
-/// passes of `chunks[job % len]` positions.
-fn run_honest_like(
-    name: &str,
+/// One scenario where the node generates with our engine: what it is and how it runs.
+struct Scenario<'a> {
+    name: &'a str,
+    setup: String,
+    /// Whether the node is honest (flagged jobs are then false positives).
+    honest: bool,
     work: Workload,
+    /// Replay pass sizes, cycled through per job.
+    chunks: &'a [usize],
+}
+
+/// Generates on `gen` (inside a pool of `gen_threads`) and replays on `auditor`, in
+/// passes of `chunks[job % len]` positions; summarises the figures.
+fn run_scenario(
+    scenario: Scenario<'_>,
     (gen, gen_threads): (&mut Model, usize),
     auditor: &mut Model,
-    chunks: &[usize],
-) -> Result<Vec<JobFigure>> {
+) -> Result<ScenarioReport> {
+    let Scenario {
+        name,
+        setup,
+        honest,
+        work,
+        chunks,
+    } = scenario;
     let Workload {
         jobs,
         tokens,
@@ -92,7 +108,7 @@ fn run_honest_like(
         progress(name, job, jobs, &v);
         out.push(figure(&v, gen_ms, replay_ms));
     }
-    Ok(out)
+    Ok(ScenarioReport::new(name, setup, honest, &out))
 }
 
 fn progress(name: &str, job: usize, jobs: usize, v: &tessera_protocol::Verdict) {
@@ -128,87 +144,69 @@ pub fn verify_bench(
 
     if wanted("honest") {
         let mut gen = load(&smol_path, "smollm2 (honest node)", Backend::Tessera)?;
-        let figs = run_honest_like(
-            "honest",
-            Workload {
+        let scenario = Scenario {
+            name: "honest",
+            setup: format!(
+                "SmolLM2 Q4_1, node and auditor both on our engine at {threads} threads"
+            ),
+            honest: true,
+            work: Workload {
                 jobs: args.jobs,
                 tokens: args.tokens,
                 ignore_eos: false,
             },
-            (&mut gen, threads),
-            &mut auditor,
-            &[REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            "honest",
-            format!("SmolLM2 Q4_1, node and auditor both on our engine at {threads} threads"),
-            true,
-            &figs,
-        ))?;
+            chunks: &[REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, threads), &mut auditor)?)?;
     }
     if wanted("honest-shapes") {
         let mut gen = load(&smol_path, "smollm2 (1-thread node)", Backend::Tessera)?;
-        let figs = run_honest_like(
-            "honest-shapes",
-            Workload {
-                jobs: args.scenario_jobs,
-                tokens: args.tokens,
-                ignore_eos: false,
-            },
-            (&mut gen, 1),
-            &mut auditor,
-            &[1, 7, 32, REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            "honest-shapes",
-            format!("SmolLM2 Q4_1: node at 1 thread decoding a token per pass; auditor at {threads} threads replaying in passes of 1, 7, 32 and {REPLAY_CHUNK} positions"),
-            true,
-            &figs,
-        ))?;
+        let scenario = Scenario {
+            name: "honest-shapes",
+            setup: format!("SmolLM2 Q4_1: node at 1 thread decoding a token per pass; auditor at {threads} threads replaying in passes of 1, 7, 32 and {REPLAY_CHUNK} positions"),
+            honest: true,
+            work: Workload {
+                    jobs: args.scenario_jobs,
+                    tokens: args.tokens,
+                    ignore_eos: false,
+                },
+            chunks: &[1, 7, 32, REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, 1), &mut auditor)?)?;
     }
     if wanted("honest-gemma3") {
         let gpath = model_path(home, "gemma3-270m", &fetch)?;
         let mut gen = load(&gpath, "gemma3 (honest node)", Backend::Tessera)?;
         let mut gaud = load(&gpath, "gemma3 (auditor)", Backend::Tessera)?;
         let n = args.scenario_jobs / 2;
-        let figs = run_honest_like(
-            "honest-gemma3",
-            Workload {
-                jobs: n,
-                tokens: args.tokens,
-                ignore_eos: false,
-            },
-            (&mut gen, 1),
-            &mut gaud,
-            &[7, REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            "honest-gemma3",
-            format!("gemma3-270m Q4_K_M (Gemma turn fallback): node at 1 thread, auditor at {threads} threads in passes of 7 and {REPLAY_CHUNK} positions"),
-            true,
-            &figs,
-        ))?;
+        let scenario = Scenario {
+            name: "honest-gemma3",
+            setup: format!("gemma3-270m Q4_K_M (Gemma turn fallback): node at 1 thread, auditor at {threads} threads in passes of 7 and {REPLAY_CHUNK} positions"),
+            honest: true,
+            work: Workload {
+                    jobs: n,
+                    tokens: args.tokens,
+                    ignore_eos: false,
+                },
+            chunks: &[7, REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, 1), &mut gaud)?)?;
     }
     if wanted("honest-reference") {
         let mut gen = load(&smol_path, "smollm2 (our engine)", Backend::Tessera)?;
         let mut reference = load(&smol_path, "smollm2 (candle reference)", Backend::Candle)?;
-        let figs = run_honest_like(
-            "honest-reference",
-            Workload {
-                jobs: args.reference_jobs,
-                tokens: args.tokens,
-                ignore_eos: false,
-            },
-            (&mut gen, threads),
-            &mut reference,
-            &[REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            "honest-reference",
-            "SmolLM2 Q4_1: node on our engine, auditor on candle's stock quantized_llama (another backend: other kernels, f32 activations)".into(),
-            true,
-            &figs,
-        ))?;
+        let scenario = Scenario {
+            name: "honest-reference",
+            setup: "SmolLM2 Q4_1: node on our engine, auditor on candle's stock quantized_llama (another backend: other kernels, f32 activations)".into(),
+            honest: true,
+            work: Workload {
+                    jobs: args.reference_jobs,
+                    tokens: args.tokens,
+                    ignore_eos: false,
+                },
+            chunks: &[REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, threads), &mut reference)?)?;
     }
     for format in ["q8_0", "q4_0", "q2_k"] {
         if !wanted(format) {
@@ -230,23 +228,18 @@ pub fn verify_bench(
             &format!("smollm2 {format} (substitute)"),
             Backend::Tessera,
         )?;
-        let figs = run_honest_like(
-            format,
-            Workload {
+        let scenario = Scenario {
+            name: format,
+            setup: format!("node runs SmolLM2 requantized Q4_1 → {format} (tensors whose width does not split into its blocks fall back to q4_0), claims the Q4_1 module"),
+            honest: false,
+            work: Workload {
                 jobs: args.scenario_jobs,
                 tokens: args.tokens,
                 ignore_eos: false,
             },
-            (&mut gen, threads),
-            &mut auditor,
-            &[REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            format,
-            format!("node runs SmolLM2 requantized Q4_1 → {format} (tensors whose width does not split into its blocks fall back to q4_0), claims the Q4_1 module"),
-            false,
-            &figs,
-        ))?;
+            chunks: &[REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, threads), &mut auditor)?)?;
     }
     if wanted("other-model") {
         let gpath = model_path(home, "gemma3-270m", &fetch)?;
@@ -276,45 +269,37 @@ pub fn verify_bench(
     }
     if wanted("cost") {
         let mut gen = load(&smol_path, "smollm2 (honest node)", Backend::Tessera)?;
-        let figs = run_honest_like(
-            "cost",
-            Workload {
-                jobs: args.cost_jobs,
-                tokens: 128,
-                ignore_eos: true,
-            },
-            (&mut gen, threads),
-            &mut auditor,
-            &[REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            "cost",
-            format!("SmolLM2 Q4_1, 128 output tokens per job, both at {threads} threads: replay time over generation time"),
-            true,
-            &figs,
-        ))?;
+        let scenario = Scenario {
+            name: "cost",
+            setup: format!("SmolLM2 Q4_1, 128 output tokens per job, both at {threads} threads: replay time over generation time"),
+            honest: true,
+            work: Workload {
+                    jobs: args.cost_jobs,
+                    tokens: 128,
+                    ignore_eos: true,
+                },
+            chunks: &[REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, threads), &mut auditor)?)?;
     }
     if wanted("cost-gemma3") {
         let gpath = model_path(home, "gemma3-270m", &fetch)?;
         let mut gen = load(&gpath, "gemma3 (honest node)", Backend::Tessera)?;
         let mut gaud = load(&gpath, "gemma3 (auditor)", Backend::Tessera)?;
-        let figs = run_honest_like(
-            "cost-gemma3",
-            Workload {
+        let scenario = Scenario {
+            name: "cost-gemma3",
+            setup: format!(
+                "gemma3-270m Q4_K_M, 128 output tokens per job, both at {threads} threads"
+            ),
+            honest: true,
+            work: Workload {
                 jobs: args.cost_jobs / 2,
                 tokens: 128,
                 ignore_eos: true,
             },
-            (&mut gen, threads),
-            &mut gaud,
-            &[REPLAY_CHUNK],
-        )?;
-        emit(ScenarioReport::new(
-            "cost-gemma3",
-            format!("gemma3-270m Q4_K_M, 128 output tokens per job, both at {threads} threads"),
-            true,
-            &figs,
-        ))?;
+            chunks: &[REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, threads), &mut gaud)?)?;
     }
     if args.markdown {
         eprintln!("{}", markdown(&reports, &cpu, threads));

@@ -268,22 +268,24 @@ pub struct Auditor {
 }
 
 impl Auditor {
-    /// Decides at once, from the node's standing, whether to audit a settled job, and
-    /// hands the chosen ones to the audit task without waiting (so the queue holds only
-    /// audits); when it is full the audit is dropped (counted as `dropped`). Jobs longer
-    /// than a replay claim can carry are counted as `too_long`.
-    pub fn offer(&self, case: AuditCase) {
-        if case.records.is_empty() {
-            return;
-        }
+    /// Whether to audit `job` of `node`, decided at once from the node's standing and a
+    /// draw the node cannot predict (so only chosen jobs are copied and queued).
+    pub fn chooses(&self, job: &JobId, node: &PeerId) -> bool {
         let share = self
             .table
             .read()
             .ok()
-            .map(|t| t.standing(&case.node).cloned().unwrap_or_default())
+            .map(|t| t.standing(node).cloned().unwrap_or_default())
             .unwrap_or_default()
             .audit_share(&self.config);
-        if draw(&self.secret, &case.job) >= share {
+        draw(&self.secret, job) < share
+    }
+
+    /// Queues a chosen job for the audit task without waiting; when the queue is full the
+    /// audit is dropped (counted as `dropped`). Jobs longer than a replay claim can carry
+    /// are counted as `too_long`.
+    pub fn offer(&self, case: AuditCase) {
+        if case.records.is_empty() {
             return;
         }
         if case.records.len() > tessera_protocol::audit::MAX_REPLAY_RECORDS {

@@ -658,9 +658,14 @@ impl Job {
         })
     }
 
-    /// Offers a settled job to the auditor (which decides whether to replay it).
+    /// Hands a settled job to the auditor when it chooses to replay it.
     fn offer_audit(&self, started: &Started, result: &JobResult, transcript: &[TokenRecord]) {
-        if let Some(auditor) = &self.inner.auditor {
+        if let Some(auditor) = self
+            .inner
+            .auditor
+            .as_ref()
+            .filter(|a| a.chooses(&self.job_id, &started.node))
+        {
             auditor.offer(crate::audit::AuditCase {
                 job: self.job_id,
                 node: started.node,

@@ -87,6 +87,12 @@ pub enum LedgerError {
     /// The receipt is for another job, or an amount overflows.
     #[error("receipt rejected: {0}")]
     BadReceipt(String),
+    /// No such dispute, or it cannot change that way (closing a closed one).
+    #[error("{0}")]
+    Dispute(String),
+    /// A stored audit record cannot be read or written.
+    #[error("audit record: {0}")]
+    AuditRecord(String),
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> LedgerError {
@@ -798,7 +804,7 @@ impl Ledger {
     ) -> Result<NodeRecord, LedgerError> {
         Ok(match table.get(node).map_err(db)? {
             Some(v) => serde_json::from_slice(v.value())
-                .map_err(|e| LedgerError::BadReceipt(format!("stored standing unreadable: {e}")))?,
+                .map_err(|e| LedgerError::AuditRecord(format!("standing unreadable: {e}")))?,
             None => NodeRecord::default(),
         })
     }
@@ -843,58 +849,56 @@ impl Ledger {
 
     /// Records where the slash of the dispute over `job` stands.
     pub fn set_slash_status(&self, job: &str, status: SlashStatus) -> Result<(), LedgerError> {
-        let key = parse_job_hex(job)?;
-        let tx = self.db.begin_write().map_err(db)?;
-        {
-            let mut t = tx.open_table(DISPUTES).map_err(db)?;
-            let mut d: Dispute = match t.get(&key).map_err(db)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(|e| {
-                    LedgerError::BadReceipt(format!("stored dispute unreadable: {e}"))
-                })?,
-                None => {
-                    return Err(LedgerError::BadReceipt(format!(
-                        "no dispute over job {job}"
-                    )))
-                }
-            };
+        self.update_dispute(job, |d, _| {
             d.slash.status = status;
-            t.insert(&key, json(&d)?.as_slice()).map_err(db)?;
-        }
-        tx.commit().map_err(db)?;
-        Ok(())
+            Ok(())
+        })
+        .map(|_| ())
     }
 
     /// Closes the dispute over `job` (an operator's decision, e.g. after the node fixed its
     /// setup): the node's open disputes drop by one, so it is routed again once none is
     /// left. Its slash and audit history stay. Returns the dispute as closed.
     pub fn close_dispute(&self, job: &str) -> Result<Dispute, LedgerError> {
-        let key = parse_job_hex(job)?;
-        let tx = self.db.begin_write().map_err(db)?;
-        let dispute = {
-            let mut t = tx.open_table(DISPUTES).map_err(db)?;
-            let mut d: Dispute = match t.get(&key).map_err(db)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(|e| {
-                    LedgerError::BadReceipt(format!("stored dispute unreadable: {e}"))
-                })?,
-                None => {
-                    return Err(LedgerError::BadReceipt(format!(
-                        "no dispute over job {job}"
-                    )))
-                }
-            };
+        self.update_dispute(job, |d, tx| {
             if !d.open {
-                return Err(LedgerError::BadReceipt(format!(
+                return Err(LedgerError::Dispute(format!(
                     "the dispute over job {job} is already closed"
                 )));
             }
             d.open = false;
-            t.insert(&key, json(&d)?.as_slice()).map_err(db)?;
             let mut standings = tx.open_table(STANDINGS).map_err(db)?;
             let mut r = Self::standing_in(&standings, &d.audit.node)?;
             r.open_disputes = r.open_disputes.saturating_sub(1);
             standings
                 .insert(d.audit.node.as_str(), json(&r)?.as_slice())
                 .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Reads the dispute over `job`, lets `change` edit it (and write other tables in the
+    /// same transaction), and stores it back; all or nothing.
+    fn update_dispute(
+        &self,
+        job: &str,
+        change: impl FnOnce(&mut Dispute, &redb::WriteTransaction) -> Result<(), LedgerError>,
+    ) -> Result<Dispute, LedgerError> {
+        let key = parse_job_hex(job)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        let dispute = {
+            let mut t = tx.open_table(DISPUTES).map_err(db)?;
+            let mut d: Dispute = match t.get(&key).map_err(db)? {
+                Some(v) => serde_json::from_slice(v.value())
+                    .map_err(|e| LedgerError::AuditRecord(format!("dispute unreadable: {e}")))?,
+                None => {
+                    return Err(LedgerError::Dispute(format!(
+                        "no dispute over job {job}: `tessera disputes list` shows them"
+                    )))
+                }
+            };
+            change(&mut d, &tx)?;
+            t.insert(&key, json(&d)?.as_slice()).map_err(db)?;
             d
         };
         tx.commit().map_err(db)?;
@@ -937,9 +941,8 @@ impl Ledger {
         for row in t.iter().map_err(db)? {
             let (_, v) = row.map_err(db)?;
             out.push(
-                serde_json::from_slice(v.value()).map_err(|e| {
-                    LedgerError::BadReceipt(format!("stored audit unreadable: {e}"))
-                })?,
+                serde_json::from_slice(v.value())
+                    .map_err(|e| LedgerError::AuditRecord(format!("unreadable: {e}")))?,
             );
         }
         Ok(out)
@@ -948,13 +951,13 @@ impl Ledger {
 
 /// JSON encoding of stored audit rows.
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, LedgerError> {
-    serde_json::to_vec(v).map_err(|e| LedgerError::BadReceipt(e.to_string()))
+    serde_json::to_vec(v).map_err(|e| LedgerError::AuditRecord(e.to_string()))
 }
 
 fn parse_job_hex(hex_id: &str) -> Result<[u8; 16], LedgerError> {
     let mut out = [0u8; 16];
     hex::decode_to_slice(hex_id, &mut out)
-        .map_err(|_| LedgerError::BadReceipt(format!("job id {hex_id:?} is not 32 hex digits")))?;
+        .map_err(|_| LedgerError::Dispute(format!("job id {hex_id:?} is not 32 hex digits")))?;
     Ok(out)
 }
 
