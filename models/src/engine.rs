@@ -12,14 +12,14 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama};
 use serde::{Deserialize, Serialize};
 use tessera_protocol::{
-    Fingerprint, FinishReason, ModuleId, ReplayClaim, SamplingParams, SamplingParamsError,
-    TokenRecord, TranscriptCommitment, Verdict,
+    FinishReason, ModuleId, ReplayClaim, SamplingParams, SamplingParamsError, TokenRecord,
+    TranscriptCommitment, Verdict,
 };
 
+use crate::batch::{BatchConfig, EngineStats, StatsSnapshot};
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
 use crate::gguf::{Architecture, Backend, LoadError, ModelFile};
-use crate::sampler::Sampler;
-use crate::text::{Push, TextStream};
+use crate::serving::{KvCache, SeqStep};
 use crate::tokenizer::Tokenizer;
 use crate::verify::Judge;
 
@@ -552,103 +552,63 @@ impl Model {
     pub fn generate_until(
         &mut self,
         req: &GenerateRequest,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
-        req.sampling.validate()?;
-        let longest = req.stop.iter().map(String::len).max().unwrap_or(0);
-        if req.stop.len() > MAX_STOP_SEQUENCES || longest > MAX_STOP_BYTES {
-            return Err(GenerateError::BadStop {
-                count: req.stop.len(),
-                longest,
-            });
+        crate::batch::generate_alone(self, req, on_text)
+    }
+
+    /// Whether this implementation runs many sequences per step (ours; candle's stock
+    /// models keep a single sequence's cache inside them).
+    pub(crate) fn batches(&self) -> bool {
+        self.backend() == Backend::Tessera
+    }
+
+    /// A KV cache for one sequence of `positions` positions.
+    pub(crate) fn new_cache(&self, positions: usize) -> KvCache {
+        match &self.weights {
+            Weights::OwnLlama(m) => m.new_cache(positions),
+            Weights::OwnGemma3(m) => m.new_cache(positions),
+            Weights::CandleLlama(_) | Weights::CandleGemma3(_) => KvCache::default(),
         }
-        let prompt = self.tokenize_prompt(&req.prompt, req.chat_fallback)?;
-        let room = self.context_length as usize - prompt.len();
-        let budget = (req.max_tokens as usize).min(room);
-        let mut timings = Timings {
-            prefill_tokens: prompt.len() as u32,
-            ..Timings::default()
-        };
-        let mut history = prompt.clone();
-        let mut tokens = Vec::with_capacity(budget);
-        let mut transcript = Vec::with_capacity(budget);
-        let mut stream = TextStream::new(req.stop.clone());
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut finish = FinishReason::Length;
-        let mut text_out = String::new();
-        let mut stream_stopped = false;
-        if budget > 0 {
-            let t0 = Instant::now();
-            let mut logits = self.prefill(&prompt, prompt.len() + budget)?;
-            timings.prefill = t0.elapsed();
-            let t1 = Instant::now();
-            loop {
-                let position = history.len() as u32;
-                let fingerprint = Fingerprint::from_logits(&logits);
-                let token = sampler.sample(&mut logits, &history);
-                transcript.push(TokenRecord {
-                    position,
-                    token,
-                    fingerprint,
-                });
-                tokens.push(token);
-                history.push(token);
-                self.generated
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if !req.ignore_eos && self.end_tokens.contains(&token) {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                let (piece, stopped) = match stream.push(self.tokenizer.token_bytes(token)) {
-                    Push::Text(t) => (t, false),
-                    Push::Stopped(t) => (t, true),
+    }
+
+    /// One batched step (see [`crate::llama::Llama::step`]); candle's models take one
+    /// sequence, with logits for its last token only.
+    pub(crate) fn step(
+        &mut self,
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Vec<f32>, candle_core::Error> {
+        match &mut self.weights {
+            Weights::OwnLlama(m) => m.step(seqs),
+            Weights::OwnGemma3(m) => m.step(seqs),
+            Weights::CandleLlama(_) | Weights::CandleGemma3(_) => {
+                let [sq] = seqs else {
+                    candle_core::bail!("candle's models run one sequence per step");
                 };
-                if !piece.is_empty() {
-                    if on_text(piece).is_break() {
-                        // This token's text was refused: it is not part of what was delivered.
-                        tokens.pop();
-                        transcript.pop();
-                        history.pop();
-                        finish = FinishReason::Cancelled;
-                        stream_stopped = true;
-                        break;
-                    }
-                    text_out.push_str(piece);
+                let n = sq.tokens.len();
+                if n == 0 || sq.logits_from + 1 < n {
+                    candle_core::bail!("candle's models give logits for the last token only");
                 }
-                if stopped {
-                    stream_stopped = true;
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                if tokens.len() >= budget {
-                    break;
-                }
-                logits = self.forward(&[token], position as usize)?;
-                timings.decode_tokens += 1;
-            }
-            timings.decode = t1.elapsed();
-        }
-        // A stop sequence already cut the text; otherwise release what was held back.
-        if !stream_stopped {
-            let rest = stream.finish();
-            if !rest.is_empty() {
-                if on_text(&rest).is_break() {
-                    finish = FinishReason::Cancelled;
+                let logits = self.forward(sq.tokens, sq.cache.len())?;
+                sq.cache.advance(n);
+                Ok(if sq.logits_from < n {
+                    logits
                 } else {
-                    text_out.push_str(&rest);
-                }
+                    Vec::new()
+                })
             }
         }
-        Ok(Completion {
-            finish_reason: finish,
-            prompt_tokens: prompt.len() as u32,
-            completion_tokens: tokens.len() as u32,
-            text: text_out,
-            commitment: TranscriptCommitment::from_records(&transcript),
-            tokens,
-            transcript,
-            timings,
-        })
+    }
+
+    /// Counts one generated token.
+    pub(crate) fn count_token(&self) {
+        self.generated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `token` ends generation (end of text or of a turn).
+    pub(crate) fn is_end_token(&self, token: u32) -> bool {
+        self.end_tokens.contains(&token)
     }
 }
 
@@ -686,7 +646,7 @@ impl EventStream {
 /// Deltas buffered per request before generation waits for the consumer (back-pressure).
 const EVENT_BUFFER: usize = 64;
 
-enum Command {
+pub(crate) enum Command {
     Generate {
         req: Box<GenerateRequest>,
         events: tokio::sync::mpsc::Sender<Result<GenerateEvent, GenerateError>>,
@@ -735,6 +695,7 @@ pub struct ModelInfo {
 #[derive(Debug)]
 pub struct Engine {
     handle: EngineHandle,
+    shutdown: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -744,11 +705,13 @@ pub struct EngineHandle {
     tx: tokio::sync::mpsc::Sender<Command>,
     info: std::sync::Arc<ModelInfo>,
     generated: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stats: std::sync::Arc<EngineStats>,
 }
 
 impl Engine {
-    /// Moves `model` onto its own thread; at most `queue` requests wait behind the running one.
-    pub fn spawn(mut model: Model, queue: usize) -> std::io::Result<Self> {
+    /// Moves `model` onto its own thread, which runs up to `cfg.max_batch` requests at once
+    /// (continuous batching, [`crate::batch`]); at most `cfg.queue` more wait.
+    pub fn spawn(model: Model, cfg: BatchConfig) -> std::io::Result<Self> {
         let info = std::sync::Arc::new(ModelInfo {
             name: model.name.clone(),
             module_id: model.module_id.clone(),
@@ -756,64 +719,22 @@ impl Engine {
             has_chat_template: model.has_chat_template(),
         });
         let generated = model.token_counter();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Command>(queue.max(1));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Command>(cfg.queue.max(1));
+        let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = shutdown.clone();
+        let stats = std::sync::Arc::new(EngineStats::default());
+        let shared = stats.clone();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", model.name))
-            .spawn(move || {
-                while let Some(cmd) = rx.blocking_recv() {
-                    let (req, events, stop) = match cmd {
-                        Command::Generate { req, events, stop } => (req, events, stop),
-                        Command::Replay { req, reply } => {
-                            if !reply.is_closed() {
-                                let r = model.replay(
-                                    &req.prompt,
-                                    req.chat_fallback,
-                                    &req.sampling,
-                                    &req.claim,
-                                    REPLAY_CHUNK,
-                                );
-                                let _ = reply.send(r);
-                            }
-                            continue;
-                        }
-                        Command::Shutdown => break,
-                    };
-                    if events.is_closed() {
-                        continue;
-                    }
-                    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
-                    if stopped() {
-                        let _ = events.blocking_send(Err(GenerateError::Cancelled));
-                        continue;
-                    }
-                    let result = model.generate_until(&req, |text| {
-                        if stopped()
-                            || events
-                                .blocking_send(Ok(GenerateEvent::Delta(text.to_owned())))
-                                .is_err()
-                        {
-                            ControlFlow::Break(())
-                        } else {
-                            ControlFlow::Continue(())
-                        }
-                    });
-                    let last = match result {
-                        Ok(_) if events.is_closed() => {
-                            tracing::debug!("request cancelled by its consumer");
-                            continue;
-                        }
-                        Ok(done) => Ok(GenerateEvent::Done(Box::new(done))),
-                        Err(e) => Err(e),
-                    };
-                    let _ = events.blocking_send(last);
-                }
-            })?;
+            .spawn(move || crate::batch::serve(model, rx, cfg, flag, shared))?;
         Ok(Self {
             handle: EngineHandle {
                 tx,
                 info,
                 generated,
+                stats,
             },
+            shutdown,
             thread: Some(thread),
         })
     }
@@ -830,8 +751,12 @@ impl Engine {
 
     fn stop(&mut self) {
         if let Some(thread) = self.thread.take() {
-            // With a full queue the thread still ends once every handle is dropped; then it
-            // is detached rather than waited for, so shutdown never blocks on callers.
+            // The flag stops the thread after the step in progress (running requests end as
+            // stopped, with what they delivered); the command wakes it if it waits for work.
+            // With a full queue it is not waiting, and it is detached rather than waited
+            // for if the command cannot be queued, so shutdown never blocks on callers.
+            self.shutdown
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             if self.handle.tx.try_send(Command::Shutdown).is_ok() {
                 let _ = thread.join();
             }
@@ -849,6 +774,11 @@ impl EngineHandle {
     /// The engine's model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The batch's figures now: steps, rows, sequences running, the largest batch.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// Tokens the engine has generated so far, counted as they are sampled.

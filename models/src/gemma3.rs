@@ -15,9 +15,9 @@ use half::f16;
 
 use crate::kernels;
 use crate::serving::{
-    attention, logits_from, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm,
-    rms_norm_in_place, rope, AttnShape, Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch,
-    TensorSource,
+    append_kv, attention, layer_kv, logits_rows, md_f32, md_usize, quantize_rows,
+    refuse_rope_scaling, rms_norm, rms_norm_in_place, rope, AttnShape, Embedding, KvCache, Layout,
+    Linear, RopeStyle, RopeTable, Scratch, SeqStep, TensorSource,
 };
 
 const SLIDING_WINDOW_PATTERN: usize = 6;
@@ -162,17 +162,23 @@ impl Gemma3 {
 
     /// Empties the KV cache and reserves room for `capacity` positions.
     pub fn reset(&mut self, capacity: usize) {
-        let capacity = capacity.min(self.context);
-        self.cache
-            .reset(capacity, self.attn.n_kv_head * self.attn.head_dim);
-        self.local.ensure(capacity);
-        self.global.ensure(capacity);
+        self.cache = self.new_cache(capacity);
+    }
+
+    /// An empty KV cache for one sequence, with room for `capacity` positions (at most the
+    /// served context).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::with_capacity(
+            self.layers.len(),
+            capacity.min(self.context),
+            self.attn.n_kv_head * self.attn.head_dim,
+        )
     }
 
     /// Runs `tokens` at positions `pos..` (which must equal the cached length) and returns
     /// the logits of the last one, on a rayon worker like [`crate::llama::Llama::forward`].
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_inner(tokens, pos, tokens.len().saturating_sub(1)))
+        self.forward_rows(tokens, pos, tokens.len().saturating_sub(1))
     }
 
     /// Like `forward`, returning the logits of every token from index `from` of `tokens`
@@ -183,31 +189,55 @@ impl Gemma3 {
         pos: usize,
         from: usize,
     ) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_inner(tokens, pos, from))
-    }
-
-    fn forward_inner(
-        &mut self,
-        tokens: &[u32],
-        pos: usize,
-        from: usize,
-    ) -> candle_core::Result<Vec<f32>> {
         if pos == 0 {
             self.reset(tokens.len());
         }
-        let n = tokens.len();
-        self.cache.check_step(pos, n, self.context)?;
-        self.local.ensure(pos + n);
-        self.global.ensure(pos + n);
+        let mut cache = std::mem::take(&mut self.cache);
+        if pos != cache.len {
+            self.cache = cache;
+            return Err(candle_core::Error::Msg(format!(
+                "{} tokens at position {pos} do not follow the {} cached positions",
+                tokens.len(),
+                self.cache.len
+            )));
+        }
+        let out = self.step(&mut [SeqStep {
+            cache: &mut cache,
+            tokens,
+            logits_from: from,
+        }]);
+        self.cache = cache;
+        out
+    }
+
+    /// One step of a batch, as [`crate::llama::Llama::step`]: every sequence's new tokens
+    /// in one pass, each row bit-identical to running its sequence alone.
+    pub fn step(&mut self, seqs: &mut [SeqStep<'_>]) -> candle_core::Result<Vec<f32>> {
+        let lay = Layout::of(seqs, self.context)?;
+        self.local.ensure(lay.end);
+        self.global.ensure(lay.end);
+        let mut s = std::mem::take(&mut self.s);
+        let this = &*self;
+        let out = rayon::scope(|_| this.step_inner(&mut s, seqs, &lay));
+        self.s = s;
+        out
+    }
+
+    fn step_inner(
+        &self,
+        s: &mut Scratch,
+        seqs: &mut [SeqStep<'_>],
+        lay: &Layout,
+    ) -> candle_core::Result<Vec<f32>> {
+        let n = lay.rows;
         let (dim, eps, path) = (self.dim, self.eps, self.path);
         let hd = self.attn.head_dim;
         let qdim = self.attn.n_head * hd;
         let kvdim = self.attn.n_kv_head * hd;
         let file: &[u8] = &self.mmap;
-        let mut s = std::mem::take(&mut self.s);
         s.x.resize(n * dim, 0.0);
         let scale = (dim as f32).sqrt();
-        for (i, &t) in tokens.iter().enumerate() {
+        for (i, &t) in seqs.iter().flat_map(|sq| sq.tokens).enumerate() {
             let row = &mut s.x[i * dim..(i + 1) * dim];
             self.embed.row(file, t, row)?;
             row.iter_mut().for_each(|v| *v *= scale);
@@ -225,37 +255,18 @@ impl Gemma3 {
             } else {
                 &self.global
             };
-            for i in 0..n {
-                rope(
-                    RopeStyle::Halves,
-                    &mut s.q[i * qdim..(i + 1) * qdim],
-                    hd,
-                    table,
-                    pos + i,
-                );
-                rope(
-                    RopeStyle::Halves,
-                    &mut s.k[i * kvdim..(i + 1) * kvdim],
-                    hd,
-                    table,
-                    pos + i,
-                );
+            for (i, &p) in lay.row_pos.iter().enumerate() {
+                let q = &mut s.q[i * qdim..(i + 1) * qdim];
+                rope(RopeStyle::Halves, q, hd, table, p);
+                let k = &mut s.k[i * kvdim..(i + 1) * kvdim];
+                rope(RopeStyle::Halves, k, hd, table, p);
             }
-            self.cache.k[l].extend_from_slice(&s.k);
-            self.cache.v[l].extend_from_slice(&s.v);
+            append_kv(seqs, lay, l, &s.k, &s.v, kvdim);
             let shape = AttnShape {
                 window: layer.sliding.then_some(self.window),
                 ..self.attn
             };
-            attention(
-                shape,
-                &s.q,
-                &self.cache.k[l],
-                &self.cache.v[l],
-                pos,
-                n,
-                &mut s.att,
-            );
+            attention(shape, &s.q, &layer_kv(seqs, l), lay, &mut s.att);
             quantize_rows(&s.att, qdim, &mut s.xq);
             layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;
             rms_norm_in_place(&mut s.o, &layer.post_attn_norm, eps);
@@ -272,9 +283,18 @@ impl Gemma3 {
             rms_norm_in_place(&mut s.o, &layer.post_ffn_norm, eps);
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
         }
-        self.cache.len += n;
-        let logits = logits_from(&mut s, dim, &self.norm, eps, &self.output, file, path, from);
-        self.s = s;
-        logits
+        for sq in seqs.iter_mut() {
+            sq.cache.len += sq.tokens.len();
+        }
+        logits_rows(
+            s,
+            dim,
+            &self.norm,
+            eps,
+            &self.output,
+            file,
+            path,
+            &lay.logit_rows,
+        )
     }
 }

@@ -2,6 +2,7 @@
 //! fetcher, GGUF loading, tokenizers and chat templates rebuilt from GGUF metadata, the
 //! sampler, and an engine that streams text and commits to its transcript.
 
+pub mod batch;
 pub mod bench;
 pub mod catalog;
 pub mod chat;
@@ -21,6 +22,7 @@ pub mod tokenizer;
 pub mod verify;
 pub mod verify_bench;
 
+pub use batch::{BatchConfig, StatsSnapshot};
 pub use catalog::{CatalogEntry, CATALOG};
 pub use chat::{ChatError, ChatMessage, ChatTemplate};
 pub use engine::{

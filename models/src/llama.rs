@@ -14,8 +14,9 @@ use candle_core::quantized::gguf_file;
 
 use crate::kernels;
 use crate::serving::{
-    attention, logits_from, md_f32, md_usize, quantize_rows, refuse_rope_scaling, rms_norm, rope,
-    AttnShape, Embedding, KvCache, Linear, RopeStyle, RopeTable, Scratch, TensorSource,
+    append_kv, attention, layer_kv, logits_rows, md_f32, md_usize, quantize_rows,
+    refuse_rope_scaling, rms_norm, rope, AttnShape, Embedding, KvCache, Layout, Linear, RopeStyle,
+    RopeTable, Scratch, SeqStep, TensorSource,
 };
 
 struct Layer {
@@ -129,17 +130,24 @@ impl Llama {
 
     /// Empties the KV cache and reserves room for `capacity` positions.
     pub fn reset(&mut self, capacity: usize) {
-        let capacity = capacity.min(self.context);
-        self.cache
-            .reset(capacity, self.attn.n_kv_head * self.attn.head_dim);
-        self.rope.ensure(capacity);
+        self.cache = self.new_cache(capacity);
+    }
+
+    /// An empty KV cache for one sequence, with room for `capacity` positions (at most the
+    /// served context).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::with_capacity(
+            self.layers.len(),
+            capacity.min(self.context),
+            self.attn.n_kv_head * self.attn.head_dim,
+        )
     }
 
     /// Runs `tokens` at positions `pos..` (which must equal the cached length) and returns
     /// the logits of the last one. The pass runs on a rayon worker, so the ~200 matrix
     /// products inside it share the pool without a thread wake-up each.
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_inner(tokens, pos, tokens.len().saturating_sub(1)))
+        self.forward_rows(tokens, pos, tokens.len().saturating_sub(1))
     }
 
     /// Like `forward`, returning the logits of every token from index `from` of `tokens`
@@ -150,27 +158,54 @@ impl Llama {
         pos: usize,
         from: usize,
     ) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_inner(tokens, pos, from))
-    }
-
-    fn forward_inner(
-        &mut self,
-        tokens: &[u32],
-        pos: usize,
-        from: usize,
-    ) -> candle_core::Result<Vec<f32>> {
         if pos == 0 {
             self.reset(tokens.len());
         }
-        let n = tokens.len();
-        self.cache.check_step(pos, n, self.context)?;
-        self.rope.ensure(pos + n);
+        let mut cache = std::mem::take(&mut self.cache);
+        if pos != cache.len {
+            self.cache = cache;
+            return Err(candle_core::Error::Msg(format!(
+                "{} tokens at position {pos} do not follow the {} cached positions",
+                tokens.len(),
+                self.cache.len
+            )));
+        }
+        let out = self.step(&mut [SeqStep {
+            cache: &mut cache,
+            tokens,
+            logits_from: from,
+        }]);
+        self.cache = cache;
+        out
+    }
+
+    /// One step of a batch: every sequence's new tokens run through the model together, so
+    /// each weight matrix is read once for all of them; returns the logits of the rows each
+    /// sequence asked for, sequence after sequence. Each row's result is bit-identical to
+    /// running its sequence alone.
+    pub fn step(&mut self, seqs: &mut [SeqStep<'_>]) -> candle_core::Result<Vec<f32>> {
+        let lay = Layout::of(seqs, self.context)?;
+        self.rope.ensure(lay.end);
+        let mut s = std::mem::take(&mut self.s);
+        let this = &*self;
+        let out = rayon::scope(|_| this.step_inner(&mut s, seqs, &lay));
+        self.s = s;
+        out
+    }
+
+    fn step_inner(
+        &self,
+        s: &mut Scratch,
+        seqs: &mut [SeqStep<'_>],
+        lay: &Layout,
+    ) -> candle_core::Result<Vec<f32>> {
+        let n = lay.rows;
         let (dim, eps, path) = (self.dim, self.eps, self.path);
         let hd = self.attn.head_dim;
+        let kvw = self.attn.n_kv_head * hd;
         let file: &[u8] = &self.mmap;
-        let mut s = std::mem::take(&mut self.s);
         s.x.resize(n * dim, 0.0);
-        for (i, &t) in tokens.iter().enumerate() {
+        for (i, &t) in seqs.iter().flat_map(|sq| sq.tokens).enumerate() {
             self.embed.row(file, t, &mut s.x[i * dim..(i + 1) * dim])?;
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -179,34 +214,14 @@ impl Llama {
             layer.wq.forward(file, path, &s.h, &s.xq, n, &mut s.q)?;
             layer.wk.forward(file, path, &s.h, &s.xq, n, &mut s.k)?;
             layer.wv.forward(file, path, &s.h, &s.xq, n, &mut s.v)?;
-            for i in 0..n {
-                rope(
-                    RopeStyle::Interleaved,
-                    &mut s.q[i * dim..(i + 1) * dim],
-                    hd,
-                    &self.rope,
-                    pos + i,
-                );
-                let kv = s.k.len() / n;
-                rope(
-                    RopeStyle::Interleaved,
-                    &mut s.k[i * kv..(i + 1) * kv],
-                    hd,
-                    &self.rope,
-                    pos + i,
-                );
+            for (i, &p) in lay.row_pos.iter().enumerate() {
+                let q = &mut s.q[i * dim..(i + 1) * dim];
+                rope(RopeStyle::Interleaved, q, hd, &self.rope, p);
+                let k = &mut s.k[i * kvw..(i + 1) * kvw];
+                rope(RopeStyle::Interleaved, k, hd, &self.rope, p);
             }
-            self.cache.k[l].extend_from_slice(&s.k);
-            self.cache.v[l].extend_from_slice(&s.v);
-            attention(
-                self.attn,
-                &s.q,
-                &self.cache.k[l],
-                &self.cache.v[l],
-                pos,
-                n,
-                &mut s.att,
-            );
+            append_kv(seqs, lay, l, &s.k, &s.v, kvw);
+            attention(self.attn, &s.q, &layer_kv(seqs, l), lay, &mut s.att);
             quantize_rows(&s.att, dim, &mut s.xq);
             layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
@@ -222,9 +237,18 @@ impl Llama {
             layer.down.forward(file, path, &s.g, &s.xq, n, &mut s.o)?;
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
         }
-        self.cache.len += n;
-        let logits = logits_from(&mut s, dim, &self.norm, eps, &self.output, file, path, from);
-        self.s = s;
-        logits
+        for sq in seqs.iter_mut() {
+            sq.cache.len += sq.tokens.len();
+        }
+        logits_rows(
+            s,
+            dim,
+            &self.norm,
+            eps,
+            &self.output,
+            file,
+            path,
+            &lay.logit_rows,
+        )
     }
 }

@@ -409,35 +409,130 @@ pub(crate) struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// Causal grouped-query attention of `n` new positions starting at `pos`, reading the cache
-/// in place: query head h uses key/value head h / (n_head / n_kv_head). Each (position,
-/// head) is independent, so they run in parallel on the pool the forward pass runs in.
+/// Where the rows of one batched step come from: the sequences' new tokens, one after the
+/// other, each at its own position.
+#[derive(Debug, Default)]
+pub(crate) struct Layout {
+    /// Rows in the step (every sequence's new tokens).
+    pub rows: usize,
+    /// Position of each row in its sequence.
+    pub row_pos: Vec<usize>,
+    /// Sequence of each row.
+    pub row_seq: Vec<usize>,
+    /// First row of each sequence, then `rows`.
+    pub starts: Vec<usize>,
+    /// Rows whose logits are returned, in order.
+    pub logit_rows: Vec<usize>,
+    /// One past the largest position.
+    pub end: usize,
+}
+
+impl Layout {
+    /// The layout of sequences given as (cached length, new tokens, first row with logits).
+    pub fn new(spans: impl IntoIterator<Item = (usize, usize, usize)>) -> Self {
+        let mut l = Layout::default();
+        for (seq, (pos, n, logits_from)) in spans.into_iter().enumerate() {
+            l.starts.push(l.rows);
+            for i in 0..n {
+                l.row_pos.push(pos + i);
+                l.row_seq.push(seq);
+                if i >= logits_from {
+                    l.logit_rows.push(l.rows + i);
+                }
+            }
+            l.rows += n;
+            l.end = l.end.max(pos + n);
+        }
+        l.starts.push(l.rows);
+        l
+    }
+
+    /// The layout of a step, checking that every sequence continues its cache within
+    /// `context` with at least one token.
+    pub fn of(seqs: &[SeqStep<'_>], context: usize) -> candle_core::Result<Self> {
+        for sq in seqs {
+            sq.cache
+                .check_step(sq.cache.len, sq.tokens.len(), context)?;
+        }
+        if seqs.is_empty() {
+            return Err(err("a step needs at least one sequence".into()));
+        }
+        Ok(Self::new(
+            seqs.iter()
+                .map(|sq| (sq.cache.len, sq.tokens.len(), sq.logits_from)),
+        ))
+    }
+
+    /// Rows of sequence `seq`.
+    pub fn seq_rows(&self, seq: usize) -> Range<usize> {
+        self.starts[seq]..self.starts[seq + 1]
+    }
+}
+
+/// One sequence's share of a batched step: `tokens` run at the positions after those in
+/// `cache`, and every row from index `logits_from` of `tokens` on gets logits.
+pub struct SeqStep<'a> {
+    /// The sequence's keys and values, extended by the step.
+    pub cache: &'a mut KvCache,
+    /// New tokens.
+    pub tokens: &'a [u32],
+    /// First new token whose logits are wanted (`tokens.len()` for none).
+    pub logits_from: usize,
+}
+
+/// Appends each sequence's rows of `k` and `v` (rows of `width`) to its cache of layer `l`.
+pub(crate) fn append_kv(
+    seqs: &mut [SeqStep<'_>],
+    lay: &Layout,
+    l: usize,
+    k: &[f32],
+    v: &[f32],
+    width: usize,
+) {
+    for (i, sq) in seqs.iter_mut().enumerate() {
+        let r = lay.seq_rows(i);
+        sq.cache.k[l].extend_from_slice(&k[r.start * width..r.end * width]);
+        sq.cache.v[l].extend_from_slice(&v[r.start * width..r.end * width]);
+    }
+}
+
+/// Keys and values of layer `l` of every sequence, for [`attention`].
+pub(crate) fn layer_kv<'a>(seqs: &'a [SeqStep<'_>], l: usize) -> Vec<(&'a [f32], &'a [f32])> {
+    seqs.iter()
+        .map(|sq| (&sq.cache.k[l][..], &sq.cache.v[l][..]))
+        .collect()
+}
+
+/// Causal grouped-query attention of every row of a step, each against its own sequence's
+/// cache (`kv[seq]`, which already holds the step's keys and values), read in place: query
+/// head h uses key/value head h / (n_head / n_kv_head). Each (row, head) is independent,
+/// so they all run in parallel on the pool the forward pass runs in, whatever sequence
+/// they belong to.
 pub(crate) fn attention(
     a: AttnShape,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    pos: usize,
-    n: usize,
+    kv: &[(&[f32], &[f32])],
+    lay: &Layout,
     out: &mut Vec<f32>,
 ) {
     let hd = a.head_dim;
-    let (qdim, kv) = (a.n_head * hd, a.n_kv_head * hd);
+    let (qdim, kvw) = (a.n_head * hd, a.n_kv_head * hd);
     let group = a.n_head / a.n_kv_head;
     out.clear();
-    out.resize(n * qdim, 0.0);
+    out.resize(lay.rows * qdim, 0.0);
     out.par_chunks_mut(hd)
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (c, oh)| {
             let (i, h) = (c / a.n_head, c % a.n_head);
-            let end = pos + i + 1;
+            let (k, v) = kv[lay.row_seq[i]];
+            let end = lay.row_pos[i] + 1;
             let start = a.window.map_or(0, |w| end.saturating_sub(w));
             let g = h / group;
             let qh = &q[i * qdim + h * hd..][..hd];
             scores.clear();
             let mut max = f32::NEG_INFINITY;
             for t in start..end {
-                let sc = dot(qh, &k[t * kv + g * hd..][..hd]) * a.scale;
+                let sc = dot(qh, &k[t * kvw + g * hd..][..hd]) * a.scale;
                 max = max.max(sc);
                 scores.push(sc);
             }
@@ -448,7 +543,7 @@ pub(crate) fn attention(
             }
             for (t, p) in (start..end).zip(scores.iter()) {
                 let w = p / sum;
-                let vt = &v[t * kv + g * hd..][..hd];
+                let vt = &v[t * kvw + g * hd..][..hd];
                 oh.iter_mut().zip(vt).for_each(|(o, x)| *o += w * x);
             }
         });
@@ -472,12 +567,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Keys and values of one sequence, one growing buffer per layer.
+/// Keys and values of one sequence, one buffer per layer reserved for the positions the
+/// sequence may reach, so a step appends without reallocating.
 #[derive(Debug, Default)]
-pub(crate) struct KvCache {
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
-    pub len: usize,
+pub struct KvCache {
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) len: usize,
 }
 
 impl KvCache {
@@ -488,6 +584,33 @@ impl KvCache {
             v: vec![Vec::new(); layers],
             len: 0,
         }
+    }
+
+    /// An empty cache of `layers` layers with room for `positions` rows of `width`.
+    pub fn with_capacity(layers: usize, positions: usize, width: usize) -> Self {
+        let mut c = Self::new(layers);
+        c.reset(positions, width);
+        c
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Counts `n` positions run outside our models (candle's keep their own cache).
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held (reserved), for memory accounting.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|c| c.capacity() * 4).sum()
     }
 
     /// Empties it and reserves `positions × width` floats per layer.
@@ -511,10 +634,10 @@ impl KvCache {
     }
 }
 
-/// Logits of the `dim`-wide rows of `s.x` from row `from` on, row after row: final RMSNorm,
+/// Logits of rows `rows` of the `dim`-wide rows of `s.x`, in that order: final RMSNorm,
 /// then the output projection (the common tail of every serving model's forward pass).
 #[allow(clippy::too_many_arguments)] // the tail's inputs; one call per model
-pub(crate) fn logits_from(
+pub(crate) fn logits_rows(
     s: &mut Scratch,
     dim: usize,
     norm: &[f32],
@@ -522,17 +645,19 @@ pub(crate) fn logits_from(
     output: &Linear,
     file: &[u8],
     path: kernels::Path,
-    from: usize,
+    rows: &[usize],
 ) -> candle_core::Result<Vec<f32>> {
-    let n = s.x.len() / dim;
-    let rows = n.saturating_sub(from);
-    if rows == 0 {
+    if rows.is_empty() {
         return Ok(Vec::new());
     }
-    rms_norm(&s.x[from.min(n) * dim..], norm, eps, &mut s.h);
+    s.h.clear();
+    for &r in rows {
+        s.h.extend_from_slice(&s.x[r * dim..(r + 1) * dim]);
+    }
+    rms_norm_in_place(&mut s.h, norm, eps);
     quantize_rows(&s.h, dim, &mut s.xq);
-    let mut logits = Vec::with_capacity(rows * output.rows());
-    output.forward(file, path, &s.h, &s.xq, rows, &mut logits)?;
+    let mut logits = Vec::with_capacity(rows.len() * output.rows());
+    output.forward(file, path, &s.h, &s.xq, rows.len(), &mut logits)?;
     Ok(logits)
 }
 
@@ -614,10 +739,26 @@ mod tests {
             let k = rand((pos + n) * a.n_kv_head * head_dim);
             let v = rand((pos + n) * a.n_kv_head * head_dim);
             let mut out = Vec::new();
-            attention(a, &q, &k, &v, pos, n, &mut out);
+            attention(a, &q, &[(&k, &v)], &Layout::new([(pos, n, n)]), &mut out);
             let want = reference(a, &q, &k, &v, pos, n);
             for (got, want) in out.iter().zip(&want) {
                 assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+            }
+            // The same rows inside a batch with another sequence: bit-identical.
+            let (q2, k2, v2) = (
+                rand(2 * a.n_head * head_dim),
+                rand(9 * a.n_kv_head * head_dim),
+                rand(9 * a.n_kv_head * head_dim),
+            );
+            let mut both_q = q2.clone();
+            both_q.extend_from_slice(&q);
+            let mut both = Vec::new();
+            let lay = Layout::new([(7, 2, 0), (pos, n, 0)]);
+            attention(a, &both_q, &[(&k2, &v2), (&k, &v)], &lay, &mut both);
+            assert_eq!(lay.logit_rows.len(), 2 + n);
+            let qdim = a.n_head * head_dim;
+            for (x, y) in both[2 * qdim..].iter().zip(&out) {
+                assert_eq!(x.to_bits(), y.to_bits());
             }
         }
     }

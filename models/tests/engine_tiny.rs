@@ -8,7 +8,8 @@ use candle_core::quantized::gguf_file::Value;
 
 use tessera_models::test_support::{write_tiny_gguf, TinySpec};
 use tessera_models::{
-    ChatMessage, Engine, GenerateError, GenerateEvent, GenerateRequest, LoadError, Model, Prompt,
+    BatchConfig, ChatMessage, Engine, GenerateError, GenerateEvent, GenerateRequest, LoadError,
+    Model, Prompt,
 };
 use tessera_protocol::{FinishReason, SamplingParams, TranscriptCommitment};
 
@@ -267,7 +268,13 @@ fn generate_until_keeps_what_was_delivered_when_cancelled() {
 #[tokio::test]
 async fn stopping_a_stream_ends_it_with_a_cancelled_done() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = Engine::spawn(model(dir.path()), 4).expect("spawn");
+    // One place in the batch, so the second request below waits in the queue.
+    let cfg = BatchConfig {
+        max_batch: 1,
+        queue: 4,
+        ..BatchConfig::default()
+    };
+    let engine = Engine::spawn(model(dir.path()), cfg).expect("spawn");
     let handle = engine.handle();
     let mut events = handle.generate(sampled(11, 1.0)).await.expect("queued");
     let mut deltas = 0;
@@ -387,7 +394,14 @@ fn corrupt_cached_catalogue_file_is_reported() {
 #[tokio::test]
 async fn engine_streams_events_and_dropping_the_stream_cancels() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = Engine::spawn(model(dir.path()), 4).expect("spawn");
+    let engine = Engine::spawn(
+        model(dir.path()),
+        BatchConfig {
+            queue: 4,
+            ..BatchConfig::default()
+        },
+    )
+    .expect("spawn");
     let handle = engine.handle();
     let mut events = handle.generate(sampled(11, 1.0)).await.expect("queued");
     let mut text = String::new();
@@ -656,4 +670,144 @@ fn replay_catches_other_weights_edited_records_and_a_wrong_prompt() {
         v.first_failure.map(|f| f.kind),
         Some(tessera_protocol::FailureKind::Position)
     );
+}
+
+/// Reads a stream to its end: the concatenated deltas and the completion.
+async fn collect(mut events: tessera_models::EventStream) -> (String, tessera_models::Completion) {
+    let mut text = String::new();
+    loop {
+        match events.recv().await.expect("stream ends with Done") {
+            Ok(GenerateEvent::Delta(t)) => text.push_str(&t),
+            Ok(GenerateEvent::Done(done)) => return (text, *done),
+            Err(e) => panic!("engine error: {e}"),
+        }
+    }
+}
+
+/// Requests of different prompt lengths, samplers and lengths.
+fn mixed_requests() -> Vec<GenerateRequest> {
+    (0..6u64)
+        .map(|k| {
+            let prompt = "the quick brown fox jumps over the lazy dog ".repeat(1 + k as usize);
+            let mut req = GenerateRequest::new(Prompt::Text(prompt), 12 + 5 * k as u32);
+            req.sampling = SamplingParams {
+                temperature: if k % 2 == 0 { 0.0 } else { 0.9 },
+                top_p: 0.95,
+                seed: 100 + k,
+                ..SamplingParams::default()
+            };
+            req.ignore_eos = true;
+            req
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_request_gives_the_same_tokens_alone_and_inside_a_busy_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reqs = mixed_requests();
+    let wide = || {
+        let spec = TinySpec {
+            context_length: 512,
+            ..TinySpec::default()
+        };
+        Model::load(&tiny(dir.path(), spec), "tiny").expect("load tiny model")
+    };
+    let mut alone = wide();
+    let want: Vec<_> = reqs.iter().map(|r| run(&mut alone, r)).collect();
+    // Small steps: long prompts are prefilled in chunks beside sequences that decode.
+    let cfg = BatchConfig {
+        max_batch: 4,
+        max_step_tokens: 8,
+        queue: 8,
+        ..BatchConfig::default()
+    };
+    let engine = Engine::spawn(wide(), cfg).expect("spawn");
+    let handle = engine.handle();
+    let mut streams = Vec::new();
+    for r in &reqs {
+        streams.push(handle.generate(r.clone()).await.expect("queued"));
+    }
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|s| tokio::spawn(collect(s)))
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.expect("reader"));
+    }
+    for (k, ((text, done), (want_text, want_done))) in got.iter().zip(&want).enumerate() {
+        assert_eq!(done.tokens, want_done.tokens, "request {k}");
+        assert_eq!(done.commitment, want_done.commitment, "request {k}");
+        assert_eq!(text, want_text, "request {k}");
+        assert_eq!(done.prompt_tokens, want_done.prompt_tokens);
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.peak_batch, 4, "{stats:?}");
+    assert!(
+        stats.sequences > stats.steps,
+        "steps ran several sequences: {stats:?}"
+    );
+    let total: u64 = want
+        .iter()
+        .map(|(_, d)| u64::from(d.prompt_tokens + d.completion_tokens - 1))
+        .sum();
+    assert_eq!(
+        stats.rows, total,
+        "every prompt token and every fed-back token runs once"
+    );
+    engine.shutdown();
+}
+
+#[tokio::test]
+async fn a_cancelled_request_frees_its_place_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = BatchConfig {
+        max_batch: 1,
+        queue: 4,
+        ..BatchConfig::default()
+    };
+    let engine = Engine::spawn(model(dir.path()), cfg).expect("spawn");
+    let handle = engine.handle();
+    let mut long = GenerateRequest::new(Prompt::Text("hello".into()), 100_000);
+    long.ignore_eos = true;
+    let mut events = handle.generate(long).await.expect("queued");
+    assert!(matches!(
+        events.recv().await,
+        Some(Ok(GenerateEvent::Delta(_)))
+    ));
+    drop(events);
+    let (_, done) = collect(handle.generate(sampled(5, 1.0)).await.expect("queued")).await;
+    assert_eq!(done.completion_tokens, 20);
+    // The long request stopped when its reader left: it did not run to its end first.
+    assert!(
+        handle.tokens_generated() < 2_000,
+        "{}",
+        handle.tokens_generated()
+    );
+    engine.shutdown();
+}
+
+#[tokio::test]
+async fn a_slow_reader_holds_back_only_its_own_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::spawn(model(dir.path()), BatchConfig::default()).expect("spawn");
+    let handle = engine.handle();
+    let mut big = GenerateRequest::new(Prompt::Text("hello".into()), 400);
+    big.ignore_eos = true;
+    let mut alone = model(dir.path());
+    let (want_text, want) = run(&mut alone, &big);
+    // Nobody reads this one for now: its deltas fill the channel and it sits out steps.
+    let slow = handle.generate(big).await.expect("queued");
+    let (_, quick) = collect(handle.generate(sampled(6, 1.0)).await.expect("queued")).await;
+    assert_eq!(quick.completion_tokens, 20);
+    assert!(
+        handle.tokens_generated() < 400,
+        "the unread request waits for its reader: {}",
+        handle.tokens_generated()
+    );
+    let (text, done) = collect(slow).await;
+    assert_eq!(done.tokens, want.tokens);
+    assert_eq!(text, want_text);
+    engine.shutdown();
 }

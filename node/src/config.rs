@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tessera_models::BatchConfig;
 use tessera_net::{Multiaddr, NetConfig, PeerId};
 use tessera_protocol::advert::{MAX_MODULES, TTL_RANGE_SECS};
 use tessera_protocol::{Address, Amount, Price};
@@ -84,6 +85,9 @@ pub struct NodeConfig {
     pub coordinators: Vec<PeerId>,
     /// Listen addresses, bootstrap peers, mDNS, liveness.
     pub net: NetConfig,
+    /// Continuous batching limits of each model's engine (`[engine]`); its queue is
+    /// `max_jobs`.
+    pub engine: BatchConfig,
 }
 
 impl Default for NodeConfig {
@@ -110,6 +114,7 @@ impl Default for NodeConfig {
             shutdown_grace: Duration::from_secs(30),
             coordinators: Vec::new(),
             net,
+            engine: BatchConfig::default(),
         }
     }
 }
@@ -166,6 +171,9 @@ impl NodeConfig {
         if self.max_jobs == 0 || self.max_jobs > 1024 {
             return bad(format!("max_jobs must be 1..=1024, got {}", self.max_jobs));
         }
+        self.engine
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("[engine] {e}")))?;
         if !TTL_RANGE_SECS.contains(&self.advert_ttl_secs) {
             return bad(format!(
                 "advert_ttl_secs must be {}..={}, got {}",

@@ -247,8 +247,14 @@ impl RunningNode {
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| cfg.model.clone())
                 });
-            let engine =
-                Engine::spawn(model, config.max_jobs as usize).map_err(NodeError::Engine)?;
+            let engine = Engine::spawn(
+                model,
+                tessera_models::BatchConfig {
+                    queue: config.max_jobs as usize,
+                    ..config.engine
+                },
+            )
+            .map_err(NodeError::Engine)?;
             served.push(Served {
                 alias,
                 module,
