@@ -197,6 +197,17 @@ struct BenchArgs {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 64)]
     prompt_tokens: usize,
+    /// Streams run at once through continuous batching (batch-anchor.sh's workload); 1
+    /// runs the single-stream anchor workload on the model directly.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    streams: usize,
+    /// With several streams: most tokens per step while others decode (prompt chunks).
+    #[arg(long, default_value_t = tessera_models::BatchConfig::default().max_step_tokens)]
+    max_step_tokens: usize,
+    /// Runs the measurement this many times, one JSON line each.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -301,13 +312,31 @@ fn run() -> Result<()> {
         Command::Stake(args) => wallet_cli::stake(&home, args),
         Command::Delegate(args) => wallet_cli::delegate(&home, args),
         Command::Rewards(args) => wallet_cli::rewards(args),
-        Command::Bench(args) => {
-            let mut model = load(&home, &args.model)?;
-            let result = tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?;
-            println!("{}", serde_json::to_string(&result)?);
-            Ok(())
-        }
+        Command::Bench(args) => bench(&home, &args),
     }
+}
+
+fn bench(home: &Path, args: &BenchArgs) -> Result<()> {
+    for _ in 0..args.runs.max(1) {
+        let mut model = load(home, &args.model)?;
+        let result = if args.streams == 1 {
+            tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?
+        } else {
+            let cfg = tessera_models::BatchConfig {
+                max_step_tokens: args.max_step_tokens,
+                ..Default::default()
+            };
+            tessera_models::bench::run_streams(
+                model,
+                args.streams,
+                args.prompt_tokens,
+                args.tokens,
+                cfg,
+            )?
+        };
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    Ok(())
 }
 
 fn models_list(home: &Path, json: bool) -> Result<()> {
