@@ -57,7 +57,15 @@ pub fn cpu_features() -> Vec<&'static str> {
                 }
             )*};
         }
-        probe!("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avxvnni");
+        probe!(
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avxvnni"
+        );
     }
     out
 }

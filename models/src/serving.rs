@@ -108,8 +108,13 @@ impl TensorSource<'_> {
         };
         match format {
             Some(format) => {
-                QMatrix::new(format, &self.mmap[r.clone()], rows, cols)
+                let m = QMatrix::new(format, &self.mmap[r.clone()], rows, cols)
                     .map_err(|e| err(format!("{name}: {e}")))?;
+                if kernels::tiles_enabled() {
+                    if let Some(p) = kernels::Packed::new(&m) {
+                        return Ok(Linear::Packed(p));
+                    }
+                }
                 Ok(Linear::Own {
                     format,
                     bytes: r,
@@ -182,8 +187,10 @@ impl TensorSource<'_> {
     }
 }
 
-/// A projection: our kernels straight from the mapping, or candle for other formats.
+/// A projection: our tile kernels on weights repacked at load, our row kernels straight
+/// from the mapping, or candle for other formats.
 pub(crate) enum Linear {
+    Packed(kernels::Packed),
     Own {
         format: Format,
         bytes: Range<usize>,
@@ -203,6 +210,7 @@ impl Linear {
     /// Output features.
     pub fn rows(&self) -> usize {
         match self {
+            Self::Packed(p) => p.rows(),
             Self::Own { rows, .. } | Self::Candle { rows, .. } => *rows,
         }
     }
@@ -218,6 +226,10 @@ impl Linear {
         out: &mut Vec<f32>,
     ) -> candle_core::Result<()> {
         match self {
+            Self::Packed(p) => {
+                out.resize(n * p.rows(), 0.0);
+                kernels::matmul_packed(path, p, &xq[..n * p.cols() / QK], n, out);
+            }
             Self::Own {
                 format,
                 bytes,
