@@ -708,14 +708,14 @@ mod avx2 {
                 let w = wq(k);
                 *a = _mm256_sign_epi8(w, w);
             }
-            for i in 0..m {
+            for (i, acc) in acc.iter_mut().enumerate().take(m) {
                 // SAFETY: block b of row i lies within `x` (i < m, b < nb).
                 let xb = &*xp.add(i * nb + b);
                 let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
                 // |w| · (x with w's sign): maddubs needs an unsigned operand; exact sums.
                 let mut p = [_mm256_setzero_si256(); 8];
-                for k in 0..8 {
-                    p[k] = _mm256_madd_epi16(
+                for (k, p) in p.iter_mut().enumerate() {
+                    *p = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(aw[k], _mm256_sign_epi8(xq, wq(k))),
                         ones,
                     );
@@ -730,12 +730,12 @@ mod avx2 {
                     _mm256_permute2x128_si256(h0, h1, 0x31),
                 );
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[i]);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *acc);
             }
         }
-        for i in 0..m {
+        for (i, acc) in acc.iter().enumerate().take(m) {
             // SAFETY: out holds at least m * 8 floats.
-            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), acc[i]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *acc);
         }
     }
 
