@@ -401,7 +401,7 @@ pub struct Packed {
 impl Packed {
     /// Whether `format` has tile kernels.
     pub fn supports(format: Format) -> bool {
-        matches!(format, Format::Q4_1 | Format::Q8_0)
+        matches!(format, Format::Q4_1 | Format::Q8_0 | Format::Q5_0)
     }
 
     /// Bytes of one tile's block (all its rows).
@@ -411,7 +411,9 @@ impl Packed {
             Format::Q4_1 => 16 + 16 + 4 * 32,
             // 8 f16 d, 8 rows of 32 bytes.
             Format::Q8_0 => 16 + TILE * 32,
-            Format::Q5_0 => 0,
+            // 8 f16 d, per pair two 32-bit words of high bits (values 0..15, 16..31; row
+            // k's bits in the low half, row k+4's in the high), 4 pairs of nibble bytes.
+            Format::Q5_0 => 16 + 32 + 4 * 32,
         }
     }
 
@@ -448,7 +450,23 @@ impl Packed {
                                 let off = 16 + k * 32;
                                 dst[off..off + 32].copy_from_slice(&src[2..34]);
                             }
-                            Format::Q5_0 => unreachable!("checked by supports"),
+                            Format::Q5_0 => {
+                                let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+                                let (p, hi) = (k % 4, k / 4);
+                                for (half, bits) in [(0, qh & 0xFFFF), (1, qh >> 16)] {
+                                    let at = 16 + p * 8 + half * 4;
+                                    let mut w = u32::from_le_bytes([
+                                        dst[at],
+                                        dst[at + 1],
+                                        dst[at + 2],
+                                        dst[at + 3],
+                                    ]);
+                                    w |= bits << (16 * hi);
+                                    dst[at..at + 4].copy_from_slice(&w.to_le_bytes());
+                                }
+                                let off = 48 + p * 32 + hi * 16;
+                                dst[off..off + 16].copy_from_slice(&src[6..22]);
+                            }
                         }
                     }
                 }
@@ -483,10 +501,19 @@ impl Packed {
 
     /// Outputs of tile `t` for activation rows `x` (`m` rows of `cols / 32` blocks) into
     /// `out` (`m × 8`).
-    fn tile_rows(&self, path: Path, t: usize, x: &[BlockQ8], m: usize, out: &mut [f32]) {
+    fn tile_rows(
+        &self,
+        path: Path,
+        t: usize,
+        x: &[BlockQ8],
+        xsum: &[i32],
+        m: usize,
+        out: &mut [f32],
+    ) {
         let nb = self.cols / QK;
         let tile = self.tile(t);
         assert!(x.len() >= m * nb && out.len() >= m * TILE);
+        assert!(self.format != Format::Q5_0 || xsum.len() >= m * nb);
         #[cfg(target_arch = "x86_64")]
         if path == Path::Avx2 {
             // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; `tile` holds
@@ -496,7 +523,7 @@ impl Packed {
                 match self.format {
                     Format::Q4_1 => avx2::tile_q4_1(tile, nb, x, m, out),
                     Format::Q8_0 => avx2::tile_q8_0(tile, nb, x, m, out),
-                    Format::Q5_0 => unreachable!("not packed"),
+                    Format::Q5_0 => avx2::tile_q5_0(tile, nb, x, xsum, m, out),
                 }
             }
             return;
@@ -543,7 +570,24 @@ pub fn tile_scalar(format: Format, tile: &[u8], x: &[BlockQ8], out: &mut [f32]) 
                         .map(|(&w, &q)| i32::from(w as i8) * i32::from(q))
                         .sum()
                 }
-                Format::Q5_0 => unreachable!("not packed"),
+                Format::Q5_0 => {
+                    let (p, hi) = (k % 4, k / 4);
+                    let word = |half: usize| {
+                        let at = 16 + p * 8 + half * 4;
+                        u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]])
+                            >> (16 * hi)
+                    };
+                    let (lo_bits, hi_bits) = (word(0), word(1));
+                    let off = 48 + p * 32 + hi * 16;
+                    let qs = &blk[off..off + 16];
+                    (0..16)
+                        .map(|j| {
+                            let v0 = i32::from(qs[j] & 0x0F) | (((lo_bits >> j) & 1) << 4) as i32;
+                            let v1 = i32::from(qs[j] >> 4) | (((hi_bits >> j) & 1) << 4) as i32;
+                            (v0 - 16) * i32::from(xb.qs[j]) + (v1 - 16) * i32::from(xb.qs[j + 16])
+                        })
+                        .sum()
+                }
             };
             acc = (isum as f32).mul_add(d * xb.d, acc);
         }
@@ -566,12 +610,21 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
     assert_eq!(out.len(), m * w.rows, "output size");
     let tiles = w.rows.div_ceil(TILE);
     let rows = w.rows;
+    // Q5_0 values are stored offset by 16: each block's Σx corrects the integer sums.
+    let xsum: Vec<i32> = if w.format == Format::Q5_0 {
+        x.iter()
+            .map(|b| b.qs.iter().map(|&q| i32::from(q)).sum())
+            .collect()
+    } else {
+        Vec::new()
+    };
     // One tile's outputs for rows i0.. into `buf`, then into place.
     let run_tile = |t: usize, buf: &mut Vec<f32>, put: &mut dyn FnMut(usize, usize, f32)| {
         for i0 in (0..m).step_by(TILE_ROWS) {
             let g = TILE_ROWS.min(m - i0);
             buf.resize(g * TILE, 0.0);
-            w.tile_rows(path, t, &x[i0 * nb..(i0 + g) * nb], g, buf);
+            let xs = xsum.get(i0 * nb..(i0 + g) * nb).unwrap_or(&[]);
+            w.tile_rows(path, t, &x[i0 * nb..(i0 + g) * nb], xs, g, buf);
             for i in 0..g {
                 for k in 0..TILE.min(rows - t * TILE) {
                     put(i0 + i, t * TILE + k, buf[i * TILE + k]);
@@ -614,6 +667,95 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
 mod avx2 {
     use super::{BlockQ8, Q4_1_BLOCK_BYTES};
     use std::arch::x86_64::*;
+
+    /// [`super::tile_scalar`] for a Q5_0 tile against `m` activation rows, bit for bit:
+    /// values are taken as `v = nibble + 16·bit` (unsigned, so `maddubs` applies) and each
+    /// block's integer sum corrected by `16·Σx` (`xsum`), giving Σ (v − 16)·x exactly.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q5_0 tile blocks
+    /// (176 bytes each), `x` and `xsum` at least `m * nb` entries, `out` `m * 8` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_q5_0(
+        tile: &[u8],
+        nb: usize,
+        x: &[BlockQ8],
+        xsum: &[i32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        const TBB: usize = 176;
+        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb && xsum.len() >= m * nb);
+        debug_assert!(out.len() >= m * 8);
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let sixteen = _mm256_set1_epi8(0x10);
+        let shuf = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let all = _mm256_set1_epi64x(-1);
+        // Byte j of the result is 16 when bit j of `w` is set, else 0.
+        let bits16 = |w: u32| {
+            let b = _mm256_shuffle_epi8(_mm256_set1_epi32(w as i32), shuf);
+            _mm256_and_si256(
+                _mm256_cmpeq_epi8(_mm256_or_si256(b, bit_mask), all),
+                sixteen,
+            )
+        };
+        let mut acc = [_mm256_setzero_ps(); super::TILE_ROWS];
+        let m = m.min(super::TILE_ROWS);
+        let tp = tile.as_ptr();
+        let xp = x.as_ptr();
+        for b in 0..nb {
+            // SAFETY: tile block b lies within `tile` (b < nb); unaligned loads.
+            let blk = tp.add(b * TBB);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let mut lo = [_mm256_setzero_si256(); 4];
+            let mut hi = [_mm256_setzero_si256(); 4];
+            for p in 0..4 {
+                let words = blk.add(16 + 8 * p) as *const u32;
+                let q = _mm256_loadu_si256(blk.add(48 + 32 * p) as *const __m256i);
+                lo[p] = _mm256_add_epi8(
+                    _mm256_and_si256(q, mask),
+                    bits16(std::ptr::read_unaligned(words)),
+                );
+                hi[p] = _mm256_add_epi8(
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+                    bits16(std::ptr::read_unaligned(words.add(1))),
+                );
+            }
+            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                // SAFETY: block b of row i lies within `x` and `xsum` (i < m, b < nb).
+                let xb = &*xp.add(i * nb + b);
+                let xq = xb.qs.as_ptr() as *const __m128i;
+                let xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq));
+                let xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq.add(1)));
+                let mut v = [_mm256_setzero_si256(); 4];
+                for (p, v) in v.iter_mut().enumerate() {
+                    // 2·31·127 per pair: no i16 saturation.
+                    let s16 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[p], xl),
+                        _mm256_maddubs_epi16(hi[p], xh),
+                    );
+                    *v = _mm256_madd_epi16(s16, ones);
+                }
+                let h =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                let isum =
+                    _mm256_sub_epi32(h, _mm256_set1_epi32(16 * *xsum.get_unchecked(i * nb + b)));
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *acc);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(m) {
+            // SAFETY: out holds at least m * 8 floats.
+            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *acc);
+        }
+    }
 
     /// [`super::tile_scalar`] for a Q4_1 tile against `m` activation rows, bit for bit.
     ///
@@ -1117,7 +1259,9 @@ mod tests {
                     out.extend_from_slice(&f16::from_f32(m).to_le_bytes());
                     out.extend((0..16).map(|_| next() as u8));
                 }
-                _ => out.extend((0..32).map(|_| next() as u8)),
+                // 4 bytes of high bits, 16 of nibbles.
+                Format::Q5_0 => out.extend((0..20).map(|_| next() as u8)),
+                Format::Q8_0 => out.extend((0..32).map(|_| next() as u8)),
             }
         }
         out
@@ -1139,8 +1283,8 @@ mod tests {
         /// The tile kernels equal the scalar reference bit for bit, for any shape, any
         /// number of activation rows (across the kernel's row groups) and any pool size.
         #[test]
-        fn tile_kernels_equal_the_scalar_reference_bit_for_bit(rows in 1usize..40, nb in 1usize..12, m in 1usize..70, seed in 1u64..10_000, q8 in any::<bool>()) {
-            let format = if q8 { Format::Q8_0 } else { Format::Q4_1 };
+        fn tile_kernels_equal_the_scalar_reference_bit_for_bit(rows in 1usize..40, nb in 1usize..12, m in 1usize..70, seed in 1u64..10_000, which in 0usize..3) {
+            let format = [Format::Q4_1, Format::Q8_0, Format::Q5_0][which];
             let cols = nb * QK;
             let bytes = random_matrix(format, rows, cols, seed);
             let w = QMatrix::new(format, &bytes, rows, cols).expect("shape");
@@ -1169,7 +1313,8 @@ mod tests {
                     let xi = &x[i * nb..(i + 1) * nb];
                     let want = match format {
                         Format::Q4_1 => dot_q4_1_scalar(row, xi),
-                        _ => dot_q8_0_scalar(row, xi),
+                        Format::Q8_0 => dot_q8_0_scalar(row, xi),
+                        Format::Q5_0 => dot_q5_0_scalar(row, xi),
                     };
                     let magnitude: f32 = xi.iter().map(|b| b.d.abs() * 32.0 * 128.0 * 0.05 + b.s.abs() * 0.4).sum();
                     prop_assert!((got[i * rows + r] - want).abs() <= 1e-5 * magnitude + 1e-6, "{} vs {want}", got[i * rows + r]);
