@@ -618,25 +618,27 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
     } else {
         Vec::new()
     };
-    // One tile's outputs for rows i0.. into `buf`, then into place.
-    let run_tile = |t: usize, buf: &mut Vec<f32>, put: &mut dyn FnMut(usize, usize, f32)| {
-        for i0 in (0..m).step_by(TILE_ROWS) {
-            let g = TILE_ROWS.min(m - i0);
-            buf.resize(g * TILE, 0.0);
-            let xs = xsum.get(i0 * nb..(i0 + g) * nb).unwrap_or(&[]);
-            w.tile_rows(path, t, &x[i0 * nb..(i0 + g) * nb], xs, g, buf);
-            for i in 0..g {
-                for k in 0..TILE.min(rows - t * TILE) {
-                    put(i0 + i, t * TILE + k, buf[i * TILE + k]);
+    // Tiles t0..t1 for every activation row into `dst` (m rows of `width` floats starting
+    // at weight row t0·8), through `buf` (one tile's outputs for a group of rows).
+    let run_tiles = |t0: usize, t1: usize, buf: &mut Vec<f32>, dst: &mut [f32], width: usize| {
+        for t in t0..t1 {
+            let col = (t - t0) * TILE;
+            let valid = TILE.min(rows - t * TILE);
+            for i0 in (0..m).step_by(TILE_ROWS) {
+                let g = TILE_ROWS.min(m - i0);
+                buf.resize(g * TILE, 0.0);
+                let xs = xsum.get(i0 * nb..(i0 + g) * nb).unwrap_or(&[]);
+                w.tile_rows(path, t, &x[i0 * nb..(i0 + g) * nb], xs, g, buf);
+                for i in 0..g {
+                    let at = (i0 + i) * width + col;
+                    dst[at..at + valid].copy_from_slice(&buf[i * TILE..i * TILE + valid]);
                 }
             }
         }
     };
     if rayon::current_num_threads() == 1 {
         let mut buf = Vec::new();
-        for t in 0..tiles {
-            run_tile(t, &mut buf, &mut |i, r, v| out[i * rows + r] = v);
-        }
+        run_tiles(0, tiles, &mut buf, out, rows);
         return;
     }
     // Chunks of tiles large enough to amortise the hand-off, small enough to balance.
@@ -649,9 +651,7 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
             let (r0, r1) = (t0 * TILE, (t1 * TILE).min(rows));
             let width = r1 - r0;
             let mut part = vec![0f32; m * width];
-            for t in t0..t1 {
-                run_tile(t, buf, &mut |i, r, v| part[i * width + r - r0] = v);
-            }
+            run_tiles(t0, t1, buf, &mut part, width);
             (r0, width, part)
         })
         .collect();

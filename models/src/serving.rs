@@ -532,34 +532,54 @@ pub(crate) fn attention(
     let group = a.n_head / a.n_kv_head;
     out.clear();
     out.resize(lay.rows * qdim, 0.0);
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (c, oh)| {
-            let (i, h) = (c / a.n_head, c % a.n_head);
+    // One task per (row, key/value head): the `group` query heads that share a key/value
+    // head read each cached key and value once, one after the other; every head's
+    // arithmetic is the same as on its own.
+    out.par_chunks_mut(group * hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (c, og)| {
+            let (i, g) = (c / a.n_kv_head, c % a.n_kv_head);
             let (k, v) = kv[lay.row_seq[i]];
             let end = lay.row_pos[i] + 1;
             let start = a.window.map_or(0, |w| end.saturating_sub(w));
-            let g = h / group;
-            let qh = &q[i * qdim + h * hd..][..hd];
+            let len = end - start;
             scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for t in start..end {
-                let sc = dot(qh, &k[t * kvw + g * hd..][..hd]) * a.scale;
-                max = max.max(sc);
-                scores.push(sc);
+            scores.resize(group * len, 0.0);
+            let mut max = [f32::NEG_INFINITY; MAX_GROUP];
+            for (t, kt) in (start..end)
+                .map(|t| &k[t * kvw + g * hd..][..hd])
+                .enumerate()
+            {
+                for j in 0..group {
+                    let h = g * group + j;
+                    let sc = dot(&q[i * qdim + h * hd..][..hd], kt) * a.scale;
+                    max[j] = max[j].max(sc);
+                    scores[j * len + t] = sc;
+                }
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
+            let mut sum = [0f32; MAX_GROUP];
+            for j in 0..group {
+                for sc in scores[j * len..(j + 1) * len].iter_mut() {
+                    *sc = (*sc - max[j]).exp();
+                    sum[j] += *sc;
+                }
             }
-            for (t, p) in (start..end).zip(scores.iter()) {
-                let w = p / sum;
-                let vt = &v[t * kvw + g * hd..][..hd];
-                oh.iter_mut().zip(vt).for_each(|(o, x)| *o += w * x);
+            for (t, vt) in (start..end)
+                .map(|t| &v[t * kvw + g * hd..][..hd])
+                .enumerate()
+            {
+                for j in 0..group {
+                    let w = scores[j * len + t] / sum[j];
+                    let oh = &mut og[j * hd..(j + 1) * hd];
+                    oh.iter_mut().zip(vt).for_each(|(o, x)| *o += w * x);
+                }
             }
-        });
+        },
+    );
 }
+
+/// Most query heads sharing one key/value head (checked at load).
+pub(crate) const MAX_GROUP: usize = 16;
 
 /// Dot product in eight lanes, so it vectorizes (a plain `sum` must keep f32 order).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
