@@ -47,6 +47,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed on the llama.cpp anchor's workload; prints one JSON line.
     Bench(BenchArgs),
+    /// Check our kernels' numerics against reference paths on the real models: logits over a
+    /// fixed public-domain text and its perplexity (one JSON line per comparison).
+    Numerics(NumericsArgs),
     /// Measure the replay verifier on the real models: false positives of honest nodes,
     /// detection of substituted ones, and the audit's cost (one JSON line per scenario).
     VerifyBench(verify_cli::VerifyBenchArgs),
@@ -210,6 +213,19 @@ struct BenchArgs {
     runs: usize,
 }
 
+#[derive(Args, Debug)]
+struct NumericsArgs {
+    /// Positions compared per model (tokens of the text).
+    #[arg(long, default_value_t = 600)]
+    positions: usize,
+    /// Also compare with the scalar reference kernels (slow; expected identical).
+    #[arg(long)]
+    scalar: bool,
+    /// Kernels of the path checked (`TESSERA_KERNEL`: `rows` checks the previous ones).
+    #[arg(long, hide = true)]
+    kernel: Option<String>,
+}
+
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -313,7 +329,68 @@ fn run() -> Result<()> {
         Command::Delegate(args) => wallet_cli::delegate(&home, args),
         Command::Rewards(args) => wallet_cli::rewards(args),
         Command::Bench(args) => bench(&home, &args),
+        Command::Numerics(args) => numerics(&home, &args),
     }
+}
+
+/// Loads `alias` with `TESSERA_KERNEL` set to `kernel` (`None`: unset) for the load: the
+/// kernel choice is read when the weights are prepared. Single-threaded here (before any
+/// engine runs), so changing the environment is safe.
+fn load_kernel(home: &Path, alias: &str, backend: Backend, kernel: Option<&str>) -> Result<Model> {
+    fetch_if_needed(home, alias)?;
+    match kernel {
+        Some(k) => std::env::set_var("TESSERA_KERNEL", k),
+        None => std::env::remove_var("TESSERA_KERNEL"),
+    }
+    let m = tessera_models::load_with(alias, home, backend);
+    std::env::remove_var("TESSERA_KERNEL");
+    Ok(m?)
+}
+
+fn numerics(home: &Path, args: &NumericsArgs) -> Result<()> {
+    use tessera_models::numerics::compare;
+    let n = args.positions;
+    let emit = |r: tessera_models::numerics::NumericsReport| -> Result<()> {
+        println!("{}", serde_json::to_string(&r)?);
+        Ok(())
+    };
+    let smol = "smollm2-135m-instruct";
+    let base = args.kernel.as_deref();
+    let mut tiles = load_kernel(home, smol, Backend::Tessera, base)?;
+    let mut candle = load_kernel(home, smol, Backend::Candle, None)?;
+    emit(compare(
+        ("tile kernels", &mut tiles),
+        ("candle stock", &mut candle),
+        n,
+    )?)?;
+    drop(candle);
+    let mut rows = load_kernel(home, smol, Backend::Tessera, Some("rows"))?;
+    emit(compare(
+        ("tile kernels", &mut tiles),
+        ("row kernels (previous)", &mut rows),
+        n,
+    )?)?;
+    drop(rows);
+    if args.scalar {
+        let mut scalar = load_kernel(home, smol, Backend::Tessera, Some("scalar"))?;
+        emit(compare(
+            ("tile kernels", &mut tiles),
+            ("scalar reference", &mut scalar),
+            n,
+        )?)?;
+    }
+    drop(tiles);
+    // candle's stock gemma3 is a different graph (SiLU gating; docs/models.md): the
+    // reference for gemma3 is our previous kernels.
+    let g = "gemma3-270m";
+    let mut tiles = load_kernel(home, g, Backend::Tessera, base)?;
+    let mut rows = load_kernel(home, g, Backend::Tessera, Some("rows"))?;
+    emit(compare(
+        ("tile kernels", &mut tiles),
+        ("row kernels (previous)", &mut rows),
+        n,
+    )?)?;
+    Ok(())
 }
 
 fn bench(home: &Path, args: &BenchArgs) -> Result<()> {

@@ -245,6 +245,9 @@ pub struct AuditCase {
     pub payout: Address,
     /// The module it claimed.
     pub module: ModuleId,
+    /// Its engine's numerics, from its advert: only a node of the same numerics replays
+    /// its transcript exactly (docs/verification.md).
+    pub numerics: String,
     /// The prompt.
     pub input: JobInput,
     /// The sampler settings and seed.
@@ -778,7 +781,7 @@ fn payout_of(deps: &AuditDeps, node: &PeerId) -> Address {
         .unwrap_or_default()
 }
 
-/// Another node serving the same weights, chosen at random (keyed by the job and the
+/// Another node serving the same weights with the same numerics, chosen at random (keyed by the job and the
 /// coordinator's secret, so no node can arrange to be picked), never one in `exclude` by
 /// peer id or payout address (a second identity of the audited node), never one under
 /// dispute.
@@ -803,7 +806,9 @@ fn pick_auditor(
                 .modules
                 .iter()
                 .find(|o| {
-                    o.module.weights == case.module.weights && o.module.family == case.module.family
+                    o.module.weights == case.module.weights
+                        && o.module.family == case.module.family
+                        && o.numerics == case.numerics
                 })
                 .map(|o| (e.advert.node, o.module.clone(), o.price, e.advert.payout))
         })

@@ -83,6 +83,8 @@ pub struct Started {
     pub price: Price,
     /// Nodes tried so far, this one included.
     pub attempts: u32,
+    /// Its engine's numerics (auditors must share them).
+    pub numerics: String,
 }
 
 /// A settled job.
@@ -452,6 +454,7 @@ impl Job {
             job_id: self.job_id,
             price: c.offer.price,
             attempts,
+            numerics: c.offer.numerics.clone(),
         };
         let mut announced = false;
         loop {
@@ -671,6 +674,7 @@ impl Job {
                 node: started.node,
                 payout: started.payout,
                 module: started.module.clone(),
+                numerics: started.numerics.clone(),
                 input: self.req.input.clone(),
                 sampling: result.receipt.body.sampling.clone(),
                 prompt_tokens: result.usage.prompt_tokens,

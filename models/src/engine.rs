@@ -211,6 +211,7 @@ pub struct Model {
     device: Device,
     load_time: Duration,
     generated: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    numerics: &'static str,
 }
 
 impl std::fmt::Debug for Model {
@@ -315,6 +316,10 @@ impl Model {
             device,
             load_time: start.elapsed(),
             generated: Default::default(),
+            numerics: match backend {
+                Backend::Tessera => crate::kernels::numerics(),
+                Backend::Candle => "candle-0.11.1",
+            },
         };
         tracing::info!(model = %model.name, module = %model.module_id, load_ms = model.load_time.as_millis() as u64, "model loaded");
         Ok(model)
@@ -446,6 +451,23 @@ impl Model {
         Ok(self.prefill(tokens, tokens.len())?)
     }
 
+    /// Logits of every position of `tokens`, run at positions `pos..` after the current
+    /// context (a fresh one when `pos` is 0), row after row: numerics checks compare the
+    /// implementations with this, in chunks. candle's models run a token at a time.
+    pub fn logits_chunk(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+        match &mut self.weights {
+            Weights::OwnLlama(m) => Ok(m.forward_rows(tokens, pos, 0)?),
+            Weights::OwnGemma3(m) => Ok(m.forward_rows(tokens, pos, 0)?),
+            Weights::CandleLlama(_) | Weights::CandleGemma3(_) => {
+                let mut out = Vec::new();
+                for (i, &t) in tokens.iter().enumerate() {
+                    out.extend(self.forward(&[t], pos + i)?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Logits after appending `token` at `pos` to the current context.
     pub fn logits_next(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, GenerateError> {
         Ok(self.forward(&[token], pos)?)
@@ -555,6 +577,13 @@ impl Model {
         on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
         crate::batch::generate_alone(self, req, on_text)
+    }
+
+    /// The arithmetic this model runs, as adverts name it: transcripts replay exactly
+    /// only under the same numerics (a different float order flips activation roundings
+    /// and moves logits by up to a few units; docs/performance.md).
+    pub fn numerics(&self) -> &'static str {
+        self.numerics
     }
 
     /// Whether this implementation runs many sequences per step (ours; candle's stock
@@ -688,6 +717,8 @@ pub struct ModelInfo {
     pub context_length: u32,
     /// Whether the GGUF has a chat template.
     pub has_chat_template: bool,
+    /// The engine's arithmetic ([`Model::numerics`]).
+    pub numerics: &'static str,
 }
 
 /// Owner of the model thread. Dropping it (or `shutdown`) stops the thread after the
@@ -717,6 +748,7 @@ impl Engine {
             module_id: model.module_id.clone(),
             context_length: model.context_length,
             has_chat_template: model.has_chat_template(),
+            numerics: model.numerics(),
         });
         let generated = model.token_counter();
         let (tx, rx) = tokio::sync::mpsc::channel::<Command>(cfg.queue.max(1));

@@ -242,6 +242,17 @@ pub fn tiles_enabled() -> bool {
     !std::env::var("TESSERA_KERNEL").is_ok_and(|v| v == "rows")
 }
 
+/// The numerics of models loaded now (see [`Packed`]): `tessera-tiles-1` for the tile
+/// kernels, whose scalar and SIMD paths agree bit for bit, `tessera-rows-1` for the
+/// previous row kernels.
+pub fn numerics() -> &'static str {
+    if tiles_enabled() {
+        "tessera-tiles-1"
+    } else {
+        "tessera-rows-1"
+    }
+}
+
 /// Dot product of one Q4_1 weight row with one quantized activation row.
 pub fn dot_q4_1(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
     debug_assert_eq!(w.len(), x.len() * Q4_1_BLOCK_BYTES);

@@ -12,6 +12,7 @@ pub mod gemma3;
 pub mod gguf;
 pub mod kernels;
 pub mod llama;
+pub mod numerics;
 pub mod requant;
 pub mod sampler;
 mod serving;

@@ -133,6 +133,7 @@ impl Shared {
                     alias: s.alias.clone(),
                     price: s.price,
                     latency: s.latency.lock().map(|l| l.stats()).unwrap_or_default(),
+                    numerics: s.engine.info().numerics.to_owned(),
                 })
                 .collect(),
             capacity: self.config.max_jobs,

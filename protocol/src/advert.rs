@@ -65,6 +65,9 @@ pub struct ModuleOffer {
     pub price: Price,
     /// Measured speed.
     pub latency: LatencyStats,
+    /// The engine's arithmetic (kernel generation, e.g. `tessera-tiles-1`): replays are
+    /// exact only between nodes of the same numerics, so auditors are chosen among them.
+    pub numerics: String,
 }
 
 /// What a node tells the network about itself.
@@ -243,6 +246,7 @@ mod tests {
                         p95_ttft_ms: Some(120),
                         p95_tpot_us: Some(15_000),
                     },
+                    numerics: "tessera-tiles-1".into(),
                 })
                 .collect(),
             capacity: 4,

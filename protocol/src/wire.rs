@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The wire protocol version this build speaks (first byte of every encoded message).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Why bytes could not be turned into a message, or a message into bytes.
 #[derive(Debug, thiserror::Error)]
