@@ -174,7 +174,7 @@ pub struct DevnetArgs {
     #[arg(long, default_value_t = 10.0)]
     batch_interval: f64,
     /// Most jobs each node admits at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 16)]
     max_jobs: u32,
     /// Seconds a request waits for a free node before 503 (a devnet is often asked for more
     /// than its few nodes run at once).

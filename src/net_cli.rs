@@ -36,9 +36,12 @@ pub struct NodeArgs {
     price_output: Option<Amount>,
     #[command(flatten)]
     net: NetFlags,
-    /// Most jobs admitted at once (running and waiting) [default: 4].
+    /// Most jobs admitted at once (running and waiting) [default: 16].
     #[arg(long, env = "TESSERA_MAX_JOBS")]
     max_jobs: Option<u32>,
+    /// Most jobs one engine runs at once, batched step by step [default: 16].
+    #[arg(long, env = "TESSERA_MAX_BATCH")]
+    max_batch: Option<usize>,
     /// EVM address where earnings are paid.
     #[arg(long, env = "TESSERA_PAYOUT")]
     payout: Option<Address>,
@@ -104,6 +107,9 @@ impl NodeArgs {
         self.net.apply(&mut config.net);
         if let Some(n) = self.max_jobs {
             config.max_jobs = n;
+        }
+        if let Some(n) = self.max_batch {
+            config.engine.max_batch = n;
         }
         if let Some(p) = self.payout {
             config.payout = p;

@@ -192,6 +192,27 @@ pub fn verify_bench(
         };
         emit(run_scenario(scenario, (&mut gen, 1), &mut gaud)?)?;
     }
+    if wanted("cross-numerics") {
+        // A node on the previous row kernels (`TESSERA_KERNEL=rows`, read at load, before
+        // any engine thread runs), an auditor on the tile kernels: what an audit across
+        // numerics would find. Auditors are chosen among nodes of the same numerics.
+        std::env::set_var("TESSERA_KERNEL", "rows");
+        let gen = load(&smol_path, "smollm2 (row kernels)", Backend::Tessera);
+        std::env::remove_var("TESSERA_KERNEL");
+        let mut gen = gen?;
+        let scenario = Scenario {
+            name: "cross-numerics",
+            setup: format!("SmolLM2 Q4_1: node on the previous row kernels ({}), auditor on the tile kernels ({})", gen.numerics(), auditor.numerics()),
+            honest: true,
+            work: Workload {
+                jobs: args.reference_jobs,
+                tokens: args.tokens,
+                ignore_eos: false,
+            },
+            chunks: &[REPLAY_CHUNK],
+        };
+        emit(run_scenario(scenario, (&mut gen, threads), &mut auditor)?)?;
+    }
     if wanted("honest-reference") {
         let mut gen = load(&smol_path, "smollm2 (our engine)", Backend::Tessera)?;
         let mut reference = load(&smol_path, "smollm2 (candle reference)", Backend::Candle)?;

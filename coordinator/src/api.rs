@@ -1022,6 +1022,7 @@ mod tests {
                         per_1k_output: Amount(out),
                     },
                     latency: LatencyStats::default(),
+                    numerics: "tessera-tiles-1".into(),
                 }];
                 table.apply(
                     &NetEvent::Advert(Box::new(advert)),

@@ -48,7 +48,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_batch: 8,
+            max_batch: 16,
             max_step_tokens: 64,
             max_positions: 32_768,
             queue: 8,

@@ -107,7 +107,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("tessera-node"),
             models: Vec::new(),
             payout: Address::default(),
-            max_jobs: 4,
+            max_jobs: 16,
             advert_interval: Duration::from_secs(10),
             advert_ttl_secs: 30,
             request_timeout: Duration::from_secs(10),
