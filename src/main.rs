@@ -208,6 +208,13 @@ struct BenchArgs {
     /// With several streams: most tokens per step while others decode (prompt chunks).
     #[arg(long, default_value_t = tessera_models::BatchConfig::default().max_step_tokens)]
     max_step_tokens: usize,
+    /// Run through the engine, as a node does, even for one stream (its thread policy
+    /// applies); without it one stream runs on the model directly.
+    #[arg(long)]
+    engine: bool,
+    /// The engine's thread policy: adaptive, all (the whole pool) or one.
+    #[arg(long, default_value = "adaptive")]
+    thread_policy: tessera_models::ThreadPolicy,
     /// Runs the measurement this many times, one JSON line each.
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -396,11 +403,12 @@ fn numerics(home: &Path, args: &NumericsArgs) -> Result<()> {
 fn bench(home: &Path, args: &BenchArgs) -> Result<()> {
     for _ in 0..args.runs.max(1) {
         let mut model = load(home, &args.model)?;
-        let result = if args.streams == 1 {
+        let result = if args.streams == 1 && !args.engine {
             tessera_models::bench::run(&mut model, args.prompt_tokens, args.tokens)?
         } else {
             let cfg = tessera_models::BatchConfig {
                 max_step_tokens: args.max_step_tokens,
+                threads: args.thread_policy,
                 ..Default::default()
             };
             tessera_models::bench::run_streams(

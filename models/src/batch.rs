@@ -39,6 +39,12 @@ pub struct BatchConfig {
     /// may hold together; a request that would exceed it waits for room (one request
     /// alone is always admitted, up to the context). Bounds the engine's memory.
     pub max_positions: usize,
+    /// How many threads run each step: `adaptive` (default) moves between the whole pool
+    /// and one thread by measuring both as it goes, so a core taken by another process
+    /// (a node's own network and API, anything else on the machine) costs a little speed
+    /// instead of stalling every step on a descheduled worker; `all` always uses the pool
+    /// (`--threads`), `one` a single thread.
+    pub threads: ThreadPolicy,
     /// Requests waiting for a place in the batch before `try_generate` reports busy (a
     /// node sets it from its `max_jobs`).
     #[serde(skip)]
@@ -51,6 +57,7 @@ impl Default for BatchConfig {
             max_batch: 16,
             max_step_tokens: 64,
             max_positions: 32_768,
+            threads: ThreadPolicy::Adaptive,
             queue: 8,
         }
     }
@@ -117,6 +124,131 @@ impl EngineStats {
         self.sequences
             .fetch_add(sequences as u64, Ordering::Relaxed);
         self.peak.fetch_max(sequences, Ordering::Relaxed);
+    }
+}
+
+/// Which threads run the engine's steps (see [`BatchConfig::threads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThreadPolicy {
+    /// Measure both and use the faster, re-measuring as conditions change.
+    Adaptive,
+    /// The whole inference pool.
+    All,
+    /// One thread.
+    One,
+}
+
+impl std::str::FromStr for ThreadPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "adaptive" => Ok(Self::Adaptive),
+            "all" => Ok(Self::All),
+            "one" => Ok(Self::One),
+            _ => Err(format!(
+                "thread policy must be adaptive, all or one, not {s:?}"
+            )),
+        }
+    }
+}
+
+/// Steps between two probes of the other setting, steps per probe, and steps before the
+/// first probe. A step this much slower than its setting's average probes at once (another
+/// process has just taken a core).
+const PROBE_EVERY: u32 = 32;
+const PROBE_STEPS: u32 = 3;
+const FIRST_PROBE: u32 = 6;
+const SLOWDOWN: f64 = 2.0;
+
+/// The adaptive policy's state: the setting in use, and each setting's recent time per
+/// token row (an exponential average), kept apart for decoding steps (a token per
+/// sequence) and steps that carry prompt chunks, whose rows cost less each.
+#[derive(Debug)]
+struct Threads {
+    policy: ThreadPolicy,
+    one: Option<rayon::ThreadPool>,
+    use_one: bool,
+    since_probe: u32,
+    probing: u32,
+    per_row: [[Option<f64>; 2]; 2],
+}
+
+impl Threads {
+    fn new(policy: ThreadPolicy) -> Self {
+        // One thread needs a pool of its own only when the global pool has more.
+        let one = (policy != ThreadPolicy::All && rayon::current_num_threads() > 1)
+            .then(|| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok())
+            .flatten();
+        Self {
+            use_one: policy == ThreadPolicy::One,
+            policy,
+            one,
+            since_probe: PROBE_EVERY - FIRST_PROBE,
+            probing: 0,
+            per_row: [[None, None]; 2],
+        }
+    }
+
+    /// Whether the next step runs on one thread.
+    fn next_on_one(&mut self) -> bool {
+        if self.policy != ThreadPolicy::Adaptive || self.one.is_none() {
+            return self.use_one && self.one.is_some();
+        }
+        if self.probing == 0 && self.since_probe >= PROBE_EVERY {
+            self.probing = PROBE_STEPS;
+            self.since_probe = 0;
+        }
+        if self.probing > 0 {
+            !self.use_one
+        } else {
+            self.use_one
+        }
+    }
+
+    /// Records a step's time; after a probe, keeps whichever setting was faster.
+    fn record(&mut self, on_one: bool, decoding: bool, rows: usize, took: Duration) {
+        if self.policy != ThreadPolicy::Adaptive || rows == 0 {
+            return;
+        }
+        let per_row = took.as_secs_f64() / rows as f64;
+        let kind = usize::from(decoding);
+        let slot = &mut self.per_row[kind][usize::from(on_one)];
+        if self.probing == 0 && slot.is_some_and(|avg| per_row > SLOWDOWN * avg) {
+            self.since_probe = PROBE_EVERY;
+        }
+        *slot = Some(slot.map_or(per_row, |avg| 0.7 * avg + 0.3 * per_row));
+        if self.probing > 0 {
+            self.probing -= 1;
+            if self.probing == 0 {
+                if let [Some(all), Some(one)] = self.per_row[kind] {
+                    let switch = if self.use_one {
+                        all < 0.9 * one
+                    } else {
+                        one < 0.9 * all
+                    };
+                    if switch {
+                        self.use_one = !self.use_one;
+                        tracing::debug!(
+                            one_thread = self.use_one,
+                            all_us = all * 1e6,
+                            one_us = one * 1e6,
+                            "engine thread setting changed"
+                        );
+                    }
+                }
+            }
+        } else {
+            self.since_probe = self.since_probe.saturating_add(1);
+        }
+    }
+
+    /// Runs `f` on the setting chosen for this step.
+    fn run<T: Send>(&self, on_one: bool, f: impl FnOnce() -> T + Send) -> T {
+        match (&self.one, on_one) {
+            (Some(pool), true) => pool.install(f),
+            _ => f(),
+        }
     }
 }
 
@@ -454,6 +586,7 @@ pub(crate) fn serve(
     } else {
         (1, usize::MAX)
     };
+    let mut threads = Threads::new(cfg.threads);
     let mut slots: Vec<Slot> = Vec::new();
     let mut waiting: Option<Pending> = None;
     let mut open = true;
@@ -520,7 +653,7 @@ pub(crate) fn serve(
         }
         slots.retain(Slot::live);
         stats.running.store(slots.len(), Ordering::Relaxed);
-        if !step(&mut model, &mut slots, step_tokens, &stats) && !slots.is_empty() {
+        if !step(&mut model, &mut slots, step_tokens, &stats, &mut threads) && !slots.is_empty() {
             // Every running sequence waits for its consumer: give them a moment.
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -596,7 +729,13 @@ fn fail(slots: &mut [Slot], takes: &[(usize, usize)], msg: String) {
 }
 
 /// Runs one step over every sequence that can advance; returns whether any did.
-fn step(model: &mut Model, slots: &mut [Slot], step_tokens: usize, stats: &EngineStats) -> bool {
+fn step(
+    model: &mut Model,
+    slots: &mut [Slot],
+    step_tokens: usize,
+    stats: &EngineStats,
+    threads: &mut Threads,
+) -> bool {
     let ready: Vec<usize> = (0..slots.len())
         .filter(|&i| !slots[i].run.done && slots[i].outbox.is_empty())
         .collect();
@@ -633,7 +772,10 @@ fn step(model: &mut Model, slots: &mut [Slot], step_tokens: usize, stats: &Engin
         .iter()
         .filter(|&&(i, take)| slots[i].run.fed + take == slots[i].run.history.len())
         .count();
-    stats.step(takes.len(), takes.iter().map(|&(_, t)| t).sum());
+    let step_rows: usize = takes.iter().map(|&(_, t)| t).sum();
+    stats.step(takes.len(), step_rows);
+    let on_one = threads.next_on_one();
+    let started = Instant::now();
     let result = {
         let mut seqs: Vec<SeqStep<'_>> = slots
             .iter_mut()
@@ -641,8 +783,14 @@ fn step(model: &mut Model, slots: &mut [Slot], step_tokens: usize, stats: &Engin
             .filter(|(_, &take)| take > 0)
             .map(|(slot, &take)| slot.run.seq_step(take))
             .collect();
-        model.step(&mut seqs)
+        threads.run(on_one, || model.step(&mut seqs))
     };
+    threads.record(
+        on_one,
+        step_rows == takes.len(),
+        step_rows,
+        started.elapsed(),
+    );
     let mut logits = match result {
         Ok(l) if l.len() % rows.max(1) == 0 => l,
         Ok(l) => {
@@ -681,6 +829,43 @@ fn step(model: &mut Model, slots: &mut [Slot], step_tokens: usize, stats: &Engin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds the adaptive policy steps whose time depends on the setting; returns the
+    /// setting it ends on.
+    fn settle(t: &mut Threads, steps: u32, one_ms: u64, all_ms: u64) -> bool {
+        for _ in 0..steps {
+            let on_one = t.next_on_one();
+            let ms = if on_one { one_ms } else { all_ms };
+            t.record(on_one, true, 4, Duration::from_millis(4 * ms));
+        }
+        t.use_one
+    }
+
+    #[test]
+    fn the_adaptive_policy_follows_the_faster_setting() {
+        let mut t = Threads {
+            policy: ThreadPolicy::Adaptive,
+            one: rayon::ThreadPoolBuilder::new().num_threads(1).build().ok(),
+            use_one: false,
+            since_probe: PROBE_EVERY - FIRST_PROBE,
+            probing: 0,
+            per_row: [[None, None]; 2],
+        };
+        // Idle: the whole pool is faster, and stays in use.
+        assert!(!settle(&mut t, 100, 10, 6));
+        // A core is taken: one thread becomes faster; found within a probe period.
+        assert!(settle(&mut t, PROBE_EVERY + 2 * PROBE_STEPS, 10, 25));
+        // The core comes back: the pool again.
+        assert!(!settle(&mut t, PROBE_EVERY + 2 * PROBE_STEPS, 10, 6));
+        // Fixed policies never move.
+        let mut fixed = Threads::new(ThreadPolicy::All);
+        assert!(!settle(&mut fixed, 100, 1, 100));
+        assert_eq!("one".parse::<ThreadPolicy>(), Ok(ThreadPolicy::One));
+        assert!("two"
+            .parse::<ThreadPolicy>()
+            .unwrap_err()
+            .contains("adaptive"));
+    }
 
     #[test]
     fn limits_are_checked_by_name() {

@@ -34,6 +34,9 @@ pub struct BenchResult {
     pub kernel: &'static str,
     /// SIMD features this CPU reports (of those the kernels know).
     pub cpu_features: Vec<&'static str>,
+    /// The engine's thread policy (runs through the engine only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_policy: Option<crate::batch::ThreadPolicy>,
 }
 
 /// The anchor's prompt for stream `k`: `n` raw token ids (wrapped into the vocabulary for
@@ -109,11 +112,12 @@ fn result(model: &Model, streams: usize) -> BenchResult {
             crate::Backend::Candle => "candle",
         },
         cpu_features: cpu_features(),
+        thread_policy: None,
     }
 }
 
-/// Runs the anchor workload on a loaded model: `prompt_tokens` ids, then `gen_tokens`
-/// greedy tokens after the first, one sequence.
+/// Runs the anchor workload on a loaded model directly (no engine thread): `prompt_tokens`
+/// ids, then `gen_tokens` greedy tokens after the first, one sequence.
 pub fn run(
     model: &mut Model,
     prompt_tokens: usize,
@@ -139,8 +143,8 @@ fn check_prompt(model: &Model, prompt_tokens: usize) -> Result<(), GenerateError
     Ok(())
 }
 
-/// Runs `streams` anchor workloads at once through an engine batching up to `streams`
-/// sequences (batch-anchor.sh's workload: prompt k is the anchor prompt shifted by k);
+/// Runs `streams` anchor workloads (one or more) at once through an engine, as a node
+/// runs them, batching up to `streams` sequences (batch-anchor.sh's workload: prompt k is the anchor prompt shifted by k);
 /// `cfg`'s other limits apply. The aggregate counts `gen_tokens` per stream over the wall
 /// time from submitting the first request to the end of the last.
 pub fn run_streams(
@@ -161,6 +165,7 @@ pub fn run_streams(
         queue: streams,
         ..cfg
     };
+    let policy = cfg.threads;
     let engine = Engine::spawn(model, cfg).map_err(|e| GenerateError::Candle(e.into()))?;
     let handle = engine.handle();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -207,6 +212,7 @@ pub fn run_streams(
         prefill_tps: round(prefill),
         decode_tps: round(decode),
         aggregate_tps: (streams > 1).then(|| round(counted / wall.as_secs_f64())),
+        thread_policy: Some(policy),
         ..base
     })
 }

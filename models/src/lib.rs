@@ -23,7 +23,7 @@ pub mod tokenizer;
 pub mod verify;
 pub mod verify_bench;
 
-pub use batch::{BatchConfig, StatsSnapshot};
+pub use batch::{BatchConfig, StatsSnapshot, ThreadPolicy};
 pub use catalog::{CatalogEntry, CATALOG};
 pub use chat::{ChatError, ChatMessage, ChatTemplate};
 pub use engine::{
