@@ -257,10 +257,18 @@ struct Job {
     _permit: Permit,
 }
 
+/// Pause before trying a node again after its transport failed (a closing connection is
+/// replaced within milliseconds).
+const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// How an attempt on one node ended.
 enum Attempt {
     /// Before any token: try another node if allowed.
     Retry(ApiError),
+    /// Before any token, the transport failed (no stream, or a connection closing under
+    /// it, as when libp2p drops one of two connections to a peer): the node is not at
+    /// fault, so it may be tried once more before others.
+    RetryTransport(ApiError),
     /// The node was at capacity: wait for room (anywhere) without counting an attempt.
     Busy,
     /// The job is over (settled, released, or failed after its first token).
@@ -298,6 +306,7 @@ impl Job {
             1
         };
         let mut tried: Vec<PeerId> = Vec::new();
+        let mut retried_transport: Vec<PeerId> = Vec::new();
         let mut last: Option<ApiError> = None;
         loop {
             if tried.len() as u32 >= allowed {
@@ -325,7 +334,13 @@ impl Job {
                     tracing::debug!(job_id = %self.job_id, node = %candidate.node, "node busy; waiting for room");
                     self.wait_for_room().await;
                 }
-                Attempt::Retry(e) => {
+                Attempt::RetryTransport(e) if !retried_transport.contains(&candidate.node) => {
+                    tracing::info!(job_id = %self.job_id, node = %candidate.node, error = %e.message, "transport failed before the job started; trying the node again");
+                    retried_transport.push(candidate.node);
+                    last = Some(e);
+                    tokio::time::sleep(TRANSPORT_RETRY_PAUSE).await;
+                }
+                Attempt::Retry(e) | Attempt::RetryTransport(e) => {
                     tracing::info!(job_id = %self.job_id, node = %candidate.node, error = %e.message, "attempt failed before its first token");
                     tried.push(candidate.node);
                     last = Some(e);
@@ -561,6 +576,9 @@ impl Job {
             ClientError::Request(msg) => {
                 self.fail(ApiError::invalid_request(msg.clone())).await;
                 Attempt::Over
+            }
+            ClientError::Open { .. } | ClientError::PeerGone { .. } => {
+                Attempt::RetryTransport(ApiError::node_failed(&e.to_string()))
             }
             _ => Attempt::Retry(ApiError::node_failed(&e.to_string())),
         }
