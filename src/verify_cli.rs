@@ -18,6 +18,7 @@ const SCENARIOS: &[&str] = &[
     "honest",
     "honest-shapes",
     "honest-gemma3",
+    "cross-numerics",
     "honest-reference",
     "q8_0",
     "q4_0",
