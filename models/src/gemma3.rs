@@ -16,8 +16,8 @@ use half::f16;
 use crate::kernels;
 use crate::serving::{
     append_kv, attention, layer_kv, logits_rows, md_f32, md_usize, quantize_rows,
-    refuse_rope_scaling, rms_norm, rms_norm_in_place, rope, AttnShape, Embedding, KvCache, Layout,
-    Linear, RopeStyle, RopeTable, Scratch, SeqStep, TensorSource,
+    refuse_rope_scaling, rms_norm, rms_norm_in_place, rope, AttnShape, Embedding, Fused, KvCache,
+    Layout, Linear, RopeStyle, RopeTable, Scratch, SeqStep, TensorSource,
 };
 
 const SLIDING_WINDOW_PATTERN: usize = 6;
@@ -30,12 +30,11 @@ struct Layer {
     post_attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
     post_ffn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V.
+    qkv: Fused,
     wo: Linear,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up.
+    gate_up: Fused,
     down: Linear,
     sliding: bool,
 }
@@ -124,12 +123,12 @@ impl Gemma3 {
                 post_attn_norm: src.f32_vec(&p("post_attention_norm"), dim)?,
                 ffn_norm: src.f32_vec(&p("ffn_norm"), dim)?,
                 post_ffn_norm: src.f32_vec(&p("post_ffw_norm"), dim)?,
-                wq: src.linear(&p("attn_q"), qdim, dim)?,
-                wk: src.linear(&p("attn_k"), kv, dim)?,
-                wv: src.linear(&p("attn_v"), kv, dim)?,
+                qkv: src.fused(
+                    &[(&p("attn_q"), qdim), (&p("attn_k"), kv), (&p("attn_v"), kv)],
+                    dim,
+                )?,
                 wo: src.linear(&p("attn_output"), dim, qdim)?,
-                gate: src.linear(&p("ffn_gate"), ffn, dim)?,
-                up: src.linear(&p("ffn_up"), ffn, dim)?,
+                gate_up: src.fused(&[(&p("ffn_gate"), ffn), (&p("ffn_up"), ffn)], dim)?,
                 down: src.linear(&p("ffn_down"), dim, ffn)?,
                 sliding: (l + 1) % SLIDING_WINDOW_PATTERN != 0,
             });
@@ -246,9 +245,10 @@ impl Gemma3 {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, eps, &mut s.h);
             quantize_rows(&s.h, dim, &mut s.xq);
-            layer.wq.forward(file, path, &s.h, &s.xq, n, &mut s.q)?;
-            layer.wk.forward(file, path, &s.h, &s.xq, n, &mut s.k)?;
-            layer.wv.forward(file, path, &s.h, &s.xq, n, &mut s.v)?;
+            let outs = &mut [&mut s.q, &mut s.k, &mut s.v];
+            layer
+                .qkv
+                .forward(file, path, &s.h, &s.xq, n, &mut s.fused, outs)?;
             rms_norm_in_place(&mut s.q, &layer.q_norm, eps);
             rms_norm_in_place(&mut s.k, &layer.k_norm, eps);
             let table = if layer.sliding {
@@ -274,12 +274,14 @@ impl Gemma3 {
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
             rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.h);
             quantize_rows(&s.h, dim, &mut s.xq);
-            layer.gate.forward(file, path, &s.h, &s.xq, n, &mut s.g)?;
-            layer.up.forward(file, path, &s.h, &s.xq, n, &mut s.u)?;
+            let outs = &mut [&mut s.g, &mut s.u];
+            layer
+                .gate_up
+                .forward(file, path, &s.h, &s.xq, n, &mut s.fused, outs)?;
             s.g.iter_mut()
                 .zip(&s.u)
                 .for_each(|(g, u)| *g = gelu(*g) * u);
-            quantize_rows(&s.g, layer.gate.rows(), &mut s.xq);
+            quantize_rows(&s.g, layer.gate_up.rows(0), &mut s.xq);
             layer.down.forward(file, path, &s.g, &s.xq, n, &mut s.o)?;
             rms_norm_in_place(&mut s.o, &layer.post_ffn_norm, eps);
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);

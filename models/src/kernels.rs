@@ -430,17 +430,40 @@ impl Packed {
 
     /// Repacks `m`; `None` for formats without tile kernels.
     pub fn new(m: &QMatrix<'_>) -> Option<Self> {
-        if !Self::supports(m.format) {
+        Self::stacked(&[*m])
+    }
+
+    /// Repacks matrices stacked row-wise, one after the other, as one (a fused projection:
+    /// one parallel product for all of them). `None` unless they share a format with tile
+    /// kernels and a width, and every one but the last fills whole tiles. Outputs are
+    /// bit-identical to the parts' (each row's arithmetic is its own).
+    pub fn stacked(parts: &[QMatrix<'_>]) -> Option<Self> {
+        let first = parts.first()?;
+        let (format, cols) = (first.format, first.cols);
+        if !Self::supports(format)
+            || parts.iter().any(|p| p.format != format || p.cols != cols)
+            || !parts[..parts.len() - 1]
+                .iter()
+                .all(|p| p.rows.is_multiple_of(TILE))
+        {
             return None;
         }
-        let nb = m.cols / QK;
-        let tiles = m.rows.div_ceil(TILE);
-        let tbb = Self::tile_block_bytes(m.format);
+        // First tile of each part.
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut tiles = 0;
+        for p in parts {
+            starts.push(tiles);
+            tiles += p.rows.div_ceil(TILE);
+        }
+        let nb = cols / QK;
+        let tbb = Self::tile_block_bytes(format);
         let mut data = vec![0u8; tiles * nb * tbb];
-        let bb = m.format.block_bytes();
+        let bb = format.block_bytes();
         data.par_chunks_mut(nb * tbb)
             .enumerate()
-            .for_each(|(t, tile)| {
+            .for_each(|(tt, tile)| {
+                let part = starts.partition_point(|&s| s <= tt) - 1;
+                let (m, t) = (&parts[part], tt - starts[part]);
                 for k in 0..TILE {
                     let r = t * TILE + k;
                     if r >= m.rows {
@@ -451,7 +474,7 @@ impl Packed {
                         let src = &row[b * bb..(b + 1) * bb];
                         let dst = &mut tile[b * tbb..(b + 1) * tbb];
                         dst[2 * k..2 * k + 2].copy_from_slice(&src[..2]);
-                        match m.format {
+                        match format {
                             Format::Q4_1 => {
                                 dst[16 + 2 * k..16 + 2 * k + 2].copy_from_slice(&src[2..4]);
                                 let off = 32 + (k % 4) * 32 + (k / 4) * 16;
@@ -483,9 +506,9 @@ impl Packed {
                 }
             });
         Some(Self {
-            format: m.format,
-            rows: m.rows,
-            cols: m.cols,
+            format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
             data,
         })
     }
@@ -1331,6 +1354,38 @@ mod tests {
                     prop_assert!((got[i * rows + r] - want).abs() <= 1e-5 * magnitude + 1e-6, "{} vs {want}", got[i * rows + r]);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn stacked_matrices_give_their_parts_outputs_bit_for_bit() {
+        let (cols, m) = (4 * QK, 5);
+        let a_bytes = random_matrix(Format::Q5_0, 16, cols, 3);
+        let b_bytes = random_matrix(Format::Q5_0, 13, cols, 4);
+        let qa = QMatrix::new(Format::Q5_0, &a_bytes, 16, cols).expect("a");
+        let qb = QMatrix::new(Format::Q5_0, &b_bytes, 13, cols).expect("b");
+        let (a, b) = (Packed::new(&qa).expect("a"), Packed::new(&qb).expect("b"));
+        let ab = Packed::stacked(&[qa, qb]).expect("stackable");
+        assert_eq!(ab.rows(), 29);
+        // A part that does not fill whole tiles can only come last.
+        assert!(Packed::stacked(&[qb, qa]).is_none());
+        let x = activations(m, cols, 1);
+        let run = |p: &Packed| {
+            let mut out = vec![0f32; m * p.rows()];
+            matmul_packed(best_path(), p, &x, m, &mut out);
+            out
+        };
+        let (oa, ob, oab) = (run(&a), run(&b), run(&ab));
+        for i in 0..m {
+            let row = &oab[i * 29..(i + 1) * 29];
+            assert!(row[..16]
+                .iter()
+                .zip(&oa[i * 16..(i + 1) * 16])
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert!(row[16..]
+                .iter()
+                .zip(&ob[i * 13..(i + 1) * 13])
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
         }
     }
 

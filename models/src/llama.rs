@@ -15,19 +15,18 @@ use candle_core::quantized::gguf_file;
 use crate::kernels;
 use crate::serving::{
     append_kv, attention, layer_kv, logits_rows, md_f32, md_usize, quantize_rows,
-    refuse_rope_scaling, rms_norm, rope, AttnShape, Embedding, KvCache, Layout, Linear, RopeStyle,
-    RopeTable, Scratch, SeqStep, TensorSource,
+    refuse_rope_scaling, rms_norm, rope, AttnShape, Embedding, Fused, KvCache, Layout, Linear,
+    RopeStyle, RopeTable, Scratch, SeqStep, TensorSource,
 };
 
 struct Layer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V.
+    qkv: Fused,
     wo: Linear,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up.
+    gate_up: Fused,
     down: Linear,
 }
 
@@ -93,12 +92,12 @@ impl Llama {
             layers.push(Layer {
                 attn_norm: src.f32_vec(&p("attn_norm"), dim)?,
                 ffn_norm: src.f32_vec(&p("ffn_norm"), dim)?,
-                wq: src.linear(&p("attn_q"), dim, dim)?,
-                wk: src.linear(&p("attn_k"), kv, dim)?,
-                wv: src.linear(&p("attn_v"), kv, dim)?,
+                qkv: src.fused(
+                    &[(&p("attn_q"), dim), (&p("attn_k"), kv), (&p("attn_v"), kv)],
+                    dim,
+                )?,
                 wo: src.linear(&p("attn_output"), dim, dim)?,
-                gate: src.linear(&p("ffn_gate"), ffn, dim)?,
-                up: src.linear(&p("ffn_up"), ffn, dim)?,
+                gate_up: src.fused(&[(&p("ffn_gate"), ffn), (&p("ffn_up"), ffn)], dim)?,
                 down: src.linear(&p("ffn_down"), dim, ffn)?,
             });
         }
@@ -212,9 +211,10 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, eps, &mut s.h);
             quantize_rows(&s.h, dim, &mut s.xq);
-            layer.wq.forward(file, path, &s.h, &s.xq, n, &mut s.q)?;
-            layer.wk.forward(file, path, &s.h, &s.xq, n, &mut s.k)?;
-            layer.wv.forward(file, path, &s.h, &s.xq, n, &mut s.v)?;
+            let outs = &mut [&mut s.q, &mut s.k, &mut s.v];
+            layer
+                .qkv
+                .forward(file, path, &s.h, &s.xq, n, &mut s.fused, outs)?;
             for (i, &p) in lay.row_pos.iter().enumerate() {
                 let q = &mut s.q[i * dim..(i + 1) * dim];
                 rope(RopeStyle::Interleaved, q, hd, &self.rope, p);
@@ -228,12 +228,14 @@ impl Llama {
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
             rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.h);
             quantize_rows(&s.h, dim, &mut s.xq);
-            layer.gate.forward(file, path, &s.h, &s.xq, n, &mut s.g)?;
-            layer.up.forward(file, path, &s.h, &s.xq, n, &mut s.u)?;
+            let outs = &mut [&mut s.g, &mut s.u];
+            layer
+                .gate_up
+                .forward(file, path, &s.h, &s.xq, n, &mut s.fused, outs)?;
             s.g.iter_mut()
                 .zip(&s.u)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            let ffn = layer.gate.rows();
+            let ffn = layer.gate_up.rows(0);
             quantize_rows(&s.g, ffn, &mut s.xq);
             layer.down.forward(file, path, &s.g, &s.xq, n, &mut s.o)?;
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);

@@ -143,6 +143,41 @@ impl TensorSource<'_> {
         }
     }
 
+    /// Projections `(name, rows)` of width `cols` that read the same input: repacked as one
+    /// stacked matrix when they can be (same tile format), else kept apart.
+    pub fn fused(&self, parts: &[(&str, usize)], cols: usize) -> candle_core::Result<Fused> {
+        let mut mats = Vec::with_capacity(parts.len());
+        for &(name, rows) in parts {
+            let (r, dt, dims) = self.range(name)?;
+            let format = match dt {
+                GgmlDType::Q4_1 => Format::Q4_1,
+                GgmlDType::Q8_0 => Format::Q8_0,
+                GgmlDType::Q5_0 => Format::Q5_0,
+                _ => break,
+            };
+            if dims != [rows, cols] {
+                break;
+            }
+            match QMatrix::new(format, &self.mmap[r], rows, cols) {
+                Ok(m) => mats.push(m),
+                Err(_) => break,
+            }
+        }
+        if mats.len() == parts.len() && kernels::tiles_enabled() {
+            if let Some(w) = kernels::Packed::stacked(&mats) {
+                return Ok(Fused::Stacked {
+                    w: Linear::Packed(w),
+                    widths: parts.iter().map(|&(_, rows)| rows).collect(),
+                });
+            }
+        }
+        let each = parts
+            .iter()
+            .map(|&(name, rows)| self.linear(name, rows, cols))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Fused::Each(each))
+    }
+
     /// The output projection: `output.weight`, or the token embedding when the two are tied.
     pub fn output(&self, vocab: usize, dim: usize) -> candle_core::Result<Linear> {
         let name = if self.ct.tensor_infos.contains_key("output.weight") {
@@ -184,6 +219,59 @@ impl TensorSource<'_> {
             dim,
             table: EmbeddingTable::F32(t.flatten_all()?.to_vec1()?),
         })
+    }
+}
+
+/// Projections that read the same input, run as one product when they can be stacked
+/// (fused QKV, fused gate/up: one parallel dispatch instead of three or two), else one by
+/// one; either way each part's output lands in its own buffer.
+pub(crate) enum Fused {
+    Stacked { w: Linear, widths: Vec<usize> },
+    Each(Vec<Linear>),
+}
+
+impl Fused {
+    /// Output features of part `i`.
+    pub fn rows(&self, i: usize) -> usize {
+        match self {
+            Self::Stacked { widths, .. } => widths[i],
+            Self::Each(parts) => parts[i].rows(),
+        }
+    }
+
+    /// Every part's `out = x · Wᵀ` for `n` rows, into `outs` (one per part); `tmp` holds
+    /// a stacked product before it is split.
+    #[allow(clippy::too_many_arguments)] // the projection's inputs and its outputs
+    pub fn forward(
+        &self,
+        file: &[u8],
+        path: kernels::Path,
+        x: &[f32],
+        xq: &[BlockQ8],
+        n: usize,
+        tmp: &mut Vec<f32>,
+        outs: &mut [&mut Vec<f32>],
+    ) -> candle_core::Result<()> {
+        match self {
+            Self::Each(parts) => {
+                for (l, out) in parts.iter().zip(outs.iter_mut()) {
+                    l.forward(file, path, x, xq, n, out)?;
+                }
+            }
+            Self::Stacked { w, widths } => {
+                w.forward(file, path, x, xq, n, tmp)?;
+                let total: usize = widths.iter().sum();
+                let mut off = 0;
+                for (&width, out) in widths.iter().zip(outs.iter_mut()) {
+                    out.clear();
+                    for row in tmp.chunks_exact(total).take(n) {
+                        out.extend_from_slice(&row[off..off + width]);
+                    }
+                    off += width;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -705,6 +793,8 @@ pub(crate) struct Scratch {
     pub o: Vec<f32>,
     pub g: Vec<f32>,
     pub u: Vec<f32>,
+    /// A stacked (fused) product before it is split.
+    pub fused: Vec<f32>,
     pub xq: Vec<BlockQ8>,
 }
 
