@@ -265,9 +265,9 @@ const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 enum Attempt {
     /// Before any token: try another node if allowed.
     Retry(ApiError),
-    /// Before any token, the transport failed (no stream, or a connection closing under
-    /// it, as when libp2p drops one of two connections to a peer): the node is not at
-    /// fault, so it may be tried once more before others.
+    /// Before any token, the connection under an opened stream closed (as when libp2p
+    /// drops one of two connections to a peer): the node is not at fault, so it may be
+    /// tried once more before others.
     RetryTransport(ApiError),
     /// The node was at capacity: wait for room (anywhere) without counting an attempt.
     Busy,
@@ -320,10 +320,9 @@ impl Job {
             if !tried.is_empty() {
                 self.inner.metrics.retry();
             }
-            match self
-                .attempt(&candidate, tried.len() as u32 + 1, started)
-                .await
-            {
+            // Attempts so far, a node tried again included (waiting for room is not one).
+            let made = (tried.len() + retried_transport.len()) as u32 + 1;
+            match self.attempt(&candidate, made, started).await {
                 Attempt::Over => return,
                 Attempt::Busy => {
                     // Bounded by the queue deadline even if a node's adverts keep showing
@@ -577,7 +576,10 @@ impl Job {
                 self.fail(ApiError::invalid_request(msg.clone())).await;
                 Attempt::Over
             }
-            ClientError::Open { .. } | ClientError::PeerGone { .. } => {
+            // A stream that opened and then lost its connection before the job started: the
+            // node was reachable a moment ago (a node that cannot be reached at all fails to
+            // open, and is not tried again).
+            ClientError::PeerGone { .. } => {
                 Attempt::RetryTransport(ApiError::node_failed(&e.to_string()))
             }
             _ => Attempt::Retry(ApiError::node_failed(&e.to_string())),
