@@ -606,10 +606,16 @@ pub(crate) fn serve(
                 Some(p) => p,
                 None if !open => break,
                 None => match rx.try_recv() {
-                    Ok(cmd) => match accept(&mut model, cmd, &shutdown) {
-                        Some(p) => p,
-                        None => continue,
-                    },
+                    Ok(cmd) => {
+                        // A replay ran on the spot: let the running sequences take a step
+                        // before the next command, so audits cannot starve them.
+                        let replay = matches!(cmd, Command::Replay { .. });
+                        match accept(&mut model, cmd, &shutdown) {
+                            Some(p) => p,
+                            None if replay || shutdown.load(Ordering::Relaxed) => break,
+                            None => continue,
+                        }
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         open = false;
@@ -643,11 +649,24 @@ pub(crate) fn serve(
         if shutdown.load(Ordering::Relaxed) {
             break;
         }
+        if let Some(p) = waiting.take() {
+            if p.stop.load(Ordering::Relaxed) || p.events.is_closed() {
+                let _ = p.events.try_send(Err(GenerateError::Cancelled));
+            } else {
+                waiting = Some(p);
+            }
+        }
         for slot in &mut slots {
             slot.flush();
             if !slot.run.done && slot.stop.load(Ordering::Relaxed) {
-                slot.run.cancel();
-                slot.complete();
+                if slot.run.started.is_none() {
+                    // Stopped before it ran: nothing was delivered.
+                    slot.run = Running::empty();
+                    slot.outbox.push_back(Err(GenerateError::Cancelled));
+                } else {
+                    slot.run.cancel();
+                    slot.complete();
+                }
                 slot.flush();
             }
         }
@@ -664,18 +683,44 @@ pub(crate) fn serve(
         stats.running.store(slots.len(), Ordering::Relaxed);
     }
     stats.running.store(0, Ordering::Relaxed);
-    // Shutting down: every running request ends as if stopped, with what it delivered.
+    // Shutting down: every running request ends as if stopped, with what it delivered;
+    // readers get a moment to take their last events; queued requests are told.
     for slot in &mut slots {
         if !slot.run.done {
             slot.run.cancel();
             slot.complete();
         }
-        slot.flush();
+    }
+    let deadline = Instant::now() + SHUTDOWN_FLUSH;
+    loop {
+        for slot in &mut slots {
+            slot.flush();
+        }
+        slots.retain(Slot::live);
+        if slots.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     if let Some(p) = waiting {
         let _ = p.events.try_send(Err(GenerateError::EngineGone));
     }
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        match cmd {
+            Command::Generate { events, .. } => {
+                let _ = events.try_send(Err(GenerateError::EngineGone));
+            }
+            Command::Replay { reply, .. } => {
+                let _ = reply.send(Err(GenerateError::EngineGone));
+            }
+            Command::Shutdown => {}
+        }
+    }
 }
+
+/// How long a stopping engine waits for readers to take their last events.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
 /// Turns a command into a pending request; replays run at once, on the spot.
 fn accept(model: &mut Model, cmd: Command, shutdown: &AtomicBool) -> Option<Pending> {
@@ -720,7 +765,7 @@ fn accept(model: &mut Model, cmd: Command, shutdown: &AtomicBool) -> Option<Pend
 fn fail(slots: &mut [Slot], takes: &[(usize, usize)], msg: String) {
     for &(i, _) in takes {
         let slot = &mut slots[i];
-        slot.run.done = true;
+        slot.run = Running::empty();
         slot.outbox
             .push_back(Err(GenerateError::Candle(candle_core::Error::Msg(
                 msg.clone(),

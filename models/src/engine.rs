@@ -376,7 +376,9 @@ impl Model {
     ) -> Result<Vec<u32>, GenerateError> {
         let ids = match prompt {
             Prompt::Tokens(ids) => {
-                let n = self.tokenizer.vocab_size();
+                // Ids the model can embed: a GGUF whose tokenizer lists more tokens than
+                // its embedding has rows must not fail a whole batch at the lookup.
+                let n = self.tokenizer.vocab_size().min(self.embedding_rows());
                 if let Some(&bad) = ids.iter().find(|&&t| t as usize >= n) {
                     return Err(GenerateError::BadToken(bad, n));
                 }
@@ -626,6 +628,15 @@ impl Model {
                     Vec::new()
                 })
             }
+        }
+    }
+
+    /// Rows of the token embedding (ids the model can take as input).
+    fn embedding_rows(&self) -> usize {
+        match &self.weights {
+            Weights::OwnLlama(m) => m.vocab(),
+            Weights::OwnGemma3(m) => m.vocab(),
+            Weights::CandleLlama(_) | Weights::CandleGemma3(_) => usize::MAX,
         }
     }
 

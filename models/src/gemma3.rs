@@ -160,6 +160,11 @@ impl Gemma3 {
         })
     }
 
+    /// Rows of the token embedding.
+    pub fn vocab(&self) -> usize {
+        self.embed.vocab
+    }
+
     /// Empties the KV cache and reserves room for `capacity` positions.
     pub fn reset(&mut self, capacity: usize) {
         self.cache = self.new_cache(capacity);

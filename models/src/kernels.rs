@@ -547,6 +547,10 @@ impl Packed {
         let nb = self.cols / QK;
         let tile = self.tile(t);
         assert!(x.len() >= m * nb && out.len() >= m * TILE);
+        assert!(
+            m <= TILE_ROWS,
+            "at most {TILE_ROWS} activation rows per tile call"
+        );
         assert!(self.format != Format::Q5_0 || xsum.len() >= m * nb);
         #[cfg(target_arch = "x86_64")]
         if path == Path::Avx2 {

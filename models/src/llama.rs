@@ -128,6 +128,11 @@ impl Llama {
         })
     }
 
+    /// Rows of the token embedding.
+    pub fn vocab(&self) -> usize {
+        self.embed.vocab
+    }
+
     /// Empties the KV cache and reserves room for `capacity` positions.
     pub fn reset(&mut self, capacity: usize) {
         self.cache = self.new_cache(capacity);

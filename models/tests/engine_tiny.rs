@@ -811,3 +811,37 @@ async fn a_slow_reader_holds_back_only_its_own_request() {
     assert_eq!(text, want_text);
     engine.shutdown();
 }
+
+#[tokio::test]
+async fn shutdown_ends_running_requests_as_stopped_and_tells_queued_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = BatchConfig {
+        max_batch: 1,
+        queue: 4,
+        ..BatchConfig::default()
+    };
+    let engine = Engine::spawn(model(dir.path()), cfg).expect("spawn");
+    let handle = engine.handle();
+    let mut long = GenerateRequest::new(Prompt::Text("hello".into()), 100_000);
+    long.ignore_eos = true;
+    let mut running = handle.generate(long).await.expect("queued");
+    assert!(matches!(
+        running.recv().await,
+        Some(Ok(GenerateEvent::Delta(_)))
+    ));
+    let mut queued = handle.generate(sampled(8, 1.0)).await.expect("queued");
+    let stopper = tokio::task::spawn_blocking(move || engine.shutdown());
+    let done = loop {
+        match running.recv().await.expect("a last event") {
+            Ok(GenerateEvent::Delta(_)) => {}
+            Ok(GenerateEvent::Done(done)) => break done,
+            Err(e) => panic!("running request failed: {e}"),
+        }
+    };
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(matches!(
+        queued.recv().await,
+        Some(Err(GenerateError::EngineGone))
+    ));
+    stopper.await.expect("shutdown");
+}
