@@ -682,6 +682,18 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
     // Chunks of tiles large enough to amortise the hand-off, small enough to balance.
     let chunk = (tiles / (4 * rayon::current_num_threads())).clamp(2, 32);
     let n_chunks = tiles.div_ceil(chunk);
+    if m == 1 {
+        // One activation row (decoding): each chunk's outputs are one contiguous run of
+        // `out`, written in place.
+        out.par_chunks_mut(chunk * TILE)
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (c, dst)| {
+                let (t0, t1) = (c * chunk, ((c + 1) * chunk).min(tiles));
+                let width = dst.len();
+                run_tiles(t0, t1, buf, dst, width);
+            });
+        return;
+    }
     let parts: Vec<(usize, usize, Vec<f32>)> = (0..n_chunks)
         .into_par_iter()
         .map_init(Vec::new, |buf, c| {
