@@ -523,11 +523,6 @@ impl Packed {
         self.cols
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len()
-    }
-
     fn tile(&self, t: usize) -> &[u8] {
         let n = self.cols / QK * Self::tile_block_bytes(self.format);
         &self.data[t * n..(t + 1) * n]

@@ -728,11 +728,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held (reserved), for memory accounting.
-    pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|c| c.capacity() * 4).sum()
-    }
-
     /// Empties it and reserves `positions × width` floats per layer.
     pub fn reset(&mut self, positions: usize, width: usize) {
         for c in self.k.iter_mut().chain(self.v.iter_mut()) {
