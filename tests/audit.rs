@@ -462,14 +462,20 @@ async fn in_a_devnet_the_cheaters_slash_is_applied_to_its_stake_on_l2() {
             .and_then(|v| v.to_str().ok()),
         Some(cheat.to_string().as_str())
     );
-    // The dispute opens and its slash is handed to the sequencer …
+    // The dispute opens and its slash is handed to the sequencer (the dispute is saved
+    // first, `queued`, then the slash submitted: wait for the hand-over) …
     let deadline = Instant::now() + Duration::from_secs(180);
     let dispute = loop {
         let audits = get(&client, &format!("{base}/v1/audits")).await;
         if let Some(d) = audits["disputes"].as_array().and_then(|d| d.first()) {
-            break d.clone();
+            if d["slash"]["status"]["status"] != "queued" {
+                break d.clone();
+            }
         }
-        assert!(Instant::now() < deadline, "no dispute: {audits}");
+        assert!(
+            Instant::now() < deadline,
+            "no dispute handed over: {audits}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert_eq!(dispute["node"], cheat.to_string());
