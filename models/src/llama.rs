@@ -15,8 +15,8 @@ use candle_core::quantized::gguf_file;
 use crate::kernels;
 use crate::serving::{
     append_kv, attention, layer_kv, logits_rows, md_f32, md_usize, quantize_rows,
-    refuse_rope_scaling, rms_norm, rope, AttnShape, Embedding, Fused, KvCache, Layout, Linear,
-    RopeStyle, RopeTable, Scratch, SeqStep, TensorSource,
+    refuse_rope_scaling, rms_norm, rope, step_one, AttnShape, Embedding, Fused, KvCache, Layout,
+    Linear, RopeStyle, RopeTable, Scratch, SeqStep, TensorSource,
 };
 
 struct Layer {
@@ -167,19 +167,7 @@ impl Llama {
             self.reset(tokens.len());
         }
         let mut cache = std::mem::take(&mut self.cache);
-        if pos != cache.len {
-            self.cache = cache;
-            return Err(candle_core::Error::Msg(format!(
-                "{} tokens at position {pos} do not follow the {} cached positions",
-                tokens.len(),
-                self.cache.len
-            )));
-        }
-        let out = self.step(&mut [SeqStep {
-            cache: &mut cache,
-            tokens,
-            logits_from: from,
-        }]);
+        let out = step_one(&mut cache, tokens, pos, from, |seqs| self.step(seqs));
         self.cache = cache;
         out
     }

@@ -57,6 +57,39 @@ pub(crate) fn refuse_rope_scaling(ct: &gguf_file::Content, arch: &str) -> candle
     Ok(())
 }
 
+/// The formats our kernels multiply (the rest go through candle).
+fn own_format(dt: GgmlDType) -> Option<Format> {
+    match dt {
+        GgmlDType::Q4_1 => Some(Format::Q4_1),
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        GgmlDType::Q5_0 => Some(Format::Q5_0),
+        _ => None,
+    }
+}
+
+/// Runs `tokens` at `pos` on one sequence's `cache` through a model's batched `step`: the
+/// single-sequence entry points (`forward`, `forward_rows`) of every serving model.
+pub(crate) fn step_one(
+    cache: &mut KvCache,
+    tokens: &[u32],
+    pos: usize,
+    logits_from: usize,
+    step: impl FnOnce(&mut [SeqStep<'_>]) -> candle_core::Result<Vec<f32>>,
+) -> candle_core::Result<Vec<f32>> {
+    if pos != cache.len {
+        return Err(err(format!(
+            "{} tokens at position {pos} do not follow the {} cached positions",
+            tokens.len(),
+            cache.len
+        )));
+    }
+    step(&mut [SeqStep {
+        cache,
+        tokens,
+        logits_from,
+    }])
+}
+
 /// Reads tensors of a GGUF that is mapped in memory.
 pub(crate) struct TensorSource<'a> {
     pub ct: &'a gguf_file::Content,
@@ -100,13 +133,7 @@ impl TensorSource<'_> {
                 "{name}: expected a [{rows}, {cols}] matrix, got {dims:?}"
             )));
         }
-        let format = match dt {
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
-            GgmlDType::Q5_0 => Some(Format::Q5_0),
-            _ => None,
-        };
-        match format {
+        match own_format(dt) {
             Some(format) => {
                 let m = QMatrix::new(format, &self.mmap[r.clone()], rows, cols)
                     .map_err(|e| err(format!("{name}: {e}")))?;
@@ -149,11 +176,8 @@ impl TensorSource<'_> {
         let mut mats = Vec::with_capacity(parts.len());
         for &(name, rows) in parts {
             let (r, dt, dims) = self.range(name)?;
-            let format = match dt {
-                GgmlDType::Q4_1 => Format::Q4_1,
-                GgmlDType::Q8_0 => Format::Q8_0,
-                GgmlDType::Q5_0 => Format::Q5_0,
-                _ => break,
+            let Some(format) = own_format(dt) else {
+                break;
             };
             if dims != [rows, cols] {
                 break;

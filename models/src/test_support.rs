@@ -198,3 +198,16 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
     f.flush()?;
     Ok(())
 }
+
+/// Reads an engine's event stream to its end: the deltas joined, and the completion
+/// (panics on an engine error, as the tests want).
+pub async fn collect(mut events: crate::EventStream) -> (String, crate::Completion) {
+    let mut text = String::new();
+    loop {
+        match events.recv().await.expect("stream ends with Done") {
+            Ok(crate::GenerateEvent::Delta(t)) => text.push_str(&t),
+            Ok(crate::GenerateEvent::Done(done)) => return (text, *done),
+            Err(e) => panic!("engine error: {e}"),
+        }
+    }
+}

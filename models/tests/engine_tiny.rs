@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Value;
 
-use tessera_models::test_support::{write_tiny_gguf, TinySpec};
+use tessera_models::test_support::{collect, write_tiny_gguf, TinySpec};
 use tessera_models::{
     BatchConfig, ChatMessage, Engine, GenerateError, GenerateEvent, GenerateRequest, LoadError,
     Model, Prompt,
@@ -670,18 +670,6 @@ fn replay_catches_other_weights_edited_records_and_a_wrong_prompt() {
         v.first_failure.map(|f| f.kind),
         Some(tessera_protocol::FailureKind::Position)
     );
-}
-
-/// Reads a stream to its end: the concatenated deltas and the completion.
-async fn collect(mut events: tessera_models::EventStream) -> (String, tessera_models::Completion) {
-    let mut text = String::new();
-    loop {
-        match events.recv().await.expect("stream ends with Done") {
-            Ok(GenerateEvent::Delta(t)) => text.push_str(&t),
-            Ok(GenerateEvent::Done(done)) => return (text, *done),
-            Err(e) => panic!("engine error: {e}"),
-        }
-    }
 }
 
 /// Requests of different prompt lengths, samplers and lengths.

@@ -252,17 +252,6 @@ fn serving_llama_matches_candle_reference() {
     assert!(max_diff < 3.0, "max |logit diff| {max_diff}");
 }
 
-/// Reads an engine stream to its end.
-async fn completion(mut events: tessera_models::EventStream) -> tessera_models::Completion {
-    loop {
-        match events.recv().await.expect("stream ends with Done") {
-            Ok(tessera_models::GenerateEvent::Delta(_)) => {}
-            Ok(tessera_models::GenerateEvent::Done(done)) => return *done,
-            Err(e) => panic!("engine error: {e}"),
-        }
-    }
-}
-
 /// Continuous batching on the real models: each request gives the same tokens and the same
 /// commitment inside a busy batch (prompts prefilled in chunks beside decoding streams) as
 /// alone. gemma3 also covers the projections that run on candle's Q4_K/Q6_K kernels.
@@ -308,10 +297,14 @@ async fn batched_requests_reproduce_each_request_alone() {
         }
         let tasks: Vec<_> = streams
             .into_iter()
-            .map(|s| tokio::spawn(completion(s)))
+            .map(|s| tokio::spawn(tessera_models::test_support::collect(s)))
             .collect();
         for (k, (t, want)) in tasks.into_iter().zip(&want).enumerate() {
-            let got = t.await.expect("reader");
+            let (text, got) = t.await.expect("reader");
+            assert_eq!(
+                text, got.text,
+                "{alias} request {k}: the deltas add up to the text"
+            );
             assert_eq!(got.tokens, want.tokens, "{alias} request {k}");
             assert_eq!(got.commitment, want.commitment, "{alias} request {k}");
             assert_eq!(got.text, want.text, "{alias} request {k}");
