@@ -258,7 +258,7 @@ async fn two_nodes_are_discovered_and_each_streams_a_job_with_a_verified_receipt
         assert_eq!(offer.module.family, "llama");
         assert_eq!(offer.module.quantization.as_str(), "q4_1");
         assert_eq!(a.capacity, 16, "the default max_jobs");
-        assert_eq!(offer.numerics, "tessera-tiles-1");
+        assert_eq!(offer.numerics, "tessera-tiles-2");
         assert_eq!(
             a.payout.to_string(),
             "0x00000000000000000000000000000000000000aa"

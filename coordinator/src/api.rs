@@ -1022,7 +1022,7 @@ mod tests {
                         per_1k_output: Amount(out),
                     },
                     latency: LatencyStats::default(),
-                    numerics: "tessera-tiles-1".into(),
+                    numerics: "tessera-tiles-2".into(),
                 }];
                 table.apply(
                     &NetEvent::Advert(Box::new(advert)),

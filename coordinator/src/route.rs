@@ -316,7 +316,7 @@ mod tests {
                     p95_ttft_ms: Some(n.ttft_ms),
                     p95_tpot_us: Some(n.tpot_us),
                 },
-                numerics: "tessera-tiles-1".into(),
+                numerics: "tessera-tiles-2".into(),
             }];
             t.apply(&NetEvent::Advert(Box::new(a)), Instant::now());
             ids.push(peer);

@@ -391,7 +391,7 @@ pub(crate) mod tests {
                 per_1k_output: Amount(out),
             },
             latency: LatencyStats::default(),
-            numerics: "tessera-tiles-1".into(),
+            numerics: "tessera-tiles-2".into(),
         };
         let t0 = Instant::now();
         let mut table = NodeTable::default();

@@ -101,7 +101,6 @@ impl Gemma3 {
             || head_dim == 0
             || n_kv_head == 0
             || n_head % n_kv_head != 0
-            || n_head / n_kv_head > crate::serving::MAX_GROUP
             || head_dim % 2 != 0
             || u("attention.value_length")? != head_dim
         {

@@ -242,14 +242,15 @@ pub fn tiles_enabled() -> bool {
     !std::env::var("TESSERA_KERNEL").is_ok_and(|v| v == "rows")
 }
 
-/// The numerics of models loaded now (see [`Packed`]): `tessera-tiles-1` for the tile
-/// kernels, whose scalar and SIMD paths agree bit for bit, `tessera-rows-1` for the
-/// previous row kernels.
+/// The numerics of models loaded now (see [`Packed`]): `tessera-tiles-2` for the tile
+/// kernels, whose scalar and SIMD paths agree bit for bit, `tessera-rows-2` for the
+/// previous row kernels. Generation 2 computes attention in one fixed float order with its
+/// own `exp` ([`attn_scores`]; generation 1 used libm's per-CPU `expf` and plain sums).
 pub fn numerics() -> &'static str {
     if tiles_enabled() {
-        "tessera-tiles-1"
+        "tessera-tiles-2"
     } else {
-        "tessera-rows-1"
+        "tessera-rows-2"
     }
 }
 
@@ -708,6 +709,57 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
     }
 }
 
+/// Attention scores of one query head: `out[t] = scale · (q · k_t)` for key t at
+/// `k[t * stride..][..q.len()]`, in one fixed float order on every path: lane l sums dims
+/// 8c + l over whole chunks c in order with fused multiply-adds, the lanes are reduced as
+/// ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), the dims past the last whole chunk are added one by
+/// one, and the sum is scaled. The AVX2 path scores eight keys at once and reduces them
+/// together, with the same additions.
+pub fn attn_scores(path: Path, q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    let whole = hd / 8 * 8;
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(k.len() >= last * stride + hd, "keys too short");
+    }
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx2 {
+        while t + 8 <= out.len() {
+            // SAFETY: `Path::Avx2` means AVX2 and FMA were detected; keys t..t + 8 lie in
+            // `k` (asserted above) and `q` holds `whole` floats.
+            let lanes = unsafe { avx2::dot8_keys(&q[..whole], &k[t * stride..], stride) };
+            for (u, s) in lanes.iter().enumerate() {
+                let kt = &k[(t + u) * stride..][..hd];
+                out[t + u] = (s + tail_dot(&q[whole..], &kt[whole..])) * scale;
+            }
+            t += 8;
+        }
+    }
+    let _ = path;
+    for (t, o) in out.iter_mut().enumerate().skip(t) {
+        let kt = &k[t * stride..][..hd];
+        let mut a = [0f32; 8];
+        for c in (0..whole).step_by(8) {
+            for l in 0..8 {
+                a[l] = q[c + l].mul_add(kt[c + l], a[l]);
+            }
+        }
+        *o = (lanes_sum(&a) + tail_dot(&q[whole..], &kt[whole..])) * scale;
+    }
+}
+
+/// The fixed reduction of eight lanes: ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)).
+#[inline(always)]
+pub fn lanes_sum(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// Dims past the last whole chunk of eight, one by one.
+#[inline(always)]
+fn tail_dot(q: &[f32], k: &[f32]) -> f32 {
+    q.iter().zip(k).fold(0.0, |s, (a, b)| a.mul_add(*b, s))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{BlockQ8, Q4_1_BLOCK_BYTES};
@@ -958,6 +1010,44 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s) + summ
+    }
+
+    /// Eight keys' dot products with `q` (whole chunks of eight only; key u at
+    /// `k[u * stride..]`), each lane-summed as [`super::attn_scores`] defines: hadd pairs
+    /// (l0+l1), (l2+l3), then their sums, then the two 128-bit halves.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `q.len()` is a multiple of 8 and
+    /// `k.len() >= 7 * stride + q.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot8_keys(q: &[f32], k: &[f32], stride: usize) -> [f32; 8] {
+        debug_assert!(q.len() % 8 == 0 && k.len() >= 7 * stride + q.len());
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let kp = k.as_ptr();
+        for c in (0..q.len()).step_by(8) {
+            // SAFETY: c + 8 <= q.len(), and key u's chunk lies within `k` (see above).
+            let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(u * stride + c)), *a);
+            }
+        }
+        // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7].
+        let x = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+        );
+        let y = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[4], acc[5]),
+            _mm256_hadd_ps(acc[6], acc[7]),
+        );
+        // x = [(0..3 of keys 0..3) | (4..7 of keys 0..3)]; same for y with keys 4..7.
+        let s = _mm256_add_ps(
+            _mm256_permute2f128_ps(x, y, 0x20),
+            _mm256_permute2f128_ps(x, y, 0x31),
+        );
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), s);
+        out
     }
 
     /// Horizontal sum of an accumulator, in the order every dot product here uses.
@@ -1364,6 +1454,30 @@ mod tests {
                     let magnitude: f32 = xi.iter().map(|b| b.d.abs() * 32.0 * 128.0 * 0.05 + b.s.abs() * 0.4).sum();
                     prop_assert!((got[i * rows + r] - want).abs() <= 1e-5 * magnitude + 1e-6, "{} vs {want}", got[i * rows + r]);
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn attention_scores_avx2_equal_the_scalar_reference_bit_for_bit(hd in 1usize..300, len in 0usize..40, pad in 0usize..9, seed in 1u64..10_000) {
+            let stride = hd + pad;
+            let mut state = seed;
+            let mut rand = |n: usize| -> Vec<f32> {
+                (0..n).map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                }).collect()
+            };
+            let q = rand(hd);
+            let k = rand(len * stride + hd);
+            let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+            attn_scores(Path::Scalar, &q, &k, stride, 0.125, &mut a);
+            attn_scores(best_path(), &q, &k, stride, 0.125, &mut b);
+            for (t, (x, y)) in a.iter().zip(&b).enumerate() {
+                prop_assert_eq!(x.to_bits(), y.to_bits(), "key {}", t);
+                let want: f64 = (0..hd).map(|d| q[d] as f64 * k[t * stride + d] as f64).sum::<f64>() * 0.125;
+                prop_assert!((*x as f64 - want).abs() < 1e-4);
             }
         }
     }

@@ -76,7 +76,6 @@ impl Llama {
             || rope_dim != head_dim
             || n_kv_head == 0
             || n_head % n_kv_head != 0
-            || n_head / n_kv_head > crate::serving::MAX_GROUP
             || head_dim % 2 != 0
         {
             candle_core::bail!("unsupported llama shape: width {dim}, heads {n_head}/{n_kv_head}, rope dims {rope_dim}");

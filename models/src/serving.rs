@@ -629,9 +629,12 @@ pub(crate) fn layer_kv<'a>(seqs: &'a [SeqStep<'_>], l: usize) -> Vec<(&'a [f32],
 
 /// Causal grouped-query attention of every row of a step, each against its own sequence's
 /// cache (`kv[seq]`, which already holds the step's keys and values), read in place: query
-/// head h uses key/value head h / (n_head / n_kv_head). Each (row, head) is independent,
-/// so they all run in parallel on the pool the forward pass runs in, whatever sequence
-/// they belong to.
+/// head h uses key/value head h / (n_head / n_kv_head). Each (row, query head) is one task
+/// on the pool the forward pass runs in, whatever sequence it belongs to: a decode step of
+/// one sequence still gives every thread work (a task per key/value head left one of two
+/// threads idle a third of the time on SmolLM2's three). A head's arithmetic is one fixed
+/// function of its inputs ([`attend_head`]), so results do not depend on the batch, the
+/// partition or the thread count.
 pub(crate) fn attention(
     a: AttnShape,
     q: &[f32],
@@ -644,71 +647,129 @@ pub(crate) fn attention(
     let group = a.n_head / a.n_kv_head;
     out.clear();
     out.resize(lay.rows * qdim, 0.0);
-    // One task per (row, key/value head): the `group` query heads that share a key/value
-    // head read each cached key and value once, one after the other; every head's
-    // arithmetic is the same as on its own.
-    out.par_chunks_mut(group * hd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (c, og)| {
-            let (i, g) = (c / a.n_kv_head, c % a.n_kv_head);
+    let path = kernels::best_path();
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (c, oh)| {
+            let (i, h) = (c / a.n_head, c % a.n_head);
+            let g = h / group;
             let (k, v) = kv[lay.row_seq[i]];
             let end = lay.row_pos[i] + 1;
             let start = a.window.map_or(0, |w| end.saturating_sub(w));
-            let len = end - start;
-            scores.clear();
-            scores.resize(group * len, 0.0);
-            let mut max = [f32::NEG_INFINITY; MAX_GROUP];
-            for (t, kt) in (start..end)
-                .map(|t| &k[t * kvw + g * hd..][..hd])
-                .enumerate()
-            {
-                for j in 0..group {
-                    let h = g * group + j;
-                    let sc = dot(&q[i * qdim + h * hd..][..hd], kt) * a.scale;
-                    max[j] = max[j].max(sc);
-                    scores[j * len + t] = sc;
-                }
-            }
-            let mut sum = [0f32; MAX_GROUP];
-            for j in 0..group {
-                for sc in scores[j * len..(j + 1) * len].iter_mut() {
-                    *sc = (*sc - max[j]).exp();
-                    sum[j] += *sc;
-                }
-            }
-            for (t, vt) in (start..end)
-                .map(|t| &v[t * kvw + g * hd..][..hd])
-                .enumerate()
-            {
-                for j in 0..group {
-                    let w = scores[j * len + t] / sum[j];
-                    let oh = &mut og[j * hd..(j + 1) * hd];
-                    oh.iter_mut().zip(vt).for_each(|(o, x)| *o += w * x);
-                }
-            }
-        },
-    );
+            let at = start * kvw + g * hd;
+            attend_head(
+                path,
+                &q[i * qdim + h * hd..][..hd],
+                &k[at..],
+                &v[at..],
+                kvw,
+                end - start,
+                a.scale,
+                scores,
+                oh,
+            );
+        });
 }
 
-/// Most query heads sharing one key/value head (checked at load).
-pub(crate) const MAX_GROUP: usize = 16;
+/// Output dimensions accumulated in registers at once over all keys.
+const DIMS_AT_ONCE: usize = 64;
 
-/// Dot product in eight lanes, so it vectorizes (a plain `sum` must keep f32 order).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
+/// One query head's attention over `len` keys and values (key t at `k[t * stride..][..hd]`,
+/// likewise `v`): `out = Σ_t softmax(scale · q·k_t)_t · v_t`. Written in eight-lane chunks
+/// with fused multiply-adds in one fixed order, so every CPU, vectorized or not, gets the
+/// same bits:
+/// - scores `scale · q·k_t` by [`kernels::attn_scores`];
+/// - weights `e_t = exp(s_t − max)` with [`exp_neg`], summed in eight lanes (t mod 8) and
+///   reduced the same way;
+/// - `out[d] = (Σ_t fma(e_t, v_t[d]) in t order) · (1 / Σ e)`.
+#[allow(clippy::too_many_arguments)] // one head's slices and shape; called per task
+fn attend_head(
+    path: kernels::Path,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    len: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    scores.resize(len, 0.0);
+    kernels::attn_scores(path, q, k, stride, scale, scores);
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sums = [0f32; 8];
+    let mut chunks = scores.chunks_exact_mut(8);
+    for ch in &mut chunks {
+        for l in 0..8 {
+            ch[l] = exp_neg(ch[l] - max);
+            sums[l] += ch[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    for (l, s) in chunks.into_remainder().iter_mut().enumerate() {
+        *s = exp_neg(*s - max);
+        sums[l] += *s;
+    }
+    let inv = 1.0 / kernels::lanes_sum(&sums);
+    for d0 in (0..hd).step_by(DIMS_AT_ONCE) {
+        let o = &mut out[d0..(d0 + DIMS_AT_ONCE).min(hd)];
+        if o.len() == DIMS_AT_ONCE {
+            let mut acc = [0f32; DIMS_AT_ONCE];
+            for (t, &e) in scores.iter().enumerate() {
+                let vt = &v[t * stride + d0..][..DIMS_AT_ONCE];
+                for l in 0..DIMS_AT_ONCE {
+                    acc[l] = e.mul_add(vt[l], acc[l]);
+                }
+            }
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = a * inv;
+            }
+        } else {
+            let w = o.len();
+            let mut acc = [0f32; DIMS_AT_ONCE];
+            for (t, &e) in scores.iter().enumerate() {
+                let vt = &v[t * stride + d0..][..w];
+                for l in 0..w {
+                    acc[l] = e.mul_add(vt[l], acc[l]);
+                }
+            }
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = a * inv;
+            }
+        }
+    }
+}
+
+/// `e^x` for the x ≤ 0 of a softmax, as one fixed sequence of IEEE operations (so it
+/// vectorizes and is the same on every CPU, unlike libm's per-CPU variants): x = n·ln2 + r
+/// with n rounded to nearest, then Cephes' degree-7 polynomial for e^r, scaled by 2^n.
+/// Relative error under 2e-7; inputs below −87 give e^−87 (≈ 1.6e-38), which a softmax
+/// cannot tell from 0.
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ];
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = P[0];
+    for c in &P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let e = p.mul_add(r * r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Keys and values of one sequence, one buffer per layer reserved for the positions the
@@ -855,6 +916,20 @@ mod tests {
     }
 
     #[test]
+    fn exp_neg_is_within_two_ulps_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let rel = ((exp_neg(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(-1000.0) < 1e-37 && exp_neg(f32::NEG_INFINITY) >= 0.0);
+    }
+
+    #[test]
     fn parallel_attention_matches_the_reference_with_gqa_and_windows() {
         let mut state = 7u64;
         let mut rand = |len: usize| -> Vec<f32> {
@@ -867,7 +942,7 @@ mod tests {
                 })
                 .collect()
         };
-        for (window, head_dim) in [(None, 20), (Some(3), 16)] {
+        for (window, head_dim) in [(None, 20), (Some(3), 16), (None, 72), (Some(6), 256)] {
             let a = AttnShape {
                 n_head: 6,
                 n_kv_head: 2,

@@ -325,7 +325,7 @@ fn tile_kernels_keep_logits_and_perplexity_of_the_reference() {
     let path = tessera_models::test_support::model_path(alias);
     let mut ours =
         Model::load_with(&path, alias, None, tessera_models::Backend::Tessera).expect("load ours");
-    assert_eq!(ours.numerics(), "tessera-tiles-1");
+    assert_eq!(ours.numerics(), "tessera-tiles-2");
     let mut reference =
         Model::load_with(&path, alias, None, tessera_models::Backend::Candle).expect("load candle");
     let r =

@@ -65,7 +65,7 @@ pub struct ModuleOffer {
     pub price: Price,
     /// Measured speed.
     pub latency: LatencyStats,
-    /// The engine's arithmetic (kernel generation, e.g. `tessera-tiles-1`): replays are
+    /// The engine's arithmetic (kernel generation, e.g. `tessera-tiles-2`): replays are
     /// exact only between nodes of the same numerics, so auditors are chosen among them.
     pub numerics: String,
 }
@@ -246,7 +246,7 @@ mod tests {
                         p95_ttft_ms: Some(120),
                         p95_tpot_us: Some(15_000),
                     },
-                    numerics: "tessera-tiles-1".into(),
+                    numerics: "tessera-tiles-2".into(),
                 })
                 .collect(),
             capacity: 4,
