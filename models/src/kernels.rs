@@ -1021,7 +1021,7 @@ mod avx2 {
     /// `k.len() >= 7 * stride + q.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot8_keys(q: &[f32], k: &[f32], stride: usize) -> [f32; 8] {
-        debug_assert!(q.len() % 8 == 0 && k.len() >= 7 * stride + q.len());
+        debug_assert!(q.len().is_multiple_of(8) && k.len() >= 7 * stride + q.len());
         let mut acc = [_mm256_setzero_ps(); 8];
         let kp = k.as_ptr();
         for c in (0..q.len()).step_by(8) {
