@@ -529,20 +529,26 @@ impl Packed {
         &self.data[t * n..(t + 1) * n]
     }
 
-    /// Outputs of tile `t` for activation rows `x` (`m` rows of `cols / 32` blocks) into
-    /// `out` (`m × 8`).
-    fn tile_rows(
+    /// Outputs of tile `t` for activation rows `x` (`m` rows of `cols / 32` blocks): row
+    /// i's 8 outputs go to `out[i * ostride..][..8]`.
+    ///
+    /// # Safety
+    /// `out[i * ostride..][..8]` must be writable and not otherwise borrowed for every
+    /// i < m.
+    #[allow(clippy::too_many_arguments)] // one tile call's inputs
+    unsafe fn tile_rows(
         &self,
         path: Path,
         t: usize,
         x: &[BlockQ8],
         xsum: &[i32],
         m: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ostride: usize,
     ) {
         let nb = self.cols / QK;
         let tile = self.tile(t);
-        assert!(x.len() >= m * nb && out.len() >= m * TILE);
+        assert!(x.len() >= m * nb);
         assert!(
             m <= TILE_ROWS,
             "at most {TILE_ROWS} activation rows per tile call"
@@ -551,29 +557,28 @@ impl Packed {
         #[cfg(target_arch = "x86_64")]
         if path == Path::Avx2 {
             // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; `tile` holds
-            // `nb` tile blocks of this format, `x` at least `m * nb` blocks and `out`
-            // `m * 8` floats (asserted above).
+            // `nb` tile blocks of this format, `x` at least `m * nb` blocks (asserted
+            // above); `out` is the caller's contract.
             unsafe {
                 // One activation row (decoding) gets its own instance: one accumulator
                 // held in a register, none zeroed for rows that are not there.
                 match (self.format, m) {
-                    (Format::Q4_1, 1) => avx2::tile_q4_1::<1>(tile, nb, x, m, out),
-                    (Format::Q4_1, _) => avx2::tile_q4_1::<TILE_ROWS>(tile, nb, x, m, out),
-                    (Format::Q8_0, 1) => avx2::tile_q8_0::<1>(tile, nb, x, m, out),
-                    (Format::Q8_0, _) => avx2::tile_q8_0::<TILE_ROWS>(tile, nb, x, m, out),
-                    (Format::Q5_0, 1) => avx2::tile_q5_0::<1>(tile, nb, x, xsum, m, out),
-                    (Format::Q5_0, _) => avx2::tile_q5_0::<TILE_ROWS>(tile, nb, x, xsum, m, out),
+                    (Format::Q4_1, 1) => avx2::tile_q4_1::<1>(tile, nb, x, m, out, ostride),
+                    (Format::Q4_1, _) => avx2::tile_q4_1::<TILE_ROWS>(tile, nb, x, m, out, ostride),
+                    (Format::Q8_0, 1) => avx2::tile_q8_0::<1>(tile, nb, x, m, out, ostride),
+                    (Format::Q8_0, _) => avx2::tile_q8_0::<TILE_ROWS>(tile, nb, x, m, out, ostride),
+                    (Format::Q5_0, 1) => avx2::tile_q5_0::<1>(tile, nb, x, xsum, m, out, ostride),
+                    (Format::Q5_0, _) => {
+                        avx2::tile_q5_0::<TILE_ROWS>(tile, nb, x, xsum, m, out, ostride)
+                    }
                 }
             }
             return;
         }
         for i in 0..m {
-            tile_scalar(
-                self.format,
-                tile,
-                &x[i * nb..(i + 1) * nb],
-                &mut out[i * TILE..(i + 1) * TILE],
-            );
+            // SAFETY: the caller's contract: these 8 floats are ours alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * ostride), TILE) };
+            tile_scalar(self.format, tile, &x[i * nb..(i + 1) * nb], o);
         }
     }
 }
@@ -657,60 +662,66 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
     } else {
         Vec::new()
     };
-    // Tiles t0..t1 for every activation row into `dst` (m rows of `width` floats starting
-    // at weight row t0·8), through `buf` (one tile's outputs for a group of rows).
-    let run_tiles = |t0: usize, t1: usize, buf: &mut Vec<f32>, dst: &mut [f32], width: usize| {
+    let dst = OutPtr(out.as_mut_ptr());
+    // Tiles t0..t1 for every activation row, straight into `out` (whole tiles) or through
+    // `buf` (the last, partial tile).
+    let run_tiles = |t0: usize, t1: usize, buf: &mut Vec<f32>| {
         for t in t0..t1 {
-            let col = (t - t0) * TILE;
-            let valid = TILE.min(rows - t * TILE);
+            let col = t * TILE;
+            let valid = TILE.min(rows - col);
             for i0 in (0..m).step_by(TILE_ROWS) {
                 let g = TILE_ROWS.min(m - i0);
-                buf.resize(g * TILE, 0.0);
                 let xs = xsum.get(i0 * nb..(i0 + g) * nb).unwrap_or(&[]);
-                w.tile_rows(path, t, &x[i0 * nb..(i0 + g) * nb], xs, g, buf);
-                for i in 0..g {
-                    let at = (i0 + i) * width + col;
-                    dst[at..at + valid].copy_from_slice(&buf[i * TILE..i * TILE + valid]);
+                let xg = &x[i0 * nb..(i0 + g) * nb];
+                if valid == TILE {
+                    // SAFETY: `out` is m × rows and col + 8 <= rows, so columns
+                    // col..col + 8 of rows i0..i0 + g are in bounds; tile t is run by this
+                    // call alone, so nothing else reads or writes them.
+                    unsafe { w.tile_rows(path, t, xg, xs, g, dst.at(i0 * rows + col), rows) };
+                } else {
+                    buf.resize(g * TILE, 0.0);
+                    // SAFETY: `buf` holds g rows of 8 floats.
+                    unsafe { w.tile_rows(path, t, xg, xs, g, buf.as_mut_ptr(), TILE) };
+                    for i in 0..g {
+                        // SAFETY: columns col..col + valid of row i0 + i are in bounds and
+                        // this tile's alone (as above); `buf` does not overlap `out`.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                buf.as_ptr().add(i * TILE),
+                                dst.at((i0 + i) * rows + col),
+                                valid,
+                            )
+                        };
+                    }
                 }
             }
         }
     };
     if rayon::current_num_threads() == 1 {
-        let mut buf = Vec::new();
-        run_tiles(0, tiles, &mut buf, out, rows);
+        run_tiles(0, tiles, &mut Vec::new());
         return;
     }
     // Chunks of tiles large enough to amortise the hand-off, small enough to balance.
     let chunk = (tiles / (4 * rayon::current_num_threads())).clamp(2, 32);
-    let n_chunks = tiles.div_ceil(chunk);
-    if m == 1 {
-        // One activation row (decoding): each chunk's outputs are one contiguous run of
-        // `out`, written in place.
-        out.par_chunks_mut(chunk * TILE)
-            .enumerate()
-            .for_each_init(Vec::new, |buf, (c, dst)| {
-                let (t0, t1) = (c * chunk, ((c + 1) * chunk).min(tiles));
-                let width = dst.len();
-                run_tiles(t0, t1, buf, dst, width);
-            });
-        return;
-    }
-    let parts: Vec<(usize, usize, Vec<f32>)> = (0..n_chunks)
+    (0..tiles.div_ceil(chunk))
         .into_par_iter()
-        .map_init(Vec::new, |buf, c| {
-            let (t0, t1) = (c * chunk, ((c + 1) * chunk).min(tiles));
-            let (r0, r1) = (t0 * TILE, (t1 * TILE).min(rows));
-            let width = r1 - r0;
-            let mut part = vec![0f32; m * width];
-            run_tiles(t0, t1, buf, &mut part, width);
-            (r0, width, part)
-        })
-        .collect();
-    for (r0, width, part) in parts {
-        for i in 0..m {
-            out[i * rows + r0..i * rows + r0 + width]
-                .copy_from_slice(&part[i * width..(i + 1) * width]);
-        }
+        .for_each_init(Vec::new, |buf, c| {
+            run_tiles(c * chunk, ((c + 1) * chunk).min(tiles), buf)
+        });
+}
+
+/// The output of [`matmul_packed`], shared by the tasks that each write their own tiles'
+/// columns (disjoint elements; no two tasks form overlapping slices).
+struct OutPtr(*mut f32);
+
+// SAFETY: the pointer is only written through at elements one task owns (see
+// `matmul_packed`), and `out` outlives the parallel loop.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `i`, as a pointer (a method, so closures capture the whole `OutPtr`).
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 
@@ -777,7 +788,8 @@ mod avx2 {
     /// # Safety
     /// Computes at most `R` activation rows (accumulators kept: 1 when decoding).
     /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q5_0 tile blocks
-    /// (176 bytes each), `x` and `xsum` at least `m * nb` entries, `out` `m * 8` floats.
+    /// (176 bytes each), `x` and `xsum` at least `m * nb` entries; `out[i * ostride..][..8]`
+    /// is writable and not otherwise borrowed for every i < m.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_q5_0<const R: usize>(
         tile: &[u8],
@@ -785,11 +797,11 @@ mod avx2 {
         x: &[BlockQ8],
         xsum: &[i32],
         m: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ostride: usize,
     ) {
         const TBB: usize = 176;
         debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb && xsum.len() >= m * nb);
-        debug_assert!(out.len() >= m * 8);
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let sixteen = _mm256_set1_epi8(0x10);
@@ -858,8 +870,8 @@ mod avx2 {
             }
         }
         for (i, acc) in acc.iter().enumerate().take(m) {
-            // SAFETY: out holds at least m * 8 floats.
-            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *acc);
+            // SAFETY: out[i * ostride..][..8] is writable (the caller's contract).
+            _mm256_storeu_ps(out.add(i * ostride), *acc);
         }
     }
 
@@ -868,17 +880,19 @@ mod avx2 {
     /// # Safety
     /// Computes at most `R` activation rows (accumulators kept: 1 when decoding).
     /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q4_1 tile blocks
-    /// (160 bytes each), `x` at least `m * nb` blocks and `out` at least `m * 8` floats.
+    /// (160 bytes each), `x` at least `m * nb` blocks; `out[i * ostride..][..8]` is
+    /// writable and not otherwise borrowed for every i < m.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_q4_1<const R: usize>(
         tile: &[u8],
         nb: usize,
         x: &[BlockQ8],
         m: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ostride: usize,
     ) {
         const TBB: usize = 160;
-        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb && out.len() >= m * 8);
+        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb);
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
@@ -925,8 +939,8 @@ mod avx2 {
             }
         }
         for i in 0..m {
-            // SAFETY: out holds at least m * 8 floats.
-            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), _mm256_add_ps(acc[i], sm[i]));
+            // SAFETY: out[i * ostride..][..8] is writable (the caller's contract).
+            _mm256_storeu_ps(out.add(i * ostride), _mm256_add_ps(acc[i], sm[i]));
         }
     }
 
@@ -935,17 +949,19 @@ mod avx2 {
     /// # Safety
     /// Computes at most `R` activation rows (accumulators kept: 1 when decoding).
     /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q8_0 tile blocks
-    /// (272 bytes each), `x` at least `m * nb` blocks and `out` at least `m * 8` floats.
+    /// (272 bytes each), `x` at least `m * nb` blocks; `out[i * ostride..][..8]` is
+    /// writable and not otherwise borrowed for every i < m.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_q8_0<const R: usize>(
         tile: &[u8],
         nb: usize,
         x: &[BlockQ8],
         m: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ostride: usize,
     ) {
         const TBB: usize = 272;
-        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb && out.len() >= m * 8);
+        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         let m = m.min(R);
@@ -990,8 +1006,8 @@ mod avx2 {
             }
         }
         for (i, acc) in acc.iter().enumerate().take(m) {
-            // SAFETY: out holds at least m * 8 floats.
-            _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *acc);
+            // SAFETY: out[i * ostride..][..8] is writable (the caller's contract).
+            _mm256_storeu_ps(out.add(i * ostride), *acc);
         }
     }
 
