@@ -53,6 +53,14 @@ pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8]) {
 pub const Q8_0_BLOCK_BYTES: usize = 34;
 /// Bytes of one GGUF Q5_0 block: f16 d, 32 high bits, 16 bytes of low nibbles.
 pub const Q5_0_BLOCK_BYTES: usize = 22;
+/// Values per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Bytes of one GGUF Q4_K super-block: f16 d, f16 dmin, 12 bytes of 6-bit scales and
+/// minimums, 128 bytes of nibbles.
+pub const Q4K_BLOCK_BYTES: usize = 144;
+/// Bytes of one GGUF Q6_K super-block: 128 bytes of low nibbles, 64 of high bit pairs, 16
+/// signed 8-bit scales, f16 d.
+pub const Q6K_BLOCK_BYTES: usize = 210;
 
 /// Weight formats with a kernel here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,16 +71,42 @@ pub enum Format {
     Q8_0,
     /// 5-bit with scale per 32 values (values q − 16).
     Q5_0,
+    /// K-quant, 4-bit: per 256 values an f16 scale and minimum, per 32 a 6-bit scale and
+    /// minimum of those. Tile kernels only.
+    Q4K,
+    /// K-quant, 6-bit: per 256 values an f16 scale, per 16 an 8-bit scale of it (values
+    /// q − 32). Tile kernels only.
+    Q6K,
 }
 
 impl Format {
-    /// Bytes of one block of 32 values.
+    /// Bytes of one block ([`Format::block_values`] values).
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_1 => Q4_1_BLOCK_BYTES,
             Self::Q8_0 => Q8_0_BLOCK_BYTES,
             Self::Q5_0 => Q5_0_BLOCK_BYTES,
+            Self::Q4K => Q4K_BLOCK_BYTES,
+            Self::Q6K => Q6K_BLOCK_BYTES,
         }
+    }
+
+    /// Values per block: 32, or 256 for the K-quants.
+    pub fn block_values(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q6K => QK_K,
+            _ => QK,
+        }
+    }
+
+    /// Bytes of one row of `cols` values.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_values() * self.block_bytes()
+    }
+
+    /// Whether the row-at-a-time kernels (`TESSERA_KERNEL=rows`) have this format.
+    pub fn has_row_kernel(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q8_0 | Self::Q5_0)
     }
 }
 
@@ -106,8 +140,8 @@ pub enum KernelError {
         got: usize,
     },
     /// Columns not a multiple of the block size.
-    #[error("quantized matrix has {0} columns, not a multiple of 32")]
-    Cols(usize),
+    #[error("quantized matrix has {0} columns, not a multiple of its block size {1}")]
+    Cols(usize, usize),
 }
 
 impl<'a> QMatrix<'a> {
@@ -118,10 +152,10 @@ impl<'a> QMatrix<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Self, KernelError> {
-        if !cols.is_multiple_of(QK) {
-            return Err(KernelError::Cols(cols));
+        if !cols.is_multiple_of(format.block_values()) {
+            return Err(KernelError::Cols(cols, format.block_values()));
         }
-        let need = rows * cols / QK * format.block_bytes();
+        let need = rows * format.row_bytes(cols);
         if bytes.len() != need {
             return Err(KernelError::Size {
                 rows,
@@ -139,7 +173,7 @@ impl<'a> QMatrix<'a> {
     }
 
     fn row(&self, r: usize) -> &'a [u8] {
-        let n = self.cols / QK * self.format.block_bytes();
+        let n = self.format.row_bytes(self.cols);
         &self.bytes[r * n..(r + 1) * n]
     }
 
@@ -148,6 +182,7 @@ impl<'a> QMatrix<'a> {
             Format::Q4_1 => dot_q4_1(path, self.row(r), x),
             Format::Q8_0 => dot_q8_0(path, self.row(r), x),
             Format::Q5_0 => dot_q5_0(path, self.row(r), x),
+            Format::Q4K | Format::Q6K => unreachable!("K-quants have tile kernels only"),
         }
     }
 
@@ -165,7 +200,7 @@ impl<'a> QMatrix<'a> {
                 Format::Q4_1 => return unsafe { avx2::dot4_q4_1(w, x) },
                 // SAFETY: as above.
                 Format::Q8_0 => return unsafe { avx2::dot4_q8_0(w, x) },
-                Format::Q5_0 => {}
+                Format::Q5_0 | Format::Q4K | Format::Q6K => {}
             }
         }
         x.map(|xi| self.dot(path, r, xi))
@@ -350,6 +385,11 @@ const ACT_TILE: usize = 16;
 /// from outside pays a thread wake-up each time). `out` is `m × w.rows`, row-major.
 pub fn matmul(path: Path, w: &QMatrix<'_>, x: &[BlockQ8], m: usize, out: &mut [f32]) {
     let nb = w.cols / QK;
+    assert!(
+        w.format.has_row_kernel(),
+        "no row kernel for {:?}",
+        w.format
+    );
     assert_eq!(x.len(), m * nb, "activation blocks");
     assert_eq!(out.len(), m * w.rows, "output size");
     if rayon::current_num_threads() == 1 {
@@ -413,7 +453,10 @@ pub struct Packed {
 impl Packed {
     /// Whether `format` has tile kernels.
     pub fn supports(format: Format) -> bool {
-        matches!(format, Format::Q4_1 | Format::Q8_0 | Format::Q5_0)
+        matches!(
+            format,
+            Format::Q4_1 | Format::Q8_0 | Format::Q5_0 | Format::Q4K | Format::Q6K
+        )
     }
 
     /// Bytes of one tile's block (all its rows).
@@ -426,6 +469,12 @@ impl Packed {
             // 8 f16 d, per pair two 32-bit words of high bits (values 0..15, 16..31; row
             // k's bits in the low half, row k+4's in the high), 4 pairs of nibble bytes.
             Format::Q5_0 => 16 + 32 + 4 * 32,
+            // Per 32 values: 8 f32 scales d·sc, 8 f32 negated minimums −dmin·m (exact
+            // products, as llama.cpp computes them), then nibbles as Q4_1's.
+            Format::Q4K => 32 + 32 + 4 * 32,
+            // Per 32 values: 8 f32 scales d·sc of values 0..15, 8 of values 16..31, then
+            // each row's 32 unsigned 6-bit values, one per byte.
+            Format::Q6K => 32 + 32 + TILE * 32,
         }
     }
 
@@ -460,6 +509,7 @@ impl Packed {
         let tbb = Self::tile_block_bytes(format);
         let mut data = vec![0u8; tiles * nb * tbb];
         let bb = format.block_bytes();
+        let kquant = format.block_values() == QK_K;
         data.par_chunks_mut(nb * tbb)
             .enumerate()
             .for_each(|(tt, tile)| {
@@ -471,6 +521,13 @@ impl Packed {
                         break;
                     }
                     let row = m.row(r);
+                    if kquant {
+                        for (sb, src) in row.chunks_exact(bb).enumerate() {
+                            let dst = &mut tile[sb * 8 * tbb..(sb + 1) * 8 * tbb];
+                            repack_kquant(format, src, k, tbb, dst);
+                        }
+                        continue;
+                    }
                     for b in 0..nb {
                         let src = &row[b * bb..(b + 1) * bb];
                         let dst = &mut tile[b * tbb..(b + 1) * tbb];
@@ -485,6 +542,7 @@ impl Packed {
                                 let off = 16 + k * 32;
                                 dst[off..off + 32].copy_from_slice(&src[2..34]);
                             }
+                            Format::Q4K | Format::Q6K => unreachable!("K-quants repack above"),
                             Format::Q5_0 => {
                                 let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
                                 let (p, hi) = (k % 4, k / 4);
@@ -553,7 +611,7 @@ impl Packed {
             m <= TILE_ROWS,
             "at most {TILE_ROWS} activation rows per tile call"
         );
-        assert!(self.format != Format::Q5_0 || xsum.len() >= m * nb);
+        assert!(xsum.len() >= m * nb * xsum_per_block(self.format));
         #[cfg(target_arch = "x86_64")]
         if path == Path::Avx2 {
             // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; `tile` holds
@@ -563,8 +621,18 @@ impl Packed {
                 // One activation row (decoding) gets its own instance: one accumulator
                 // held in a register, none zeroed for rows that are not there.
                 match (self.format, m) {
-                    (Format::Q4_1, 1) => avx2::tile_q4_1::<1>(tile, nb, x, m, out, ostride),
-                    (Format::Q4_1, _) => avx2::tile_q4_1::<TILE_ROWS>(tile, nb, x, m, out, ostride),
+                    (Format::Q4_1, 1) => avx2::tile_q4_1::<1, false>(tile, nb, x, m, out, ostride),
+                    (Format::Q4_1, _) => {
+                        avx2::tile_q4_1::<TILE_ROWS, false>(tile, nb, x, m, out, ostride)
+                    }
+                    (Format::Q4K, 1) => avx2::tile_q4_1::<1, true>(tile, nb, x, m, out, ostride),
+                    (Format::Q4K, _) => {
+                        avx2::tile_q4_1::<TILE_ROWS, true>(tile, nb, x, m, out, ostride)
+                    }
+                    (Format::Q6K, 1) => avx2::tile_q6k::<1>(tile, nb, x, xsum, m, out, ostride),
+                    (Format::Q6K, _) => {
+                        avx2::tile_q6k::<TILE_ROWS>(tile, nb, x, xsum, m, out, ostride)
+                    }
                     (Format::Q8_0, 1) => avx2::tile_q8_0::<1>(tile, nb, x, m, out, ostride),
                     (Format::Q8_0, _) => avx2::tile_q8_0::<TILE_ROWS>(tile, nb, x, m, out, ostride),
                     (Format::Q5_0, 1) => avx2::tile_q5_0::<1>(tile, nb, x, xsum, m, out, ostride),
@@ -583,17 +651,120 @@ impl Packed {
     }
 }
 
+/// Writes row `k` of one K-quant super-block `src` into the 8 tile blocks (`tbb` bytes
+/// each) of `dst` that cover its 256 values, decoded as llama.cpp's `dequantize_row_q4_K`
+/// and `dequantize_row_q6_K` do: the f32 scales are the same products `d · sc` (and
+/// `dmin · m`), exact in f32, and the quants are the same integers.
+fn repack_kquant(format: Format, src: &[u8], k: usize, tbb: usize, dst: &mut [u8]) {
+    let h = |at: usize| f16::from_le_bytes([src[at], src[at + 1]]).to_f32();
+    let mut q = [0u8; QK_K];
+    let put = |j: usize, scale: [f32; 2], minus: f32, dst: &mut [u8]| {
+        let blk = &mut dst[j * tbb..(j + 1) * tbb];
+        blk[4 * k..4 * k + 4].copy_from_slice(&scale[0].to_le_bytes());
+        blk[32 + 4 * k..32 + 4 * k + 4].copy_from_slice(
+            &(if format == Format::Q4K {
+                minus
+            } else {
+                scale[1]
+            })
+            .to_le_bytes(),
+        );
+    };
+    match format {
+        Format::Q4K => {
+            let (d, dmin) = (h(0), h(2));
+            let sc = &src[4..16];
+            let qs = &src[16..144];
+            for j in 0..8 {
+                // llama.cpp's get_scale_min_k4.
+                let (s, m) = if j < 4 {
+                    (sc[j] & 63, sc[j + 4] & 63)
+                } else {
+                    (
+                        (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4),
+                        (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                    )
+                };
+                let chunk = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+                for l in 0..32 {
+                    q[j * 32 + l] = if j % 2 == 0 {
+                        chunk[l] & 0xF
+                    } else {
+                        chunk[l] >> 4
+                    };
+                }
+                put(j, [d * f32::from(s), 0.0], -(dmin * f32::from(m)), dst);
+                let off = 64 + (k % 4) * 32 + (k / 4) * 16;
+                let v = &q[j * 32..j * 32 + 32];
+                for l in 0..16 {
+                    dst[j * tbb + off + l] = v[l] | (v[l + 16] << 4);
+                }
+            }
+        }
+        Format::Q6K => {
+            let (ql, qh) = (&src[..128], &src[128..192]);
+            let sc = &src[192..208];
+            let d = h(208);
+            for half in 0..2 {
+                let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+                let y = &mut q[half * 128..];
+                for l in 0..32 {
+                    y[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+            for j in 0..8 {
+                let s = |i: usize| d * f32::from(sc[i] as i8);
+                put(j, [s(2 * j), s(2 * j + 1)], 0.0, dst);
+                let off = 64 + k * 32;
+                dst[j * tbb + off..j * tbb + off + 32].copy_from_slice(&q[j * 32..j * 32 + 32]);
+            }
+        }
+        _ => unreachable!("not a K-quant"),
+    }
+}
+
 /// The canonical computation of one tile's 8 outputs for one activation row (see
 /// [`Packed`]): the reference every SIMD path equals bit for bit.
 pub fn tile_scalar(format: Format, tile: &[u8], x: &[BlockQ8], out: &mut [f32]) {
     let tbb = Packed::tile_block_bytes(format);
     let h = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    let f = |b: &[u8], at: usize| f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     for (k, o) in out.iter_mut().enumerate().take(TILE) {
         let (mut acc, mut sm) = (0f32, 0f32);
         for (b, xb) in x.iter().enumerate() {
             let blk = &tile[b * tbb..(b + 1) * tbb];
-            let d = h(blk, 2 * k);
+            if format == Format::Q6K {
+                // Two scales per block: values 0..15, then 16..31, each sum exact.
+                let qs = &blk[64 + k * 32..64 + k * 32 + 32];
+                for half in 0..2 {
+                    let isum: i32 = (16 * half..16 * half + 16)
+                        .map(|j| (i32::from(qs[j]) - 32) * i32::from(xb.qs[j]))
+                        .sum();
+                    acc = (isum as f32).mul_add(f(blk, 32 * half + 4 * k) * xb.d, acc);
+                }
+                continue;
+            }
+            let d = if format == Format::Q4K {
+                f(blk, 4 * k)
+            } else {
+                h(blk, 2 * k)
+            };
             let isum: i32 = match format {
+                Format::Q4K => {
+                    let off = 64 + (k % 4) * 32 + (k / 4) * 16;
+                    let qs = &blk[off..off + 16];
+                    sm = f(blk, 32 + 4 * k).mul_add(xb.s, sm);
+                    (0..16)
+                        .map(|j| {
+                            i32::from(qs[j] & 0x0F) * i32::from(xb.qs[j])
+                                + i32::from(qs[j] >> 4) * i32::from(xb.qs[j + 16])
+                        })
+                        .sum()
+                }
+                Format::Q6K => unreachable!("handled above"),
                 Format::Q4_1 => {
                     let off = 32 + (k % 4) * 32 + (k / 4) * 16;
                     let qs = &blk[off..off + 16];
@@ -636,7 +807,7 @@ pub fn tile_scalar(format: Format, tile: &[u8], x: &[BlockQ8], out: &mut [f32]) 
             acc = (isum as f32).mul_add(d * xb.d, acc);
         }
         *o = match format {
-            Format::Q4_1 => acc + sm,
+            Format::Q4_1 | Format::Q4K => acc + sm,
             _ => acc,
         };
     }
@@ -654,14 +825,14 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
     assert_eq!(out.len(), m * w.rows, "output size");
     let tiles = w.rows.div_ceil(TILE);
     let rows = w.rows;
-    // Q5_0 values are stored offset by 16: each block's Σx corrects the integer sums.
-    let xsum: Vec<i32> = if w.format == Format::Q5_0 {
-        x.iter()
-            .map(|b| b.qs.iter().map(|&q| i32::from(q)).sum())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // Q5_0 and Q6_K values are stored unsigned (offset by 16 or 32): each block's Σx
+    // (Q6_K: each half block's, one per scale) corrects the integer sums.
+    let per = xsum_per_block(w.format);
+    let xsum: Vec<i32> = x
+        .iter()
+        .flat_map(|b| b.qs.chunks(QK / per.max(1)).take(per))
+        .map(|qs| qs.iter().map(|&q| i32::from(q)).sum())
+        .collect();
     let dst = OutPtr(out.as_mut_ptr());
     // Tiles t0..t1 for every activation row, straight into `out` (whole tiles) or through
     // `buf` (the last, partial tile).
@@ -671,7 +842,7 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
             let valid = TILE.min(rows - col);
             for i0 in (0..m).step_by(TILE_ROWS) {
                 let g = TILE_ROWS.min(m - i0);
-                let xs = xsum.get(i0 * nb..(i0 + g) * nb).unwrap_or(&[]);
+                let xs = &xsum[i0 * nb * per..(i0 + g) * nb * per];
                 let xg = &x[i0 * nb..(i0 + g) * nb];
                 if valid == TILE {
                     // SAFETY: `out` is m × rows and col + 8 <= rows, so columns
@@ -708,6 +879,15 @@ pub fn matmul_packed(path: Path, w: &Packed, x: &[BlockQ8], m: usize, out: &mut 
         .for_each_init(Vec::new, |buf, c| {
             run_tiles(c * chunk, ((c + 1) * chunk).min(tiles), buf)
         });
+}
+
+/// Sums of activations a format's kernel needs per block (see [`matmul_packed`]).
+fn xsum_per_block(format: Format) -> usize {
+    match format {
+        Format::Q5_0 => 1,
+        Format::Q6K => 2,
+        _ => 0,
+    }
 }
 
 /// The output of [`matmul_packed`], shared by the tasks that each write their own tiles'
@@ -875,28 +1055,30 @@ mod avx2 {
         }
     }
 
-    /// [`super::tile_scalar`] for a Q4_1 tile against `m` activation rows, bit for bit.
+    /// [`super::tile_scalar`] for a Q6_K tile against `m` activation rows, bit for bit:
+    /// values are unsigned 6-bit (`maddubs` applies directly), each half block's integer
+    /// sum kept apart (one scale each) and corrected by `32·Σx` of that half (`xsum`, two
+    /// per block).
     ///
     /// # Safety
     /// Computes at most `R` activation rows (accumulators kept: 1 when decoding).
-    /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q4_1 tile blocks
-    /// (160 bytes each), `x` at least `m * nb` blocks; `out[i * ostride..][..8]` is
-    /// writable and not otherwise borrowed for every i < m.
+    /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q6_K tile blocks (320
+    /// bytes each), `x` at least `m * nb` blocks and `xsum` `2 * m * nb` sums;
+    /// `out[i * ostride..][..8]` is writable and not otherwise borrowed for every i < m.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile_q4_1<const R: usize>(
+    pub(super) unsafe fn tile_q6k<const R: usize>(
         tile: &[u8],
         nb: usize,
         x: &[BlockQ8],
+        xsum: &[i32],
         m: usize,
         out: *mut f32,
         ostride: usize,
     ) {
-        const TBB: usize = 160;
-        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb);
-        let mask = _mm256_set1_epi8(0x0F);
+        const TBB: usize = 320;
+        debug_assert!(tile.len() >= nb * TBB && x.len() >= m * nb && xsum.len() >= 2 * m * nb);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut sm = [_mm256_setzero_ps(); R];
         let m = m.min(R);
         let tp = tile.as_ptr();
         let xp = x.as_ptr();
@@ -906,12 +1088,96 @@ mod avx2 {
             if R == 1 {
                 prefetch_ahead::<TBB>(blk);
             }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-            let mw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+            let s0 = _mm256_loadu_ps(blk as *const f32);
+            let s1 = _mm256_loadu_ps(blk.add(32) as *const f32);
+            let mut w = [_mm256_setzero_si256(); 8];
+            for (k, w) in w.iter_mut().enumerate() {
+                *w = _mm256_loadu_si256(blk.add(64 + 32 * k) as *const __m256i);
+            }
+            for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                // SAFETY: block b of row i lies within `x`, its sums within `xsum`.
+                let xb = &*xp.add(i * nb + b);
+                let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                // Lanes 0..3: values 0..15 of row k; lanes 4..7: values 16..31.
+                let mut p = [_mm256_setzero_si256(); 8];
+                for (k, p) in p.iter_mut().enumerate() {
+                    *p = _mm256_madd_epi16(_mm256_maddubs_epi16(w[k], xq), ones);
+                }
+                let h0 =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+                let h1 =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+                // h0 = rows 0..3 (first halves) | rows 0..3 (second halves); h1 likewise.
+                let first = _mm256_sub_epi32(
+                    _mm256_permute2x128_si256(h0, h1, 0x20),
+                    _mm256_set1_epi32(32 * *xsum.get_unchecked(2 * (i * nb + b))),
+                );
+                let second = _mm256_sub_epi32(
+                    _mm256_permute2x128_si256(h0, h1, 0x31),
+                    _mm256_set1_epi32(32 * *xsum.get_unchecked(2 * (i * nb + b) + 1)),
+                );
+                let dx = _mm256_set1_ps(xb.d);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(s0, dx), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(s1, dx), *acc);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(m) {
+            // SAFETY: out[i * ostride..][..8] is writable (the caller's contract).
+            _mm256_storeu_ps(out.add(i * ostride), *acc);
+        }
+    }
+
+    /// [`super::tile_scalar`] for a Q4_1 tile (or, with `K`, a Q4_K tile: f32 scales and
+    /// negated minimums instead of f16 ones) against `m` activation rows, bit for bit.
+    ///
+    /// # Safety
+    /// Computes at most `R` activation rows (accumulators kept: 1 when decoding).
+    /// The CPU must support AVX2, FMA and F16C; `tile` holds `nb` Q4_1 tile blocks
+    /// (160 bytes each; Q4_K: 192), `x` at least `m * nb` blocks; `out[i * ostride..][..8]` is
+    /// writable and not otherwise borrowed for every i < m.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_q4_1<const R: usize, const K: bool>(
+        tile: &[u8],
+        nb: usize,
+        x: &[BlockQ8],
+        m: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
+        let (tbb, quants) = if K { (192, 64) } else { (160, 32) };
+        debug_assert!(tile.len() >= nb * tbb && x.len() >= m * nb);
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut sm = [_mm256_setzero_ps(); R];
+        let m = m.min(R);
+        let tp = tile.as_ptr();
+        let xp = x.as_ptr();
+        for b in 0..nb {
+            // SAFETY: tile block b lies within `tile` (b < nb); unaligned loads.
+            let blk = tp.add(b * tbb);
+            if R == 1 {
+                if K {
+                    prefetch_ahead::<192>(blk);
+                } else {
+                    prefetch_ahead::<160>(blk);
+                }
+            }
+            let (dw, mw) = if K {
+                (
+                    _mm256_loadu_ps(blk as *const f32),
+                    _mm256_loadu_ps(blk.add(32) as *const f32),
+                )
+            } else {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)),
+                )
+            };
             let mut lo = [_mm256_setzero_si256(); 4];
             let mut hi = [_mm256_setzero_si256(); 4];
             for p in 0..4 {
-                let q = _mm256_loadu_si256(blk.add(32 + 32 * p) as *const __m256i);
+                let q = _mm256_loadu_si256(blk.add(quants + 32 * p) as *const __m256i);
                 lo[p] = _mm256_and_si256(q, mask);
                 hi[p] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
             }
@@ -1272,6 +1538,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlDType;
     use proptest::prelude::*;
 
     fn q4_1_row(seed: u64, cols: usize) -> Vec<u8> {
@@ -1431,6 +1698,26 @@ mod tests {
             s
         };
         let mut out = Vec::new();
+        let small =
+            |v: u64, scale: f32| f16::from_f32(((v % 1000) as f32 / 1000.0 + 0.001) * scale);
+        match format {
+            Format::Q4K => {
+                for _ in 0..rows * cols / QK_K {
+                    out.extend_from_slice(&small(next(), 0.01).to_le_bytes());
+                    out.extend_from_slice(&small(next(), 0.02).to_le_bytes());
+                    out.extend((0..140).map(|_| next() as u8));
+                }
+                return out;
+            }
+            Format::Q6K => {
+                for _ in 0..rows * cols / QK_K {
+                    out.extend((0..208).map(|_| next() as u8));
+                    out.extend_from_slice(&small(next(), 0.002).to_le_bytes());
+                }
+                return out;
+            }
+            _ => {}
+        }
         for _ in 0..rows * cols / QK {
             let d = ((next() % 1000) as f32 / 1000.0 + 0.001) * 0.05;
             out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -1443,6 +1730,7 @@ mod tests {
                 // 4 bytes of high bits, 16 of nibbles.
                 Format::Q5_0 => out.extend((0..20).map(|_| next() as u8)),
                 Format::Q8_0 => out.extend((0..32).map(|_| next() as u8)),
+                Format::Q4K | Format::Q6K => unreachable!("returned above"),
             }
         }
         out
@@ -1464,9 +1752,11 @@ mod tests {
         /// The tile kernels equal the scalar reference bit for bit, for any shape, any
         /// number of activation rows (across the kernel's row groups) and any pool size.
         #[test]
-        fn tile_kernels_equal_the_scalar_reference_bit_for_bit(rows in 1usize..40, nb in 1usize..12, m in 1usize..70, seed in 1u64..10_000, which in 0usize..3) {
-            let format = [Format::Q4_1, Format::Q8_0, Format::Q5_0][which];
-            let cols = nb * QK;
+        fn tile_kernels_equal_the_scalar_reference_bit_for_bit(rows in 1usize..40, nb in 1usize..12, m in 1usize..70, seed in 1u64..10_000, which in 0usize..5) {
+            let format = [Format::Q4_1, Format::Q8_0, Format::Q5_0, Format::Q4K, Format::Q6K][which];
+            // K-quants: one or two super-blocks of 256.
+            let cols = if format.has_row_kernel() { nb * QK } else { (1 + nb / 8) * QK_K };
+            let nb = cols / QK;
             let bytes = random_matrix(format, rows, cols, seed);
             let w = QMatrix::new(format, &bytes, rows, cols).expect("shape");
             let p = Packed::new(&w).expect("packable");
@@ -1486,6 +1776,29 @@ mod tests {
                     prop_assert_eq!(one[r].to_bits(), got[i * rows + r].to_bits());
                 }
             }
+            if !format.has_row_kernel() {
+                // K-quants: the weights as candle dequantizes them, times the activations.
+                let deq = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    if format == Format::Q4K { GgmlDType::Q4K } else { GgmlDType::Q6K },
+                    &bytes, vec![rows, cols], &candle_core::Device::Cpu,
+                ).expect("ggml tensor").dequantize(&candle_core::Device::Cpu).expect("dequantize")
+                    .flatten_all().expect("flat").to_vec1::<f32>().expect("f32");
+                for i in 0..m {
+                    let xi = &x[i * nb..(i + 1) * nb];
+                    for r in 0..rows {
+                        let (mut want, mut magnitude) = (0f64, 0f64);
+                        for (j, wv) in deq[r * cols..(r + 1) * cols].iter().enumerate() {
+                            let xv = f64::from(xi[j / QK].qs[j % QK]) * f64::from(xi[j / QK].d);
+                            want += f64::from(*wv) * xv;
+                            magnitude += (f64::from(*wv) * xv).abs();
+                        }
+                        let got = f64::from(got[i * rows + r]);
+                        // Q4_K's minimum term uses s = f16(d·Σq), as Q4_1's does.
+                        prop_assert!((got - want).abs() <= 1e-3 * magnitude + 1e-5, "{format:?} row {r}: {got} vs {want}");
+                    }
+                }
+                return Ok(());
+            }
             // And the tile order agrees with the row kernels' within float rounding of the
             // sum: |Δ| ≤ 1e-5 · Σ|block terms| (the documented bound).
             for i in 0..m {
@@ -1496,6 +1809,7 @@ mod tests {
                         Format::Q4_1 => dot_q4_1_scalar(row, xi),
                         Format::Q8_0 => dot_q8_0_scalar(row, xi),
                         Format::Q5_0 => dot_q5_0_scalar(row, xi),
+                        Format::Q4K | Format::Q6K => unreachable!("checked above"),
                     };
                     let magnitude: f32 = xi.iter().map(|b| b.d.abs() * 32.0 * 128.0 * 0.05 + b.s.abs() * 0.4).sum();
                     prop_assert!((got[i * rows + r] - want).abs() <= 1e-5 * magnitude + 1e-6, "{} vs {want}", got[i * rows + r]);
@@ -1609,7 +1923,7 @@ mod tests {
     fn wrong_shapes_are_rejected() {
         assert_eq!(
             QMatrix::new(Format::Q4_1, &[0; 20], 1, 33).map(|_| ()),
-            Err(KernelError::Cols(33))
+            Err(KernelError::Cols(33, 32))
         );
         assert!(matches!(
             QMatrix::new(Format::Q4_1, &[0; 19], 1, 32),

@@ -57,12 +57,15 @@ pub(crate) fn refuse_rope_scaling(ct: &gguf_file::Content, arch: &str) -> candle
     Ok(())
 }
 
-/// The formats our kernels multiply (the rest go through candle).
+/// The formats our kernels multiply (the rest go through candle). The K-quants have tile
+/// kernels only: with the row kernels (`TESSERA_KERNEL=rows`) candle keeps them.
 fn own_format(dt: GgmlDType) -> Option<Format> {
     match dt {
         GgmlDType::Q4_1 => Some(Format::Q4_1),
         GgmlDType::Q8_0 => Some(Format::Q8_0),
         GgmlDType::Q5_0 => Some(Format::Q5_0),
+        GgmlDType::Q4K if kernels::tiles_enabled() => Some(Format::Q4K),
+        GgmlDType::Q6K if kernels::tiles_enabled() => Some(Format::Q6K),
         _ => None,
     }
 }
