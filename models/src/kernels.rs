@@ -447,7 +447,52 @@ pub struct Packed {
     format: Format,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: WeightBuf,
+}
+
+/// Repacked weights in anonymous memory advised for transparent huge pages: decoding streams
+/// every weight once per token, and with 4 KiB pages each page costs a TLB miss and stops
+/// the hardware prefetcher (THP is usually `madvise`, so a plain `Vec` never gets them).
+struct WeightBuf(memmap2::MmapMut, usize);
+
+impl WeightBuf {
+    /// `len` zeroed bytes (at least one page, so even an empty matrix has a mapping).
+    fn zeroed(len: usize) -> Self {
+        let map = memmap2::MmapMut::map_anon(len.max(1))
+            .unwrap_or_else(|e| panic!("cannot map {len} bytes for weights: {e}"));
+        #[cfg(target_os = "linux")]
+        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+            tracing::debug!("no transparent huge pages for weights: {e}");
+        }
+        Self(map, len)
+    }
+}
+
+impl std::ops::Deref for WeightBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+impl std::ops::DerefMut for WeightBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0[..self.1]
+    }
+}
+
+impl Clone for WeightBuf {
+    fn clone(&self) -> Self {
+        let mut c = Self::zeroed(self.len());
+        c.copy_from_slice(self);
+        c
+    }
+}
+
+impl std::fmt::Debug for WeightBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightBuf({} bytes)", self.len())
+    }
 }
 
 impl Packed {
@@ -507,7 +552,7 @@ impl Packed {
         }
         let nb = cols / QK;
         let tbb = Self::tile_block_bytes(format);
-        let mut data = vec![0u8; tiles * nb * tbb];
+        let mut data = WeightBuf::zeroed(tiles * nb * tbb);
         let bb = format.block_bytes();
         let kquant = format.block_values() == QK_K;
         data.par_chunks_mut(nb * tbb)
