@@ -956,7 +956,7 @@ impl OutPtr {
 /// ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), the dims past the last whole chunk are added one by
 /// one, and the sum is scaled. The AVX2 path scores eight keys at once and reduces them
 /// together, with the same additions.
-pub fn attn_scores(path: Path, q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+pub fn attn_scores(path: Path, q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
     let hd = q.len();
     let whole = hd / 8 * 8;
     if let Some(last) = out.len().checked_sub(1) {
@@ -982,10 +982,41 @@ pub fn attn_scores(path: Path, q: &[f32], k: &[f32], stride: usize, scale: f32, 
         let mut a = [0f32; 8];
         for c in (0..whole).step_by(8) {
             for l in 0..8 {
-                a[l] = q[c + l].mul_add(kt[c + l], a[l]);
+                a[l] = q[c + l].mul_add(kt[c + l].to_f32(), a[l]);
             }
         }
         *o = (lanes_sum(&a) + tail_dot(&q[whole..], &kt[whole..])) * scale;
+    }
+}
+
+/// Output dimensions one pass of [`attn_values`] keeps in registers over all keys.
+const DIMS_AT_ONCE: usize = 64;
+
+/// Weighted sum of one head's values: `out[d] = Σ_t fma(e[t], v_t[d])` in t order from 0,
+/// for value t at `v[t * stride..][..out.len()]`. The AVX2 path takes 64 dims at a time in
+/// eight registers; the rest, and the scalar path, the same operations one dim at a time.
+pub fn attn_values(path: Path, e: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    if let Some(last) = e.len().checked_sub(1) {
+        assert!(v.len() >= last * stride + hd, "values too short");
+    }
+    let mut d0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx2 {
+        while d0 + DIMS_AT_ONCE <= hd {
+            // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; value t's dims
+            // d0..d0 + 64 lie in `v` for every t < e.len() (asserted above), and `out` has them.
+            unsafe { avx2::values64(e, &v[d0..], stride, &mut out[d0..d0 + DIMS_AT_ONCE]) };
+            d0 += DIMS_AT_ONCE;
+        }
+    }
+    let _ = path;
+    for (d, o) in out.iter_mut().enumerate().skip(d0) {
+        let mut acc = 0f32;
+        for (t, w) in e.iter().enumerate() {
+            acc = w.mul_add(v[t * stride + d].to_f32(), acc);
+        }
+        *o = acc;
     }
 }
 
@@ -997,13 +1028,16 @@ pub fn lanes_sum(a: &[f32; 8]) -> f32 {
 
 /// Dims past the last whole chunk of eight, one by one.
 #[inline(always)]
-fn tail_dot(q: &[f32], k: &[f32]) -> f32 {
-    q.iter().zip(k).fold(0.0, |s, (a, b)| a.mul_add(*b, s))
+fn tail_dot(q: &[f32], k: &[f16]) -> f32 {
+    q.iter()
+        .zip(k)
+        .fold(0.0, |s, (a, b)| a.mul_add(b.to_f32(), s))
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{BlockQ8, Q4_1_BLOCK_BYTES};
+    use half::f16;
     use std::arch::x86_64::*;
 
     /// [`super::tile_scalar`] for a Q5_0 tile against `m` activation rows, bit for bit:
@@ -1374,10 +1408,10 @@ mod avx2 {
     /// (l0+l1), (l2+l3), then their sums, then the two 128-bit halves.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `q.len()` is a multiple of 8 and
+    /// The CPU must support AVX2, FMA and F16C; `q.len()` is a multiple of 8 and
     /// `k.len() >= 7 * stride + q.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot8_keys(q: &[f32], k: &[f32], stride: usize) -> [f32; 8] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot8_keys(q: &[f32], k: &[f16], stride: usize) -> [f32; 8] {
         debug_assert!(q.len().is_multiple_of(8) && k.len() >= 7 * stride + q.len());
         let mut acc = [_mm256_setzero_ps(); 8];
         let kp = k.as_ptr();
@@ -1385,7 +1419,8 @@ mod avx2 {
             // SAFETY: c + 8 <= q.len(), and key u's chunk lies within `k` (see above).
             let qv = _mm256_loadu_ps(q.as_ptr().add(c));
             for (u, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(u * stride + c)), *a);
+                let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(u * stride + c) as *const __m128i));
+                *a = _mm256_fmadd_ps(qv, kv, *a);
             }
         }
         // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7].
@@ -1405,6 +1440,31 @@ mod avx2 {
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), s);
         out
+    }
+
+    /// [`super::attn_values`] for 64 dims: `out[d] = Σ_t fma(e[t], v_t[d])`, t in order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `out.len() == 64` and
+    /// `v[t * stride..][..64]` lies in `v` for every t < `e.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn values64(e: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
+        debug_assert!(out.len() == 64);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let vp = v.as_ptr();
+        for (t, &w) in e.iter().enumerate() {
+            let w = _mm256_set1_ps(w);
+            // SAFETY: value t's 64 dims lie in `v` (the caller's contract).
+            let row = vp.add(t * stride);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * j) as *const __m128i));
+                *a = _mm256_fmadd_ps(w, x, *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            // SAFETY: out holds 64 floats.
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), *a);
+        }
     }
 
     /// Horizontal sum of an accumulator, in the order every dot product here uses.
@@ -1875,13 +1935,23 @@ mod tests {
                 }).collect()
             };
             let q = rand(hd);
-            let k = rand(len * stride + hd);
+            let k: Vec<f16> = rand(len * stride + hd).into_iter().map(f16::from_f32).collect();
             let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
             attn_scores(Path::Scalar, &q, &k, stride, 0.125, &mut a);
             attn_scores(best_path(), &q, &k, stride, 0.125, &mut b);
             for (t, (x, y)) in a.iter().zip(&b).enumerate() {
                 prop_assert_eq!(x.to_bits(), y.to_bits(), "key {}", t);
-                let want: f64 = (0..hd).map(|d| q[d] as f64 * k[t * stride + d] as f64).sum::<f64>() * 0.125;
+                let want: f64 = (0..hd).map(|d| q[d] as f64 * k[t * stride + d].to_f64()).sum::<f64>() * 0.125;
+                prop_assert!((*x as f64 - want).abs() < 1e-4);
+            }
+            // Weighted value sums likewise, for every width (64-dim passes and the rest).
+            let e = rand(len);
+            let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
+            attn_values(Path::Scalar, &e, &k, stride, &mut a);
+            attn_values(best_path(), &e, &k, stride, &mut b);
+            for (d, (x, y)) in a.iter().zip(&b).enumerate() {
+                prop_assert_eq!(x.to_bits(), y.to_bits(), "dim {}", d);
+                let want: f64 = (0..len).map(|t| e[t] as f64 * k[t * stride + d].to_f64()).sum();
                 prop_assert!((*x as f64 - want).abs() < 1e-4);
             }
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
+use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::kernels::{self, BlockQ8, Format, QMatrix, QK};
@@ -607,7 +608,8 @@ pub struct SeqStep<'a> {
     pub logits_from: usize,
 }
 
-/// Appends each sequence's rows of `k` and `v` (rows of `width`) to its cache of layer `l`.
+/// Appends each sequence's rows of `k` and `v` (rows of `width`) to its cache of layer `l`,
+/// rounded to f16 (to nearest even, with F16C where the CPU has it: the same bits either way).
 pub(crate) fn append_kv(
     seqs: &mut [SeqStep<'_>],
     lay: &Layout,
@@ -618,13 +620,16 @@ pub(crate) fn append_kv(
 ) {
     for (i, sq) in seqs.iter_mut().enumerate() {
         let r = lay.seq_rows(i);
-        sq.cache.k[l].extend_from_slice(&k[r.start * width..r.end * width]);
-        sq.cache.v[l].extend_from_slice(&v[r.start * width..r.end * width]);
+        for (cache, src) in [(&mut sq.cache.k[l], k), (&mut sq.cache.v[l], v)] {
+            let at = cache.len();
+            cache.resize(at + r.len() * width, f16::ZERO);
+            cache[at..].convert_from_f32_slice(&src[r.start * width..r.end * width]);
+        }
     }
 }
 
 /// Keys and values of layer `l` of every sequence, for [`attention`].
-pub(crate) fn layer_kv<'a>(seqs: &'a [SeqStep<'_>], l: usize) -> Vec<(&'a [f32], &'a [f32])> {
+pub(crate) fn layer_kv<'a>(seqs: &'a [SeqStep<'_>], l: usize) -> Vec<(&'a [f16], &'a [f16])> {
     seqs.iter()
         .map(|sq| (&sq.cache.k[l][..], &sq.cache.v[l][..]))
         .collect()
@@ -641,7 +646,7 @@ pub(crate) fn layer_kv<'a>(seqs: &'a [SeqStep<'_>], l: usize) -> Vec<(&'a [f32],
 pub(crate) fn attention(
     a: AttnShape,
     q: &[f32],
-    kv: &[(&[f32], &[f32])],
+    kv: &[(&[f16], &[f16])],
     lay: &Layout,
     out: &mut Vec<f32>,
 ) {
@@ -674,9 +679,6 @@ pub(crate) fn attention(
         });
 }
 
-/// Output dimensions accumulated in registers at once over all keys.
-const DIMS_AT_ONCE: usize = 64;
-
 /// One query head's attention over `len` keys and values (key t at `k[t * stride..][..hd]`,
 /// likewise `v`): `out = Σ_t softmax(scale · q·k_t)_t · v_t`. Written in eight-lane chunks
 /// with fused multiply-adds in one fixed order, so every CPU, vectorized or not, gets the
@@ -684,20 +686,23 @@ const DIMS_AT_ONCE: usize = 64;
 /// - scores `scale · q·k_t` by [`kernels::attn_scores`];
 /// - weights `e_t = exp(s_t − max)` with [`exp_neg`], summed in eight lanes (t mod 8) and
 ///   reduced the same way;
-/// - `out[d] = (Σ_t fma(e_t, v_t[d]) in t order) · (1 / Σ e)`.
+/// - `out[d] = (Σ_t fma(e_t, v_t[d]) in t order, by [`kernels::attn_values`]) · (1 / Σ e)`.
+///
+/// Keys and values are cached as f16 (as llama.cpp caches them): half the memory and half
+/// the bytes read per step, which is what attention costs once several sequences or long
+/// contexts share a step.
 #[allow(clippy::too_many_arguments)] // one head's slices and shape; called per task
 fn attend_head(
     path: kernels::Path,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[f16],
+    v: &[f16],
     stride: usize,
     len: usize,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = q.len();
     scores.clear();
     scores.resize(len, 0.0);
     kernels::attn_scores(path, q, k, stride, scale, scores);
@@ -715,32 +720,9 @@ fn attend_head(
         sums[l] += *s;
     }
     let inv = 1.0 / kernels::lanes_sum(&sums);
-    for d0 in (0..hd).step_by(DIMS_AT_ONCE) {
-        let o = &mut out[d0..(d0 + DIMS_AT_ONCE).min(hd)];
-        if o.len() == DIMS_AT_ONCE {
-            let mut acc = [0f32; DIMS_AT_ONCE];
-            for (t, &e) in scores.iter().enumerate() {
-                let vt = &v[t * stride + d0..][..DIMS_AT_ONCE];
-                for l in 0..DIMS_AT_ONCE {
-                    acc[l] = e.mul_add(vt[l], acc[l]);
-                }
-            }
-            for (o, a) in o.iter_mut().zip(acc) {
-                *o = a * inv;
-            }
-        } else {
-            let w = o.len();
-            let mut acc = [0f32; DIMS_AT_ONCE];
-            for (t, &e) in scores.iter().enumerate() {
-                let vt = &v[t * stride + d0..][..w];
-                for l in 0..w {
-                    acc[l] = e.mul_add(vt[l], acc[l]);
-                }
-            }
-            for (o, a) in o.iter_mut().zip(acc) {
-                *o = a * inv;
-            }
-        }
+    kernels::attn_values(path, scores, v, stride, out);
+    for o in out.iter_mut() {
+        *o *= inv;
     }
 }
 
@@ -775,12 +757,12 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Keys and values of one sequence, one buffer per layer reserved for the positions the
-/// sequence may reach, so a step appends without reallocating.
+/// Keys and values of one sequence, in f16, one buffer per layer reserved for the positions
+/// the sequence may reach, so a step appends without reallocating.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) k: Vec<Vec<f16>>,
+    pub(crate) v: Vec<Vec<f16>>,
     pub(crate) len: usize,
 }
 
@@ -816,7 +798,7 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Empties it and reserves `positions × width` floats per layer.
+    /// Empties it and reserves `positions × width` values per layer.
     pub fn reset(&mut self, positions: usize, width: usize) {
         for c in self.k.iter_mut().chain(self.v.iter_mut()) {
             c.clear();
@@ -955,19 +937,22 @@ mod tests {
             };
             let (pos, n) = (5, 4);
             let q = rand(n * a.n_head * head_dim);
-            let k = rand((pos + n) * a.n_kv_head * head_dim);
-            let v = rand((pos + n) * a.n_kv_head * head_dim);
+            // The cache holds f16; the reference reads the same values.
+            let halves = |x: Vec<f32>| -> Vec<f16> { x.into_iter().map(f16::from_f32).collect() };
+            let floats = |x: &[f16]| -> Vec<f32> { x.iter().map(|h| h.to_f32()).collect() };
+            let k = halves(rand((pos + n) * a.n_kv_head * head_dim));
+            let v = halves(rand((pos + n) * a.n_kv_head * head_dim));
             let mut out = Vec::new();
             attention(a, &q, &[(&k, &v)], &Layout::new([(pos, n, n)]), &mut out);
-            let want = reference(a, &q, &k, &v, pos, n);
+            let want = reference(a, &q, &floats(&k), &floats(&v), pos, n);
             for (got, want) in out.iter().zip(&want) {
                 assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
             }
             // The same rows inside a batch with another sequence: bit-identical.
             let (q2, k2, v2) = (
                 rand(2 * a.n_head * head_dim),
-                rand(9 * a.n_kv_head * head_dim),
-                rand(9 * a.n_kv_head * head_dim),
+                halves(rand(9 * a.n_kv_head * head_dim)),
+                halves(rand(9 * a.n_kv_head * head_dim)),
             );
             let mut both_q = q2.clone();
             both_q.extend_from_slice(&q);

@@ -128,9 +128,12 @@ fn smollm2_answers_like_llama_cpp() {
     assert!(answer(&rows, "Name the capital of France.").contains("Paris"));
     assert!(answer(&rows, "Which planet is known as the Red Planet?").contains("Mars"));
     assert!(answer(&rows, "What is 2 + 2?").contains('4'));
-    let colors = answer(&rows, "Name three colors.");
+    // llama.cpp answers with a list ("1. Red…"); its first token is a near-tie (0.05
+    // logits) with "The", which any change of float order may flip: either way the answer
+    // names the colors.
+    let colors = answer(&rows, "Name three colors.").to_lowercase();
     assert!(
-        ["Red", "Blue", "Green"].iter().all(|c| colors.contains(c)),
+        ["red", "blue", "green"].iter().all(|c| colors.contains(c)),
         "{colors:?}"
     );
 }
