@@ -280,7 +280,8 @@ pub fn tiles_enabled() -> bool {
 /// The numerics of models loaded now (see [`Packed`]): `tessera-tiles-2` for the tile
 /// kernels, whose scalar and SIMD paths agree bit for bit, `tessera-rows-2` for the
 /// previous row kernels. Generation 2 computes attention in one fixed float order with its
-/// own `exp` ([`attn_scores`]; generation 1 used libm's per-CPU `expf` and plain sums).
+/// own `exp` ([`attn_scores`], [`attn_values`]; generation 1 used libm's per-CPU `expf` and
+/// plain sums), keeps the KV cache in f16 and multiplies Q4_K and Q6_K with its own tiles.
 pub fn numerics() -> &'static str {
     if tiles_enabled() {
         "tessera-tiles-2"
