@@ -1114,15 +1114,18 @@ mod avx2 {
                 let xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq.add(1)));
                 let mut v = [_mm256_setzero_si256(); 4];
                 for (p, v) in v.iter_mut().enumerate() {
-                    // 2·31·127 per pair: no i16 saturation.
-                    let s16 = _mm256_add_epi16(
+                    // 2·31·127 per maddubs lane, twice that per s16 lane (15,748).
+                    *v = _mm256_add_epi16(
                         _mm256_maddubs_epi16(lo[p], xl),
                         _mm256_maddubs_epi16(hi[p], xh),
                     );
-                    *v = _mm256_madd_epi16(s16, ones);
                 }
-                let h =
-                    _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                // One i16 level of pair sums still fits (31,496); then i32. The integer
+                // sums are exact whatever the grouping, so results are unchanged.
+                let h = _mm256_hadd_epi32(
+                    _mm256_madd_epi16(_mm256_hadd_epi16(v[0], v[1]), ones),
+                    _mm256_madd_epi16(_mm256_hadd_epi16(v[2], v[3]), ones),
+                );
                 let isum =
                     _mm256_sub_epi32(h, _mm256_set1_epi32(16 * *xsum.get_unchecked(i * nb + b)));
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
@@ -1267,18 +1270,22 @@ mod avx2 {
                 let xq = xb.qs.as_ptr() as *const __m128i;
                 let xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq));
                 let xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq.add(1)));
-                // Pair p: row p in the low lane, row p + 4 in the high lane; exact i32 sums.
+                // Pair p: row p in the low lane, row p + 4 in the high lane. Nibbles keep
+                // every i16 small (2·15·127 per maddubs lane, 7,620 per s16 lane), so two
+                // levels of pair sums stay in i16 (30,480) before one madd widens: exact
+                // sums, three fewer widening steps per row than a madd per pair.
                 let mut v = [_mm256_setzero_si256(); 4];
                 for p in 0..4 {
-                    let s16 = _mm256_add_epi16(
+                    v[p] = _mm256_add_epi16(
                         _mm256_maddubs_epi16(lo[p], xl),
                         _mm256_maddubs_epi16(hi[p], xh),
                     );
-                    v[p] = _mm256_madd_epi16(s16, ones);
                 }
                 // Lanes: rows 0..3 | rows 4..7.
-                let isum =
-                    _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                let isum = _mm256_madd_epi16(
+                    _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3])),
+                    ones,
+                );
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[i]);
                 sm[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb.s), sm[i]);
@@ -1954,6 +1961,59 @@ mod tests {
                 prop_assert_eq!(x.to_bits(), y.to_bits(), "dim {}", d);
                 let want: f64 = (0..len).map(|t| e[t] as f64 * k[t * stride + d].to_f64()).sum();
                 prop_assert!((*x as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    /// The largest integer sums (every 4- or 5-bit value at its top, every activation at
+    /// ±127) stay exact in the kernels' i16 stages.
+    #[test]
+    fn tile_kernels_are_exact_at_the_extremes() {
+        let (rows, cols) = (8, 4 * QK);
+        for format in [Format::Q4_1, Format::Q5_0, Format::Q4K] {
+            let block: Vec<u8> = match format {
+                Format::Q4_1 => [f16::from_f32(0.01).to_le_bytes(), [0, 0]]
+                    .concat()
+                    .into_iter()
+                    .chain([0xFF; 16])
+                    .collect(),
+                // d, all high bits set, all nibbles 15: value 31 (stored), 15 after −16.
+                Format::Q5_0 => f16::from_f32(0.01)
+                    .to_le_bytes()
+                    .into_iter()
+                    .chain([0xFF; 20])
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let bytes: Vec<u8> = if format == Format::Q4K {
+                let sb: Vec<u8> = [f16::from_f32(0.01).to_le_bytes(), [0, 0]]
+                    .concat()
+                    .into_iter()
+                    .chain([0x3F; 12])
+                    .chain([0xFF; 128])
+                    .collect();
+                sb.repeat(rows * 2)
+            } else {
+                block.repeat(rows * cols / QK)
+            };
+            let cols = if format == Format::Q4K {
+                2 * QK_K
+            } else {
+                cols
+            };
+            let nb = cols / QK;
+            let w = QMatrix::new(format, &bytes, rows, cols).expect("shape");
+            let p = Packed::new(&w).expect("packable");
+            for sign in [1.0f32, -1.0] {
+                let x: Vec<BlockQ8> = quantized(&vec![sign; cols]);
+                assert!(x
+                    .iter()
+                    .all(|b| b.qs.iter().all(|&q| q == (127.0 * sign) as i8)));
+                let (mut got, mut want) = (vec![0f32; rows], vec![0f32; rows]);
+                matmul_packed(best_path(), &p, &x, 1, &mut got);
+                matmul_packed(Path::Scalar, &p, &x, 1, &mut want);
+                assert_eq!(got, want, "{format:?}");
+                assert_eq!(x.len(), nb);
             }
         }
     }
