@@ -259,7 +259,7 @@ impl Gemma3 {
                 window: layer.sliding.then_some(self.window),
                 ..self.attn
             };
-            attention(shape, &s.q, &layer_kv(seqs, l), lay, &mut s.att);
+            attention(path, shape, &s.q, &layer_kv(seqs, l), lay, &mut s.att);
             quantize_rows(&s.att, qdim, &mut s.xq);
             layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;
             rms_norm_in_place(&mut s.o, &layer.post_attn_norm, eps);

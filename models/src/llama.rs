@@ -214,7 +214,7 @@ impl Llama {
                 rope(RopeStyle::Interleaved, k, hd, &self.rope, p);
             }
             append_kv(seqs, lay, l, &s.k, &s.v, kvw);
-            attention(self.attn, &s.q, &layer_kv(seqs, l), lay, &mut s.att);
+            attention(path, self.attn, &s.q, &layer_kv(seqs, l), lay, &mut s.att);
             quantize_rows(&s.att, dim, &mut s.xq);
             layer.wo.forward(file, path, &s.att, &s.xq, n, &mut s.o)?;
             s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);

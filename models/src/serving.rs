@@ -644,6 +644,7 @@ pub(crate) fn layer_kv<'a>(seqs: &'a [SeqStep<'_>], l: usize) -> Vec<(&'a [f16],
 /// function of its inputs ([`attend_head`]), so results do not depend on the batch, the
 /// partition or the thread count.
 pub(crate) fn attention(
+    path: kernels::Path,
     a: AttnShape,
     q: &[f32],
     kv: &[(&[f16], &[f16])],
@@ -655,7 +656,6 @@ pub(crate) fn attention(
     let group = a.n_head / a.n_kv_head;
     out.clear();
     out.resize(lay.rows * qdim, 0.0);
-    let path = kernels::best_path();
     out.par_chunks_mut(hd)
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (c, oh)| {
@@ -943,7 +943,14 @@ mod tests {
             let k = halves(rand((pos + n) * a.n_kv_head * head_dim));
             let v = halves(rand((pos + n) * a.n_kv_head * head_dim));
             let mut out = Vec::new();
-            attention(a, &q, &[(&k, &v)], &Layout::new([(pos, n, n)]), &mut out);
+            attention(
+                kernels::best_path(),
+                a,
+                &q,
+                &[(&k, &v)],
+                &Layout::new([(pos, n, n)]),
+                &mut out,
+            );
             let want = reference(a, &q, &floats(&k), &floats(&v), pos, n);
             for (got, want) in out.iter().zip(&want) {
                 assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
@@ -958,7 +965,14 @@ mod tests {
             both_q.extend_from_slice(&q);
             let mut both = Vec::new();
             let lay = Layout::new([(7, 2, 0), (pos, n, 0)]);
-            attention(a, &both_q, &[(&k2, &v2), (&k, &v)], &lay, &mut both);
+            attention(
+                kernels::best_path(),
+                a,
+                &both_q,
+                &[(&k2, &v2), (&k, &v)],
+                &lay,
+                &mut both,
+            );
             assert_eq!(lay.logit_rows.len(), 2 + n);
             let qdim = a.n_head * head_dim;
             for (x, y) in both[2 * qdim..].iter().zip(&out) {
