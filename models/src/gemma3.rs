@@ -103,9 +103,10 @@ impl Gemma3 {
             || n_head % n_kv_head != 0
             || head_dim % 2 != 0
             || u("attention.value_length")? != head_dim
+            || window == 0
         {
             candle_core::bail!(
-                "unsupported gemma3 shape: heads {n_head}/{n_kv_head}, head_dim {head_dim}"
+                "unsupported gemma3 shape: heads {n_head}/{n_kv_head}, head_dim {head_dim}, sliding window {window}"
             );
         }
         refuse_rope_scaling(ct, "gemma3")?;

@@ -250,7 +250,7 @@ impl<'a> QMatrix<'a> {
 pub enum Path {
     /// Plain Rust; the reference.
     Scalar,
-    /// AVX2 + FMA (x86-64).
+    /// AVX2, FMA and F16C (x86-64).
     Avx2,
 }
 
@@ -262,7 +262,11 @@ pub fn best_path() -> Path {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // Every AVX2 kernel here also converts f16 (F16C): a VM may mask it.
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             return Path::Avx2;
         }
     }
@@ -967,7 +971,7 @@ pub fn attn_scores(path: Path, q: &[f32], k: &[f16], stride: usize, scale: f32, 
     #[cfg(target_arch = "x86_64")]
     if path == Path::Avx2 {
         while t + 8 <= out.len() {
-            // SAFETY: `Path::Avx2` means AVX2 and FMA were detected; keys t..t + 8 lie in
+            // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; keys t..t + 8 lie in
             // `k` (asserted above) and `q` holds `whole` floats.
             let lanes = unsafe { avx2::dot8_keys(&q[..whole], &k[t * stride..], stride) };
             for (u, s) in lanes.iter().enumerate() {
