@@ -76,7 +76,7 @@ pub fn cpu_features() -> Vec<&'static str> {
 fn kernel_name() -> &'static str {
     match crate::kernels::best_path() {
         crate::kernels::Path::Scalar => "scalar",
-        crate::kernels::Path::Avx2 => "avx2",
+        crate::kernels::Path::Avx2(_) => "avx2",
     }
 }
 

@@ -192,10 +192,10 @@ impl<'a> QMatrix<'a> {
     /// rows matches decoding that multiplies one.
     fn dot4(&self, path: Path, r: usize, x: [&[BlockQ8]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx2 {
+        if matches!(path, Path::Avx2(_)) {
             let w = self.row(r);
             match self.format {
-                // SAFETY: `Path::Avx2` means AVX2 and FMA were detected; each activation row
+                // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; each activation row
                 // has `cols / 32` blocks and `w` one row of blocks (checked in `matmul`).
                 Format::Q4_1 => return unsafe { avx2::dot4_q4_1(w, x) },
                 // SAFETY: as above.
@@ -250,9 +250,14 @@ impl<'a> QMatrix<'a> {
 pub enum Path {
     /// Plain Rust; the reference.
     Scalar,
-    /// AVX2, FMA and F16C (x86-64).
-    Avx2,
+    /// AVX2, FMA and F16C (x86-64). Only [`best_path`] makes one (its token cannot be
+    /// built elsewhere), after detecting them: the AVX2 kernels' safety rests on that.
+    Avx2(Avx2Detected),
 }
+
+/// Proof that [`best_path`] detected AVX2, FMA and F16C on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Avx2Detected(());
 
 /// The fastest path this CPU supports, unless `TESSERA_KERNEL=scalar` asks for the
 /// reference path (for numerics checks and debugging).
@@ -267,7 +272,7 @@ pub fn best_path() -> Path {
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
         {
-            return Path::Avx2;
+            return Path::Avx2(Avx2Detected(()));
         }
     }
     Path::Scalar
@@ -299,10 +304,10 @@ pub fn dot_q4_1(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
     debug_assert_eq!(w.len(), x.len() * Q4_1_BLOCK_BYTES);
     match path {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Path::Avx2` is only produced by `best_path` after detecting AVX2 and FMA,
+        // SAFETY: `Path::Avx2` is only produced by `best_path` after detecting AVX2, FMA and F16C,
         // or by tests that check the same; slice lengths are asserted above and re-checked
         // by the bounds of the block loop.
-        Path::Avx2 => unsafe { avx2::dot_q4_1(w, x) },
+        Path::Avx2(_) => unsafe { avx2::dot_q4_1(w, x) },
         _ => dot_q4_1_scalar(w, x),
     }
 }
@@ -314,7 +319,7 @@ pub fn dot_q8_0(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as for `dot_q4_1`.
-        Path::Avx2 => unsafe { avx2::dot_q8_0(w, x) },
+        Path::Avx2(_) => unsafe { avx2::dot_q8_0(w, x) },
         _ => dot_q8_0_scalar(w, x),
     }
 }
@@ -341,7 +346,7 @@ pub fn dot_q5_0(path: Path, w: &[u8], x: &[BlockQ8]) -> f32 {
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as for `dot_q4_1`.
-        Path::Avx2 => unsafe { avx2::dot_q5_0(w, x) },
+        Path::Avx2(_) => unsafe { avx2::dot_q5_0(w, x) },
         _ => dot_q5_0_scalar(w, x),
     }
 }
@@ -663,7 +668,7 @@ impl Packed {
         );
         assert!(xsum.len() >= m * nb * xsum_per_block(self.format));
         #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx2 {
+        if matches!(path, Path::Avx2(_)) {
             // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; `tile` holds
             // `nb` tile blocks of this format, `x` at least `m * nb` blocks (asserted
             // above); `out` is the caller's contract.
@@ -969,7 +974,7 @@ pub fn attn_scores(path: Path, q: &[f32], k: &[f16], stride: usize, scale: f32, 
     }
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
-    if path == Path::Avx2 {
+    if matches!(path, Path::Avx2(_)) {
         while t + 8 <= out.len() {
             // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; keys t..t + 8 lie in
             // `k` (asserted above) and `q` holds `whole` floats.
@@ -1007,7 +1012,7 @@ pub fn attn_values(path: Path, e: &[f32], v: &[f16], stride: usize, out: &mut [f
     }
     let mut d0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if path == Path::Avx2 {
+    if matches!(path, Path::Avx2(_)) {
         while d0 + DIMS_AT_ONCE <= hd {
             // SAFETY: `Path::Avx2` means AVX2, FMA and F16C were detected; value t's dims
             // d0..d0 + 64 lie in `v` for every t < e.len() (asserted above), and `out` has them.
@@ -1724,12 +1729,12 @@ mod tests {
     proptest! {
         #[test]
         fn avx2_path_matches_the_scalar_reference(seed in 1u64..u64::MAX, nb in 1usize..40, xs in proptest::collection::vec(-8.0f32..8.0, 32..1280)) {
-            prop_assume!(best_path() == Path::Avx2);
+            prop_assume!(matches!(best_path(), Path::Avx2(_)));
             let cols = nb * QK;
             let x: Vec<f32> = (0..cols).map(|i| xs[i % xs.len()] * (1.0 + i as f32 / 97.0)).collect();
             let w = q4_1_row(seed, cols);
             let q = quantized(&x);
-            let a = dot_q4_1(Path::Avx2, &w, &q);
+            let a = dot_q4_1(best_path(), &w, &q);
             let s = dot_q4_1_scalar(&w, &q);
             // Integer block sums are exact; only the float accumulation order differs.
             let bound = 1e-5 * (q.iter().map(|b| b.d.abs() * 32.0 * 15.0 * 0.1 + b.s.abs()).sum::<f32>() + 1.0);
@@ -1738,14 +1743,14 @@ mod tests {
 
         #[test]
         fn q8_0_avx2_path_equals_the_scalar_reference(ws in proptest::collection::vec(any::<i8>(), 32 * 8), d in 0.001f32..2.0, xs in proptest::collection::vec(-4.0f32..4.0, 32 * 8)) {
-            prop_assume!(best_path() == Path::Avx2);
+            prop_assume!(matches!(best_path(), Path::Avx2(_)));
             let mut w = Vec::new();
             for b in ws.chunks(32) {
                 w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
                 w.extend(b.iter().map(|&v| v as u8));
             }
             let q = quantized(&xs);
-            let (a, s) = (dot_q8_0(Path::Avx2, &w, &q), dot_q8_0_scalar(&w, &q));
+            let (a, s) = (dot_q8_0(best_path(), &w, &q), dot_q8_0_scalar(&w, &q));
             // Integer block sums are exact; the float sums of large, cancelling block terms
             // differ only by rounding, bounded relative to the sum of their magnitudes.
             let magnitude: f32 = w.chunks(34).zip(&q).map(|(wb, xb)| {
@@ -1757,14 +1762,14 @@ mod tests {
 
         #[test]
         fn q5_0_avx2_path_equals_the_scalar_reference(raw in proptest::collection::vec(any::<u8>(), 20 * 6), d in 0.001f32..2.0, xs in proptest::collection::vec(-4.0f32..4.0, 32 * 6)) {
-            prop_assume!(best_path() == Path::Avx2);
+            prop_assume!(matches!(best_path(), Path::Avx2(_)));
             let mut w = Vec::new();
             for b in raw.chunks(20) {
                 w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
                 w.extend_from_slice(b);
             }
             let q = quantized(&xs);
-            let (a, s) = (dot_q5_0(Path::Avx2, &w, &q), dot_q5_0_scalar(&w, &q));
+            let (a, s) = (dot_q5_0(best_path(), &w, &q), dot_q5_0_scalar(&w, &q));
             let magnitude: f32 = q.iter().map(|xb| 32.0 * 16.0 * 127.0 * d * xb.d).sum();
             prop_assert!((a - s).abs() <= 1e-6 * magnitude + 1e-6, "avx2 {a} scalar {s}");
         }
