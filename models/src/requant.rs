@@ -129,17 +129,20 @@ pub fn requantize(src: &Path, dst: &Path, to: GgmlDType) -> Result<RequantSummar
     let md_refs: Vec<(&str, &gguf_file::Value)> =
         metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    // A private name per process: two makers of the same file never write into each other.
-    let tmp = dst.with_extension(format!("partial-{}", std::process::id()));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+    // A private temporary file per call (not per process: tests in one process may make
+    // the same substitute at once), renamed into place when whole.
+    let dir = dst
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
+    let mut out = std::io::BufWriter::new(tmp);
     gguf_file::write(&mut out, &md_refs, &t_refs).map_err(|cause| RequantError::Tensor {
         tensor: "(writing)".into(),
         cause,
     })?;
-    use std::io::Write;
-    out.flush().map_err(io(&tmp))?;
-    drop(out);
-    std::fs::rename(&tmp, dst).map_err(io(dst))?;
+    let tmp = out.into_inner().map_err(|e| io(dst)(e.into_error()))?;
+    tmp.persist(dst).map_err(|e| io(dst)(e.error))?;
     Ok(summary)
 }
 
