@@ -713,17 +713,12 @@ impl Packed {
 fn repack_kquant(format: Format, src: &[u8], k: usize, tbb: usize, dst: &mut [u8]) {
     let h = |at: usize| f16::from_le_bytes([src[at], src[at + 1]]).to_f32();
     let mut q = [0u8; QK_K];
-    let put = |j: usize, scale: [f32; 2], minus: f32, dst: &mut [u8]| {
+    // Row k's two f32 per tile block j: Q4_K's scale and negated minimum, or Q6_K's scales
+    // of values 0..15 and 16..31.
+    let put = |j: usize, first: f32, second: f32, dst: &mut [u8]| {
         let blk = &mut dst[j * tbb..(j + 1) * tbb];
-        blk[4 * k..4 * k + 4].copy_from_slice(&scale[0].to_le_bytes());
-        blk[32 + 4 * k..32 + 4 * k + 4].copy_from_slice(
-            &(if format == Format::Q4K {
-                minus
-            } else {
-                scale[1]
-            })
-            .to_le_bytes(),
-        );
+        blk[4 * k..4 * k + 4].copy_from_slice(&first.to_le_bytes());
+        blk[32 + 4 * k..32 + 4 * k + 4].copy_from_slice(&second.to_le_bytes());
     };
     match format {
         Format::Q4K => {
@@ -748,7 +743,7 @@ fn repack_kquant(format: Format, src: &[u8], k: usize, tbb: usize, dst: &mut [u8
                         chunk[l] >> 4
                     };
                 }
-                put(j, [d * f32::from(s), 0.0], -(dmin * f32::from(m)), dst);
+                put(j, d * f32::from(s), -(dmin * f32::from(m)), dst);
                 let off = 64 + (k % 4) * 32 + (k / 4) * 16;
                 let v = &q[j * 32..j * 32 + 32];
                 for l in 0..16 {
@@ -772,7 +767,7 @@ fn repack_kquant(format: Format, src: &[u8], k: usize, tbb: usize, dst: &mut [u8
             }
             for j in 0..8 {
                 let s = |i: usize| d * f32::from(sc[i] as i8);
-                put(j, [s(2 * j), s(2 * j + 1)], 0.0, dst);
+                put(j, s(2 * j), s(2 * j + 1), dst);
                 let off = 64 + k * 32;
                 dst[j * tbb + off..j * tbb + off + 32].copy_from_slice(&q[j * 32..j * 32 + 32]);
             }

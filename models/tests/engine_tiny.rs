@@ -8,8 +8,8 @@ use candle_core::quantized::gguf_file::Value;
 
 use tessera_models::test_support::{collect, write_tiny_gguf, TinySpec};
 use tessera_models::{
-    BatchConfig, ChatMessage, Engine, GenerateError, GenerateEvent, GenerateRequest, LoadError,
-    Model, Prompt,
+    BatchConfig, ChatMessage, Engine, EventStream, GenerateError, GenerateEvent, GenerateRequest,
+    LoadError, Model, Prompt,
 };
 use tessera_protocol::{FinishReason, SamplingParams, TranscriptCommitment};
 
@@ -747,23 +747,30 @@ async fn a_request_gives_the_same_tokens_alone_and_inside_a_busy_batch() {
     engine.shutdown();
 }
 
-#[tokio::test]
-async fn a_cancelled_request_frees_its_place_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// An engine with one place (and a queue of 4), taken by a request of 100,000 tokens that
+/// has started streaming.
+async fn one_slot_taken_by_a_long_request(dir: &Path) -> (Engine, EventStream) {
     let cfg = BatchConfig {
         max_batch: 1,
         queue: 4,
         ..BatchConfig::default()
     };
-    let engine = Engine::spawn(model(dir.path()), cfg).expect("spawn");
-    let handle = engine.handle();
+    let engine = Engine::spawn(model(dir), cfg).expect("spawn");
     let mut long = GenerateRequest::new(Prompt::Text("hello".into()), 100_000);
     long.ignore_eos = true;
-    let mut events = handle.generate(long).await.expect("queued");
+    let mut events = engine.handle().generate(long).await.expect("queued");
     assert!(matches!(
         events.recv().await,
         Some(Ok(GenerateEvent::Delta(_)))
     ));
+    (engine, events)
+}
+
+#[tokio::test]
+async fn a_cancelled_request_frees_its_place_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, events) = one_slot_taken_by_a_long_request(dir.path()).await;
+    let handle = engine.handle();
     drop(events);
     let (_, done) = collect(handle.generate(sampled(5, 1.0)).await.expect("queued")).await;
     assert_eq!(done.completion_tokens, 20);
@@ -803,20 +810,8 @@ async fn a_slow_reader_holds_back_only_its_own_request() {
 #[tokio::test]
 async fn shutdown_ends_running_requests_as_stopped_and_tells_queued_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = BatchConfig {
-        max_batch: 1,
-        queue: 4,
-        ..BatchConfig::default()
-    };
-    let engine = Engine::spawn(model(dir.path()), cfg).expect("spawn");
+    let (engine, mut running) = one_slot_taken_by_a_long_request(dir.path()).await;
     let handle = engine.handle();
-    let mut long = GenerateRequest::new(Prompt::Text("hello".into()), 100_000);
-    long.ignore_eos = true;
-    let mut running = handle.generate(long).await.expect("queued");
-    assert!(matches!(
-        running.recv().await,
-        Some(Ok(GenerateEvent::Delta(_)))
-    ));
     let mut queued = handle.generate(sampled(8, 1.0)).await.expect("queued");
     let stopper = tokio::task::spawn_blocking(move || engine.shutdown());
     let done = loop {
