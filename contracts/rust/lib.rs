@@ -14,8 +14,8 @@ pub use chain::{AnyChain, ChainError, ChainLog, Receipt, L1};
 pub use embedded::{EmbeddedChain, EMBEDDED_CHAIN_ID};
 pub use rpc::RpcChain;
 pub use settlement::{
-    deploy, domain, BatchRecord, ChallengeOutcome, ContractError, Contracts, Deployment, Params,
-    PostedBatch, QueuedDeposit,
+    deploy, domain, BatchRecord, ChallengeOutcome, ChallengeRecord, ContractError, Contracts,
+    Deployment, Params, PostedBatch, QueuedDeposit,
 };
 
 /// The committed artifacts, as compiled (for the reproducibility check).

@@ -289,6 +289,21 @@ pub struct PostedBatch {
     pub block: u64,
 }
 
+/// A challenge of a batch, from the contract's events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChallengeRecord {
+    /// The batch challenged.
+    pub index: u64,
+    /// The step named.
+    pub step: u32,
+    /// Who sent it.
+    pub challenger: Address,
+    /// Whether the batch was found wrong (and reverted).
+    pub upheld: bool,
+    /// The L1 transaction.
+    pub tx: B256,
+}
+
 /// A batch's on-chain record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchRecord {
@@ -501,6 +516,32 @@ impl<'a, L: L1> Contracts<'a, L> {
             } else if let Ok(e) = Settlement::BatchesReverted::decode_log(&l.log) {
                 let from = e.fromIndex.to::<u64>();
                 out.retain(|b| b.index < from);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every challenge sent, upheld or not, oldest first.
+    pub async fn challenges(&self) -> Result<Vec<ChallengeRecord>, ContractError> {
+        let logs = self.chain.logs(self.d.settlement, self.d.block).await?;
+        let mut out = Vec::new();
+        for l in logs {
+            if let Ok(e) = Settlement::Challenged::decode_log(&l.log) {
+                out.push(ChallengeRecord {
+                    index: e.index.to::<u64>(),
+                    step: e.step,
+                    challenger: e.challenger,
+                    upheld: true,
+                    tx: l.tx,
+                });
+            } else if let Ok(e) = Settlement::ChallengeFailed::decode_log(&l.log) {
+                out.push(ChallengeRecord {
+                    index: e.index.to::<u64>(),
+                    step: e.step,
+                    challenger: e.challenger,
+                    upheld: false,
+                    tx: l.tx,
+                });
             }
         }
         Ok(out)

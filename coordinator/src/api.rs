@@ -46,6 +46,13 @@ pub struct ApiState {
     pub deployment: Option<tessera_contracts::Deployment>,
     /// The embedded L1, served over JSON-RPC at `/l1` (wallets in other processes use it).
     pub embedded_l1: Option<Arc<tessera_contracts::EmbeddedChain>>,
+    /// The L1 the contracts are on (the dashboard reads roots and payouts from it).
+    pub chain: Option<tessera_contracts::AnyChain>,
+    /// Dashboard sessions (signed in with an API key).
+    pub sessions: crate::dashboard::Sessions,
+    /// The own stake below which the dashboard tells an operator its node is under the
+    /// minimum (base units).
+    pub dashboard_min_stake: u128,
 }
 
 impl ApiState {
@@ -74,6 +81,9 @@ impl ApiState {
             sequencer: None,
             deployment: None,
             embedded_l1: None,
+            chain: None,
+            sessions: crate::dashboard::Sessions::default(),
+            dashboard_min_stake: 0,
         }
     }
 }
@@ -313,6 +323,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/l2/accounts/{address}", get(l2_account))
         .route("/v1/l2/accounts/{address}/statement", get(l2_statement))
         .route("/v1/l2/transactions", post(l2_submit))
+        .merge(crate::dashboard::routes())
         .fallback(|| async { ApiError::not_found("unknown_url", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(

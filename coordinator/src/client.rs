@@ -371,6 +371,7 @@ impl JobStream {
                                     &self.node,
                                     result.usage.completion_tokens,
                                     first.elapsed(),
+                                    result.ttft_ms,
                                 );
                             }
                         }

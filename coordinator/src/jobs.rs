@@ -631,8 +631,22 @@ impl Job {
             tracing::error!(job_id = %job, cost = %receipt.body.cost, reserved = %self.reservation, "receipt costs more than was reserved");
         }
         let payout = started.payout;
-        let settled =
-            tokio::task::spawn_blocking(move || ledger.settle(job, &receipt, &payout)).await;
+        let meta = crate::ledger::RequestMeta {
+            at_ms: tessera_protocol::now_ms(),
+            model: self.req.model.clone(),
+            endpoint: match self.req.endpoint {
+                crate::openai::Endpoint::Chat => "chat",
+                crate::openai::Endpoint::Completions => "completions",
+            }
+            .to_owned(),
+            attempts: started.attempts,
+            ttft_ms: result.ttft_ms,
+            decode_ms: result.decode_ms,
+        };
+        let settled = tokio::task::spawn_blocking(move || {
+            ledger.settle_request(job, &receipt, &payout, Some(&meta))
+        })
+        .await;
         let settlement = match settled {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

@@ -43,6 +43,14 @@ const AUDITS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("audits")
 /// audited job id → the dispute a failed audit opened (JSON [`Dispute`]).
 const DISPUTES: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("disputes");
 
+/// job id → what the coordinator saw of the request (JSON [`RequestMeta`]), written with
+/// the receipt, so usage lists a request the moment its response ends.
+const REQUESTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("request_meta");
+/// (account, job id) → (): an account's requests, read by prefix.
+const ACCOUNT_JOBS: TableDefinition<(&str, &[u8; 16]), ()> = TableDefinition::new("account_jobs");
+/// job id → the receipts root of the posted settlement that carries it.
+const JOB_ROOTS: TableDefinition<&[u8; 16], &[u8; 32]> = TableDefinition::new("job_roots");
+
 /// Longest account id, in bytes (the wire's payer limit).
 pub const MAX_ACCOUNT_BYTES: usize = tessera_protocol::job::MAX_PAYER_BYTES;
 
@@ -245,6 +253,9 @@ impl Ledger {
         tx.open_table(LINKED).map_err(db)?;
         tx.open_table(UNBATCHED).map_err(db)?;
         tx.open_table(POSTED).map_err(db)?;
+        tx.open_table(REQUESTS).map_err(db)?;
+        tx.open_table(ACCOUNT_JOBS).map_err(db)?;
+        tx.open_table(JOB_ROOTS).map_err(db)?;
         tx.open_table(DEPOSITS_SEEN).map_err(db)?;
         tx.open_table(STANDINGS).map_err(db)?;
         tx.open_table(AUDITS).map_err(db)?;
@@ -393,17 +404,32 @@ impl Ledger {
         Ok(amount)
     }
 
-    /// Settles `job` with its node-signed receipt, in one transaction: the receipt is
-    /// stored, the account charged the receipt's cost (capped at the reservation), and the
-    /// rest of the reservation released, and the job queued for the rollup's next batch
-    /// (paying `payout`, the node's L1 address). A second settle of the same job is
-    /// refused.
+    /// As [`Ledger::settle_request`], without the request's metadata.
     pub fn settle(
         &self,
         job: JobId,
         receipt: &Signed<Receipt>,
         payout: &Address,
     ) -> Result<Settlement, LedgerError> {
+        self.settle_request(job, receipt, payout, None)
+    }
+
+    /// Settles `job` with its node-signed receipt, in one transaction: the receipt is
+    /// stored, the account charged the receipt's cost (capped at the reservation), and the
+    /// rest of the reservation released, and the job queued for the rollup's next batch
+    /// (paying `payout`, the node's L1 address). A second settle of the same job is
+    /// refused. `meta` (what the coordinator saw of the request) is stored with it.
+    pub fn settle_request(
+        &self,
+        job: JobId,
+        receipt: &Signed<Receipt>,
+        payout: &Address,
+        meta: Option<&RequestMeta>,
+    ) -> Result<Settlement, LedgerError> {
+        let meta = meta
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| LedgerError::BadReceipt(e.to_string()))?;
         if receipt.body.job_id != job {
             return Err(LedgerError::BadReceipt(format!(
                 "receipt is for job {}, not {job}",
@@ -446,6 +472,16 @@ impl Ledger {
             receipts
                 .insert(&job.0, (account.as_str(), cost, encoded.as_slice()))
                 .map_err(db)?;
+            tx.open_table(ACCOUNT_JOBS)
+                .map_err(db)?
+                .insert((account.as_str(), &job.0), ())
+                .map_err(db)?;
+            if let Some(meta) = &meta {
+                tx.open_table(REQUESTS)
+                    .map_err(db)?
+                    .insert(&job.0, meta.as_slice())
+                    .map_err(db)?;
+            }
             if cost > 0 {
                 let leaf = tessera_rollup::keccak256(&encoded);
                 tx.open_table(UNBATCHED)
@@ -594,6 +630,41 @@ impl Ledger {
         }
         Ok(out)
     }
+}
+
+/// What the coordinator saw of a request besides its receipt.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RequestMeta {
+    /// When the response ended (unix ms, the coordinator's clock).
+    pub at_ms: u64,
+    /// The model alias the caller asked for.
+    pub model: String,
+    /// The API endpoint (`chat` or `completions`).
+    pub endpoint: String,
+    /// Nodes tried, this one included (retries = attempts − 1).
+    pub attempts: u32,
+    /// Time to first token, as the node measured it (ms).
+    pub ttft_ms: u32,
+    /// Generation time after the first token (ms).
+    pub decode_ms: u32,
+}
+
+/// A settled request, as usage lists it.
+#[derive(Clone, Debug)]
+pub struct RequestRow {
+    /// The job.
+    pub job: JobId,
+    /// Base units charged.
+    pub cost: u128,
+    /// The node-signed receipt.
+    pub receipt: Signed<Receipt>,
+    /// What the coordinator saw (absent for requests settled before it was recorded).
+    pub meta: Option<RequestMeta>,
+    /// The receipts root of the posted settlement that carries it (`None`: not yet in a
+    /// batch, or free).
+    pub receipts_root: Option<[u8; 32]>,
+    /// Its audit, if one was made.
+    pub audit: Option<AuditRecord>,
 }
 
 /// A settled job waiting for (or carried by) a rollup batch.
@@ -753,6 +824,10 @@ impl Ledger {
                 .map_err(db)?
                 .insert(receipts_root, rows.as_slice())
                 .map_err(db)?;
+            let mut roots = tx.open_table(JOB_ROOTS).map_err(db)?;
+            for j in jobs {
+                roots.insert(&j.job.0, receipts_root).map_err(db)?;
+            }
         }
         tx.commit().map_err(db)?;
         Ok(())
@@ -780,9 +855,11 @@ impl Ledger {
                 }
             }
             let mut unbatched = tx.open_table(UNBATCHED).map_err(db)?;
+            let mut roots = tx.open_table(JOB_ROOTS).map_err(db)?;
             for (root, jobs) in gone {
                 posted.remove(&root).map_err(db)?;
                 for j in jobs {
+                    roots.remove(&j.job.0).map_err(db)?;
                     unbatched
                         .insert(&j.job.0, (j.account.as_str(), j.cost, &j.payout, &j.leaf))
                         .map_err(db)?;
@@ -924,6 +1001,109 @@ impl Ledger {
         Ok(v)
     }
 
+    /// An account's settled requests, newest first.
+    pub fn requests(&self, account: &str) -> Result<Vec<RequestRow>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let index = tx.open_table(ACCOUNT_JOBS).map_err(db)?;
+        let mut out = Vec::new();
+        let lo: (&str, &[u8; 16]) = (account, &[0; 16]);
+        let hi: (&str, &[u8; 16]) = (account, &[0xff; 16]);
+        for row in index.range(lo..=hi).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let job = JobId(*k.value().1);
+            if let Some(r) = self.request_in(&tx, job)? {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| std::cmp::Reverse((r.receipt.body.finished_ms, r.job.0)));
+        Ok(out)
+    }
+
+    /// The newest `limit` settled requests a node served (a scan of every receipt).
+    pub fn node_requests(
+        &self,
+        node: &tessera_protocol::PeerId,
+        limit: usize,
+    ) -> Result<Vec<RequestRow>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+        let mut jobs = Vec::new();
+        for row in receipts.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (_, _, bytes) = v.value();
+            let Ok(r) = tessera_protocol::wire::decode::<Signed<Receipt>>(bytes, MAX_EVENT_FRAME)
+            else {
+                continue;
+            };
+            if r.body.node == *node {
+                jobs.push((r.body.finished_ms, JobId(*k.value())));
+            }
+        }
+        jobs.sort_by_key(|(t, j)| std::cmp::Reverse((*t, j.0)));
+        let mut out = Vec::new();
+        for (_, job) in jobs.into_iter().take(limit) {
+            out.extend(self.request_in(&tx, job)?);
+        }
+        Ok(out)
+    }
+
+    /// One settled request.
+    pub fn request(&self, job: JobId) -> Result<Option<RequestRow>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        self.request_in(&tx, job)
+    }
+
+    fn request_in(
+        &self,
+        tx: &redb::ReadTransaction,
+        job: JobId,
+    ) -> Result<Option<RequestRow>, LedgerError> {
+        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+        let Some(row) = receipts.get(&job.0).map_err(db)? else {
+            return Ok(None);
+        };
+        let (_, cost, bytes) = row.value();
+        let receipt = tessera_protocol::wire::decode(bytes, MAX_EVENT_FRAME)
+            .map_err(|e| LedgerError::BadReceipt(format!("stored receipt unreadable: {e}")))?;
+        let meta = tx
+            .open_table(REQUESTS)
+            .map_err(db)?
+            .get(&job.0)
+            .map_err(db)?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        let receipts_root = tx
+            .open_table(JOB_ROOTS)
+            .map_err(db)?
+            .get(&job.0)
+            .map_err(db)?
+            .map(|v| *v.value());
+        let audit = tx
+            .open_table(AUDITS)
+            .map_err(db)?
+            .get(&job.0)
+            .map_err(db)?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        Ok(Some(RequestRow {
+            job,
+            cost,
+            receipt,
+            meta,
+            receipts_root,
+            audit,
+        }))
+    }
+
+    /// The leaves of a posted settlement's receipts, in the order of its receipts root.
+    pub fn posted_jobs(&self, receipts_root: &[u8; 32]) -> Result<Vec<Unbatched>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let posted = tx.open_table(POSTED).map_err(db)?;
+        let Some(v) = posted.get(receipts_root).map_err(db)? else {
+            return Ok(Vec::new());
+        };
+        serde_json::from_slice(v.value())
+            .map_err(|e| LedgerError::BadReceipt(format!("posted row unreadable: {e}")))
+    }
+
     /// Every dispute, oldest first.
     pub fn disputes(&self) -> Result<Vec<Dispute>, LedgerError> {
         let mut v: Vec<Dispute> = self.json_rows(DISPUTES)?;
@@ -985,7 +1165,7 @@ fn take_reservation(
     Ok((account.to_owned(), held))
 }
 
-fn random_bytes() -> [u8; 32] {
+pub(crate) fn random_bytes() -> [u8; 32] {
     // A fresh ed25519 secret is 32 bytes from the OS generator: reuse it rather than add
     // a second source of randomness.
     let key = tessera_protocol::Keypair::generate_ed25519();

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod audit;
 pub mod client;
+pub mod dashboard;
 pub mod jobs;
 pub mod l1;
 pub mod ledger;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_contracts::{AnyChain, ContractError, Contracts, Deployment, QueuedDeposit, L1};
 use tessera_protocol::{Address, Amount};
-use tessera_rollup::{Account, Batch, MerkleProof, Outcome, State, Tx, H256};
+use tessera_rollup::{Account, Action, Batch, MerkleProof, Outcome, SettleSplit, State, Tx, H256};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,10 @@ pub struct SequencerConfig {
     pub max_batch: usize,
     /// How often L1 is read for deposits, reverts and finality.
     pub poll_interval: Duration,
+    /// How long an epoch lasts: the sequencer queues the next epoch's tick this often.
+    /// Commission changes apply from the epoch after they are announced, and statements
+    /// have a row per epoch.
+    pub epoch_interval: Duration,
     /// Misbehave on purpose (tests of the watchtowers only).
     pub fault: Option<Fault>,
 }
@@ -46,6 +50,7 @@ impl Default for SequencerConfig {
             batch_interval: Duration::from_secs(10),
             max_batch: 512,
             poll_interval: Duration::from_secs(1),
+            epoch_interval: Duration::from_secs(3600),
             fault: None,
         }
     }
@@ -137,6 +142,219 @@ pub struct FinalProof {
     pub proof: MerkleProof,
 }
 
+/// A point of a node's stake history: its own and delegated stake after a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StakePoint {
+    /// The batch.
+    pub batch: u64,
+    /// The epoch after it.
+    pub epoch: u64,
+    /// Whether the batch is final.
+    pub final_: bool,
+    /// The node's own stake.
+    pub stake: u128,
+    /// Stake delegated to it.
+    pub delegated: u128,
+}
+
+/// A delegation held by an account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The delegation's slot.
+    pub slot: u32,
+    /// The node's slot.
+    pub node_slot: u32,
+    /// The node's address.
+    pub node: Address,
+    /// Delegated, with everything applied.
+    pub amount: u128,
+    /// Claimed so far (cumulative), with everything applied.
+    pub earned: u128,
+    /// Accrued and not yet claimed, with everything applied (capped by the pool).
+    pub accrued: u128,
+    /// Accrued and not yet claimed at the last final root.
+    pub accrued_final: Option<u128>,
+}
+
+/// One epoch of an account's statement: the cumulative figures at the last final batch
+/// of the epoch (or the last final batch, for the epoch running then), with the leaves
+/// and proofs they come from.
+#[derive(Clone, Debug)]
+pub struct EpochRow {
+    /// The statement row's leaves and proofs.
+    pub at: StatementRow,
+    /// The account's cumulative `earned` there.
+    pub earned: u128,
+    /// Its delegations' rewards accrued and not yet claimed there.
+    pub accrued: u128,
+}
+
+/// Everything the dashboard shows of one address, computed on the sequencer's task from
+/// the batches it posted.
+#[derive(Clone, Debug)]
+pub struct AccountReport {
+    /// The account's slot.
+    pub slot: u32,
+    /// The epoch in force with everything applied.
+    pub epoch: u64,
+    /// With everything applied (posted or not).
+    pub pending: Account,
+    /// At the last posted batch, and its index.
+    pub posted: Option<(u64, Account)>,
+    /// At the last final batch, with its proof.
+    pub final_: Option<(Account, FinalProof)>,
+    /// Its delegations.
+    pub positions: Vec<Position>,
+    /// A row per epoch (final batches only).
+    pub rows: Vec<EpochRow>,
+    /// Settlements paid to it as a node: batch, whether final, the record.
+    pub settlements: Vec<(u64, bool, SettleRecord)>,
+    /// Its commission changes: batch, whether final, the change.
+    pub commissions: Vec<(u64, bool, CommissionChange)>,
+    /// Its stake after each batch that changed it.
+    pub stakes: Vec<StakePoint>,
+    /// Delegations to it: delegator address, amount, claimed.
+    pub delegators: Vec<(Address, u128, u128)>,
+    /// Cumulative earnings (`earned` plus delegation rewards accrued and unclaimed) with
+    /// everything applied, at the last posted batch, and at the last final batch.
+    pub cumulative: [Option<u128>; 3],
+}
+
+/// One settlement in a batch and how it divided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleRecord {
+    /// The paying account's slot.
+    pub payer: u32,
+    /// The node's slot.
+    pub node: u32,
+    /// The Merkle root of the receipts it nets.
+    pub receipts_root: H256,
+    /// The parts, with their inputs.
+    pub split: SettleSplit,
+}
+
+/// A commission change announced in a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommissionChange {
+    /// The node's slot.
+    pub node: u32,
+    /// The rate before (in force until `from_epoch`).
+    pub old_bps: u16,
+    /// The new rate.
+    pub bps: u16,
+    /// The epoch it applies from.
+    pub from_epoch: u64,
+}
+
+/// What a posted batch did, read from replaying its transactions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchSummary {
+    /// Its index on L1.
+    pub index: u64,
+    /// The root before it.
+    pub prev_root: H256,
+    /// The root after it.
+    pub root: H256,
+    /// The epoch in force after it.
+    pub epoch: u64,
+    /// Transactions by kind (`settle`, `deposit` …), no-ops included.
+    pub counts: BTreeMap<&'static str, u32>,
+    /// Transactions that applied as no-ops.
+    pub noops: u32,
+    /// Its settlements.
+    pub settlements: Vec<SettleRecord>,
+    /// Its commission changes.
+    pub commissions: Vec<CommissionChange>,
+}
+
+/// The name of a transaction's kind, as the API and pages show it.
+pub fn tx_kind(tx: &Tx) -> &'static str {
+    match tx {
+        Tx::Deposit { .. } => "deposit",
+        Tx::Settle { .. } => "settle",
+        Tx::Signed { action, .. } => match action {
+            Action::Withdraw { .. } => "withdraw",
+            Action::Stake { .. } => "stake",
+            Action::Unstake { .. } => "unstake",
+            Action::Delegate { .. } => "delegate",
+            Action::Undelegate { .. } => "undelegate",
+            Action::SetCommission { .. } => "set_commission",
+        },
+        Tx::Claim { .. } => "claim",
+        Tx::Release { .. } => "release",
+        Tx::Slash { .. } => "slash",
+        Tx::Epoch { .. } => "epoch",
+    }
+}
+
+/// Replays `txs` on `state` (the state before the batch), recording what each did.
+fn summarize(
+    index: u64,
+    state: &mut State,
+    txs: &[Tx],
+    queue: &(impl tessera_rollup::DepositQueue + ?Sized),
+) -> BatchSummary {
+    let mut sum = BatchSummary {
+        index,
+        prev_root: state.root(),
+        root: [0; 32],
+        epoch: 0,
+        counts: BTreeMap::new(),
+        noops: 0,
+        settlements: Vec::new(),
+        commissions: Vec::new(),
+    };
+    for tx in txs {
+        *sum.counts.entry(tx_kind(tx)).or_default() += 1;
+        let split = match tx {
+            Tx::Settle {
+                payer,
+                node,
+                amount,
+                receipts_root,
+            } => state
+                .settle_split(*payer, *node, *amount)
+                .ok()
+                .map(|split| SettleRecord {
+                    payer: *payer,
+                    node: *node,
+                    receipts_root: *receipts_root,
+                    split,
+                }),
+            _ => None,
+        };
+        let old_bps = match tx {
+            Tx::Signed { slot, .. } => state
+                .account(*slot)
+                .map(|a| a.commission_at(state.meta().epoch + 1)),
+            _ => None,
+        };
+        if let Outcome::NoOp(_) = state.apply(tx, queue) {
+            sum.noops += 1;
+            continue;
+        }
+        sum.settlements.extend(split);
+        if let Tx::Signed {
+            slot,
+            action: Action::SetCommission { bps },
+            ..
+        } = tx
+        {
+            if let Some(a) = state.account(*slot) {
+                sum.commissions.push(CommissionChange {
+                    node: *slot,
+                    old_bps: old_bps.unwrap_or(0),
+                    bps: *bps,
+                    from_epoch: a.next_commission_epoch,
+                });
+            }
+        }
+    }
+    sum.root = state.root();
+    sum.epoch = state.meta().epoch;
+    sum
+}
+
 /// Where the sequencer stands.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SequencerStatus {
@@ -179,6 +397,16 @@ enum Command {
     Statement {
         address: Address,
         reply: oneshot::Sender<Vec<StatementRow>>,
+    },
+    Batches {
+        reply: oneshot::Sender<(Vec<Arc<BatchSummary>>, u64)>,
+    },
+    Report {
+        address: Address,
+        reply: oneshot::Sender<Option<AccountReport>>,
+    },
+    Slots {
+        reply: oneshot::Sender<Vec<(u32, Account)>>,
     },
 }
 
@@ -253,6 +481,21 @@ impl SequencerHandle {
             .await
     }
 
+    /// Every standing batch's summary, oldest first, and how many are final.
+    pub async fn batches(&self) -> Result<(Vec<Arc<BatchSummary>>, u64), SequencerError> {
+        self.ask(|reply| Command::Batches { reply }).await
+    }
+
+    /// Everything the dashboard shows of an address (`None`: no L2 account).
+    pub async fn report(&self, address: Address) -> Result<Option<AccountReport>, SequencerError> {
+        self.ask(|reply| Command::Report { address, reply }).await
+    }
+
+    /// Every account with everything applied, by slot.
+    pub async fn accounts(&self) -> Result<Vec<(u32, Account)>, SequencerError> {
+        self.ask(|reply| Command::Slots { reply }).await
+    }
+
     /// Makes the next batch faulty (a test option: watchtowers must catch it).
     pub async fn inject_fault(&self, fault: Fault) -> Result<(), SequencerError> {
         self.tx
@@ -267,6 +510,7 @@ struct Posted {
     index: u64,
     txs: Vec<Tx>,
     state: State,
+    summary: Arc<BatchSummary>,
 }
 
 /// The sequencer task's state.
@@ -284,6 +528,7 @@ struct Sequencer {
     waiting: Vec<Tx>,
     registering: HashSet<Address>,
     last_post: Instant,
+    last_epoch: Instant,
     fault: Option<Fault>,
 }
 
@@ -310,6 +555,7 @@ pub async fn start(
         waiting: Vec::new(),
         registering: HashSet::new(),
         last_post: Instant::now(),
+        last_epoch: Instant::now(),
     };
     s.recover().await?;
     let (tx, mut rx) = mpsc::channel(64);
@@ -349,9 +595,7 @@ impl Sequencer {
         let mut posted = Vec::new();
         for b in &batches {
             let batch = c.batch_data(b).await?;
-            for tx in &batch.txs {
-                state.apply(tx, &self.queue);
-            }
+            let summary = summarize(b.index, &mut state, &batch.txs, &self.queue);
             if state.root() != batch.new_root() {
                 tracing::error!(index = b.index, "a standing batch does not replay to its root; a watchtower should challenge it");
             }
@@ -359,6 +603,7 @@ impl Sequencer {
                 index: b.index,
                 txs: batch.txs,
                 state: state.clone(),
+                summary: Arc::new(summary),
             });
         }
         let finalized = c.finalized().await?;
@@ -459,6 +704,16 @@ impl Sequencer {
             Command::Statement { address, reply } => {
                 let _ = reply.send(self.statement(&address));
             }
+            Command::Batches { reply } => {
+                let list = self.posted.iter().map(|p| p.summary.clone()).collect();
+                let _ = reply.send((list, self.finalized));
+            }
+            Command::Report { address, reply } => {
+                let _ = reply.send(self.report(&address));
+            }
+            Command::Slots { reply } => {
+                let _ = reply.send(self.pending.accounts().map(|(s, a)| (s, *a)).collect());
+            }
             Command::Inject(fault) => {
                 tracing::warn!(?fault, "fault injected into the next batch");
                 self.fault = Some(fault);
@@ -510,6 +765,135 @@ impl Sequencer {
             });
         }
         rows
+    }
+
+    fn report(&self, address: &Address) -> Option<AccountReport> {
+        let slot = self.pending.slot_of(&address.0)?;
+        let pending = *self.pending.account(slot)?;
+        let accrued_in = |state: &State, d: &tessera_rollup::Delegation| -> u128 {
+            let node = state.account(d.node).copied().unwrap_or_default();
+            u128::try_from(d.accrued(&node))
+                .unwrap_or(u128::MAX)
+                .min(node.pool)
+        };
+        let final_state = self.final_state();
+        let mut positions: Vec<Position> = self
+            .pending
+            .delegations()
+            .filter(|(_, d)| d.delegator == slot)
+            .map(|(s, d)| Position {
+                slot: s,
+                node_slot: d.node,
+                node: Address(self.pending.account(d.node).map_or([0; 20], |a| a.address)),
+                amount: d.amount,
+                earned: d.earned,
+                accrued: accrued_in(&self.pending, d),
+                accrued_final: final_state
+                    .and_then(|f| f.delegation(s).map(|fd| accrued_in(f, fd))),
+            })
+            .collect();
+        positions.sort_by_key(|p| p.slot);
+        let rows = self
+            .statement(address)
+            .into_iter()
+            .filter_map(|row| {
+                let p = self.posted.iter().find(|p| p.index == row.batch)?;
+                let account = p.state.account(row.slot)?;
+                let accrued = row
+                    .delegations
+                    .iter()
+                    .filter_map(|(s, _, _)| p.state.delegation(*s))
+                    .map(|d| accrued_in(&p.state, d))
+                    .sum();
+                Some(EpochRow {
+                    earned: account.earned,
+                    accrued,
+                    at: row,
+                })
+            })
+            .collect();
+        let mut settlements = Vec::new();
+        let mut commissions = Vec::new();
+        let mut stakes: Vec<StakePoint> = Vec::new();
+        for p in &self.posted {
+            let is_final = p.index < self.finalized;
+            for r in p.summary.settlements.iter().filter(|r| r.node == slot) {
+                settlements.push((p.index, is_final, r.clone()));
+            }
+            for c in p.summary.commissions.iter().filter(|c| c.node == slot) {
+                commissions.push((p.index, is_final, *c));
+            }
+            if let Some(a) = p.state.account(slot) {
+                if stakes
+                    .last()
+                    .is_none_or(|l| (l.stake, l.delegated) != (a.stake, a.delegated))
+                {
+                    stakes.push(StakePoint {
+                        batch: p.index,
+                        epoch: p.summary.epoch,
+                        final_: is_final,
+                        stake: a.stake,
+                        delegated: a.delegated,
+                    });
+                }
+            }
+        }
+        let delegators = self
+            .pending
+            .delegations()
+            .filter(|(_, d)| d.node == slot && d.amount > 0)
+            .map(|(_, d)| {
+                let who = self
+                    .pending
+                    .account(d.delegator)
+                    .map_or([0; 20], |a| a.address);
+                (Address(who), d.amount, d.earned)
+            })
+            .collect();
+        let final_ = self.final_index().and_then(|i| {
+            let p = self.posted.iter().find(|p| p.index == i)?;
+            let a = *p.state.account(slot)?;
+            Some((
+                a,
+                FinalProof {
+                    batch: i,
+                    root: p.state.root(),
+                    preimage: p.state.preimage(slot),
+                    proof: p.state.tree().prove(slot),
+                },
+            ))
+        });
+        let cumulative_in = |state: &State| -> Option<u128> {
+            let a = state.account(slot)?;
+            let accrued: u128 = state
+                .delegations()
+                .filter(|(_, d)| d.delegator == slot)
+                .map(|(_, d)| accrued_in(state, d))
+                .sum();
+            Some(a.earned + accrued)
+        };
+        let cumulative = [
+            cumulative_in(&self.pending),
+            self.posted.last().and_then(|p| cumulative_in(&p.state)),
+            final_state.and_then(cumulative_in),
+        ];
+        Some(AccountReport {
+            cumulative,
+            slot,
+            epoch: self.pending.meta().epoch,
+            pending,
+            posted: self
+                .posted
+                .last()
+                .and_then(|p| p.state.account(slot).map(|a| (p.index, *a))),
+            final_,
+            positions,
+            rows,
+            settlements,
+            commissions,
+            stakes,
+            delegators,
+        })
     }
 
     fn final_index(&self) -> Option<u64> {
@@ -593,6 +977,15 @@ impl Sequencer {
 
     async fn tick(&mut self) -> Result<(), SequencerError> {
         self.sync().await?;
+        if self.last_epoch.elapsed() >= self.config.epoch_interval {
+            let next = self.pending.meta().epoch + 1;
+            let tx = Tx::Epoch { epoch: next };
+            if self.pending.apply(&tx, &self.queue) == Outcome::Applied {
+                tracing::info!(epoch = next, "epoch tick queued");
+                self.waiting.push(tx);
+            }
+            self.last_epoch = Instant::now();
+        }
         let unbatched = self.ledger.unbatched()?.len();
         let due = self.last_post.elapsed() >= self.config.batch_interval
             || self.waiting.len() + unbatched >= self.config.max_batch;
@@ -747,6 +1140,7 @@ impl Sequencer {
             "batch posted"
         );
         self.waiting.drain(..take);
+        let summary = summarize(index, &mut base.clone(), &batch.txs, &self.queue);
         let mut pending = s.clone();
         for tx in &self.waiting {
             pending.apply(tx, &self.queue);
@@ -756,6 +1150,7 @@ impl Sequencer {
             index,
             txs: batch.txs,
             state: s,
+            summary: Arc::new(summary),
         });
         self.last_post = Instant::now();
         Ok(Some(index))
@@ -858,4 +1253,78 @@ pub async fn ensure_bond(l1: &L1Setup, min: U256) -> Result<(), ContractError> {
         c.post_bond(&l1.operator, min - bond).await?;
     }
     Ok(())
+}
+
+/// The siblings from leaf `index` up to [`receipts_root`], so one receipt is provable
+/// under the root its settlement carries.
+pub fn receipts_path(jobs: &[Unbatched], index: usize) -> Vec<H256> {
+    let mut level: Vec<H256> = jobs.iter().map(|j| j.leaf).collect();
+    let width = level.len().max(1).next_power_of_two();
+    level.resize(width, [0; 32]);
+    let mut path = Vec::new();
+    let mut i = index;
+    while level.len() > 1 {
+        path.push(level[i ^ 1]);
+        level = level
+            .chunks(2)
+            .map(|p| tessera_rollup::hash_pair(&p[0], &p[1]))
+            .collect();
+        i /= 2;
+    }
+    path
+}
+
+/// The root a receipt leaf at `index` with `path` proves (what a verifier recomputes).
+pub fn receipts_root_from_path(leaf: &H256, index: usize, path: &[H256]) -> H256 {
+    let mut h = *leaf;
+    let mut i = index;
+    for s in path {
+        h = if i % 2 == 0 {
+            tessera_rollup::hash_pair(&h, s)
+        } else {
+            tessera_rollup::hash_pair(s, &h)
+        };
+        i /= 2;
+    }
+    h
+}
+
+#[cfg(test)]
+mod receipt_path_tests {
+    use super::*;
+    use tessera_protocol::JobId;
+
+    fn jobs(n: u8) -> Vec<Unbatched> {
+        (0..n)
+            .map(|i| Unbatched {
+                job: JobId([i; 16]),
+                account: "a".into(),
+                cost: 1,
+                payout: [0; 20],
+                leaf: tessera_rollup::keccak256(&[i]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_receipt_proves_under_its_settlements_root_and_a_changed_leaf_does_not() {
+        for n in [1u8, 2, 3, 5, 8] {
+            let jobs = jobs(n);
+            let root = receipts_root(&jobs);
+            for (i, j) in jobs.iter().enumerate() {
+                let path = receipts_path(&jobs, i);
+                assert_eq!(
+                    receipts_root_from_path(&j.leaf, i, &path),
+                    root,
+                    "n {n} i {i}"
+                );
+                let mut bad = j.leaf;
+                bad[0] ^= 1;
+                assert_ne!(receipts_root_from_path(&bad, i, &path), root);
+                if n > 1 {
+                    assert_ne!(receipts_root_from_path(&j.leaf, i ^ 1, &path), root);
+                }
+            }
+        }
+    }
 }

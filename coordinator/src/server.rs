@@ -252,6 +252,7 @@ impl Coordinator {
         let net = CoordinatorNet::start(key, &config.net).await?;
         let ledger = Arc::new(ledger);
         let deployment = settlement.as_ref().map(|(l1, _)| l1.deployment.clone());
+        let chain = settlement.as_ref().map(|(l1, _)| l1.chain.clone());
         let embedded_l1 = settlement.as_ref().and_then(|(l1, _)| match &l1.chain {
             tessera_contracts::AnyChain::Embedded(c) => Some(c.clone()),
             tessera_contracts::AnyChain::Rpc(_) => None,
@@ -309,6 +310,7 @@ impl Coordinator {
         state.sequencer = sequencer.as_ref().map(|(h, _, _)| h.clone());
         state.deployment = deployment;
         state.embedded_l1 = embedded_l1;
+        state.chain = chain;
         let http_stop = CancellationToken::new();
         let app = router(state);
         let stop = http_stop.clone();

@@ -15,18 +15,24 @@ pub struct Throughput {
     pub jobs: u64,
     /// Exponentially weighted tokens per second after the first token.
     pub tokens_per_sec: f64,
+    /// Exponentially weighted time to first token, as the node measured it (ms).
+    pub ttft_ms: f64,
 }
 
 impl Throughput {
-    fn record(&mut self, tokens: u32, elapsed: Duration) {
+    fn record(&mut self, tokens: u32, elapsed: Duration, ttft_ms: u32) {
         if tokens < 2 || elapsed.is_zero() {
             return;
         }
         let tps = f64::from(tokens - 1) / elapsed.as_secs_f64();
-        self.tokens_per_sec = if self.jobs == 0 {
-            tps
+        let ttft = f64::from(ttft_ms);
+        (self.tokens_per_sec, self.ttft_ms) = if self.jobs == 0 {
+            (tps, ttft)
         } else {
-            0.8 * self.tokens_per_sec + 0.2 * tps
+            (
+                0.8 * self.tokens_per_sec + 0.2 * tps,
+                0.8 * self.ttft_ms + 0.2 * ttft,
+            )
         };
         self.jobs += 1;
     }
@@ -47,6 +53,8 @@ pub struct NodeEntry {
     pub agent: Option<String>,
     /// Whether a connection is open now.
     pub connected: bool,
+    /// When this coordinator first saw its advert in the current stay (uptime).
+    pub joined: Instant,
     /// Speed measured on this coordinator's own jobs.
     pub observed: Throughput,
     /// Jobs that failed on this node (transport or node error) since it joined.
@@ -157,6 +165,7 @@ impl NodeTable {
                         rtt,
                         agent,
                         connected: rtt.is_some(),
+                        joined: now,
                         observed: Throughput::default(),
                         failures: 0,
                         last_failure: None,
@@ -250,9 +259,15 @@ impl NodeTable {
     }
 
     /// Records a finished job's speed as seen from here.
-    pub fn record_job(&mut self, peer: &PeerId, tokens: u32, after_first_token: Duration) {
+    pub fn record_job(
+        &mut self,
+        peer: &PeerId,
+        tokens: u32,
+        after_first_token: Duration,
+        ttft_ms: u32,
+    ) {
         if let Some(e) = self.nodes.get_mut(peer) {
-            e.observed.record(tokens, after_first_token);
+            e.observed.record(tokens, after_first_token, ttft_ms);
         }
     }
 

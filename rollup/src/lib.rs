@@ -23,5 +23,5 @@ pub use leaf::{
 pub use smt::{
     empty_hashes, hash_pair, keccak256, MerkleProof, ProofError, SparseMerkleTree, DEPTH, H256,
 };
-pub use state::{deposit_hash, DepositQueue, Outcome, State, Witness};
+pub use state::{deposit_hash, DepositQueue, Outcome, SettleSplit, State, Witness};
 pub use tx::{address_of, personal_digest, recover, sign_digest, Action, DecodeError, Tx};

@@ -96,6 +96,35 @@ pub struct Witness {
 
 type Step = Result<Vec<Write>, &'static str>;
 
+/// How one settlement divides (docs/settlement.md, "settle"), with the inputs each part
+/// is computed from, so a statement row can be recomputed with integer arithmetic:
+/// `fee = amount·fee_bps/10⁴`, `commission = (amount−fee)·commission_bps/10⁴`,
+/// `delegators = (amount−fee−commission)·delegated/(stake+delegated)`, the rest the
+/// node's own stake share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettleSplit {
+    /// The epoch whose rates applied.
+    pub epoch: u64,
+    /// What the payer paid.
+    pub amount: u128,
+    /// The protocol fee rate.
+    pub fee_bps: u16,
+    /// The protocol's part.
+    pub fee: u128,
+    /// The node's commission rate in force in `epoch`.
+    pub commission_bps: u16,
+    /// The node's commission.
+    pub commission: u128,
+    /// The node's own stake then.
+    pub stake: u128,
+    /// Stake delegated to it then.
+    pub delegated: u128,
+    /// The node's own stake share (the rounding remainder included).
+    pub self_share: u128,
+    /// The delegators' share, into the node's pool.
+    pub delegators: u128,
+}
+
 /// The whole L2 state, and the tree that commits to it.
 #[derive(Clone, Debug)]
 pub struct State {
@@ -396,24 +425,32 @@ impl State {
         }
     }
 
-    fn settle(&self, payer: u32, node: u32, amount: u128) -> Step {
+    /// How a settlement of `amount` from `payer` to `node` divides, under the rates in
+    /// force now: the one computation [`State::apply`] uses, exposed so statements can
+    /// show each part with its inputs. `Err` when the settlement would be a no-op.
+    pub fn settle_split(
+        &self,
+        payer: u32,
+        node: u32,
+        amount: u128,
+    ) -> Result<SettleSplit, &'static str> {
         if payer == node {
             return Err("payer and node are the same account");
         }
         if payer == FEE_SLOT || node == FEE_SLOT {
             return Err("the fee account neither pays nor serves jobs");
         }
-        let mut p = self.account_at(payer).ok_or("unknown account slot")?;
-        let mut n = self.account_at(node).ok_or("unknown account slot")?;
-        let mut f = self.accounts[&FEE_SLOT];
+        let p = self.account_at(payer).ok_or("unknown account slot")?;
+        let n = self.account_at(node).ok_or("unknown account slot")?;
         if p.balance < amount {
             return Err("payer balance too low");
         }
         let meta = self.meta;
         let fee = mul_div(amount, u128::from(meta.fee_bps), BPS).ok_or("fee overflows")?;
         let to_node = amount - fee;
-        let commission = mul_div(to_node, u128::from(n.commission_at(meta.epoch)), BPS)
-            .ok_or("commission overflows")?;
+        let commission_bps = n.commission_at(meta.epoch);
+        let commission =
+            mul_div(to_node, u128::from(commission_bps), BPS).ok_or("commission overflows")?;
         // The rest is shared pro rata to stake: the node's own part with its balance, the
         // delegators' part to the pool, tracked per delegated unit by the accumulator.
         let rest = to_node - commission;
@@ -424,7 +461,29 @@ impl State {
             let share = U256::from(rest) * U256::from(n.delegated) / total_stake;
             u128::try_from(share).map_err(|_| "share overflows")?
         };
-        let to_owner = to_node - delegators;
+        Ok(SettleSplit {
+            epoch: meta.epoch,
+            amount,
+            fee_bps: meta.fee_bps,
+            fee,
+            commission_bps,
+            commission,
+            stake: n.stake,
+            delegated: n.delegated,
+            self_share: rest - delegators,
+            delegators,
+        })
+    }
+
+    fn settle(&self, payer: u32, node: u32, amount: u128) -> Step {
+        let split = self.settle_split(payer, node, amount)?;
+        let mut p = self.account_at(payer).ok_or("unknown account slot")?;
+        let mut n = self.account_at(node).ok_or("unknown account slot")?;
+        let mut f = self.accounts[&FEE_SLOT];
+        let SettleSplit {
+            fee, delegators, ..
+        } = split;
+        let to_owner = split.commission + split.self_share;
         if delegators > 0 {
             let per_token = mul_div_u256(
                 U256::from(delegators),
