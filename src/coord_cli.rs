@@ -173,6 +173,10 @@ pub struct DevnetArgs {
     /// Seconds between rollup batches (when anything waits).
     #[arg(long, default_value_t = 10.0)]
     batch_interval: f64,
+    /// Seconds an epoch lasts (statements have a row per epoch; a commission change
+    /// applies from the next one).
+    #[arg(long, default_value_t = 3600.0)]
+    epoch_interval: f64,
     /// Most jobs each node admits at once.
     #[arg(long, default_value_t = 16)]
     max_jobs: u32,
@@ -416,6 +420,7 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         }
         let sequencer = SequencerConfig {
             batch_interval,
+            epoch_interval: secs("--epoch-interval", args.epoch_interval)?,
             ..SequencerConfig::default()
         };
         let coordinator = Coordinator::start_with(coordinator_config, Some((l1.clone(), sequencer)))

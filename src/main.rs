@@ -5,6 +5,7 @@
 
 mod accounts_cli;
 mod coord_cli;
+mod dash_cli;
 mod net_cli;
 mod verify_cli;
 mod wallet_cli;
@@ -95,6 +96,44 @@ enum Command {
     Delegate(wallet_cli::DelegateArgs),
     /// Earnings per node and per epoch, each proved against the contract's final root.
     Rewards(wallet_cli::RewardsArgs),
+    /// Set your node's commission (basis points); it applies from the next epoch.
+    Commission(wallet_cli::CommissionArgs),
+    /// The network at a glance (the dashboard's overview).
+    Status {
+        #[command(flatten)]
+        api: dash_cli::Api,
+    },
+    /// Nodes: modules, price, speed, uptime, audits, commission, stake (or one node).
+    Nodes {
+        /// One node's id (its peer id).
+        id: Option<String>,
+        #[command(flatten)]
+        api: dash_cli::Api,
+    },
+    /// An account: claimable, in challenge window, withdrawn, positions, statement.
+    Account {
+        /// The L1 address.
+        address: String,
+        #[command(flatten)]
+        api: dash_cli::Api,
+    },
+    /// Your API usage: every request with its cost, receipt and batch status.
+    Usage {
+        #[command(flatten)]
+        api: dash_cli::Api,
+    },
+    /// Rollup batches: status, roots, L1 transaction, window end, contents, challenges.
+    Batches {
+        #[command(flatten)]
+        api: dash_cli::Api,
+    },
+    /// Check a receipt, an account or a statement against the settlement contract.
+    Verify {
+        #[command(subcommand)]
+        command: dash_cli::VerifyCommand,
+        #[command(flatten)]
+        api: dash_cli::Api,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -335,6 +374,13 @@ fn run() -> Result<()> {
         Command::Stake(args) => wallet_cli::stake(&home, args),
         Command::Delegate(args) => wallet_cli::delegate(&home, args),
         Command::Rewards(args) => wallet_cli::rewards(args),
+        Command::Commission(args) => wallet_cli::commission(&home, args),
+        Command::Status { api } => dash_cli::status(api),
+        Command::Nodes { id, api } => dash_cli::nodes(api, id),
+        Command::Account { address, api } => dash_cli::account(api, address),
+        Command::Usage { api } => dash_cli::usage(api),
+        Command::Batches { api } => dash_cli::batches(api),
+        Command::Verify { command, api } => dash_cli::verify(api, command),
         Command::Bench(args) => bench(&home, &args),
         Command::Numerics(args) => numerics(&home, &args),
     }

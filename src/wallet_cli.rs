@@ -76,6 +76,15 @@ pub struct StakeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CommissionArgs {
+    /// Basis points of what callers pay (after the protocol fee) kept by the node before
+    /// the rest is shared by stake (0–10000).
+    bps: u16,
+    #[command(flatten)]
+    at: Endpoints,
+}
+
+#[derive(Args, Debug)]
 pub struct DelegateArgs {
     /// The node's payout address.
     node: EvmAddress,
@@ -407,6 +416,26 @@ pub fn stake(home: &Path, args: StakeArgs) -> Result<()> {
         let v = json!({"status": "pending", "action": verb, "amount": args.amount.to_string()});
         print(args.at.json, &v, || {
             format!("{verb} of {} queued for the next batch", args.amount)
+        });
+        Ok(())
+    })
+}
+
+/// `tessera commission BPS`: announced now, in force from the next epoch.
+pub fn commission(home: &Path, args: CommissionArgs) -> Result<()> {
+    if args.bps > 10_000 {
+        bail!(
+            "commission must be at most 10000 basis points (100%), not {}",
+            args.bps
+        );
+    }
+    runtime()?.block_on(async {
+        let w = load_wallet(home, &args.at.wallet)?;
+        let s = Session::open(&args.at).await?;
+        s.send(&w, Action::SetCommission { bps: args.bps }).await?;
+        let v = json!({"status": "pending", "action": "set_commission", "bps": args.bps, "applies": "from the epoch after the one its batch lands in"});
+        print(args.at.json, &v, || {
+            format!("commission of {} bps queued; it applies from the next epoch", args.bps)
         });
         Ok(())
     })

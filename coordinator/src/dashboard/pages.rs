@@ -63,6 +63,8 @@ fn at(state: &State, ptr: &str) -> Result<Value, Error> {
 fn text(v: &Value) -> String {
     if v.is_none() || v.is_undefined() {
         "none".to_owned()
+    } else if v.kind() == minijinja::value::ValueKind::Bool {
+        v.is_true().to_string()
     } else if let Some(s) = v.as_str() {
         s.to_owned()
     } else {
