@@ -19,9 +19,12 @@ fi
 # virtualenv (scripts/openai-sdk-check.sh): they need curl and python3's venv module.
 need=()
 command -v curl >/dev/null || need+=(curl)
+# The dashboard's end-to-end test drives Debian's Chromium through chromedriver.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
-  echo "test.sh: installing ${need[*]} (needed by the API tests)" >&2
+  echo "test.sh: installing ${need[*]} (needed by the API and dashboard tests)" >&2
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
   else

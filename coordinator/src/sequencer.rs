@@ -1279,7 +1279,7 @@ pub fn receipts_root_from_path(leaf: &H256, index: usize, path: &[H256]) -> H256
     let mut h = *leaf;
     let mut i = index;
     for s in path {
-        h = if i % 2 == 0 {
+        h = if i.is_multiple_of(2) {
             tessera_rollup::hash_pair(&h, s)
         } else {
             tessera_rollup::hash_pair(s, &h)

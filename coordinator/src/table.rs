@@ -443,11 +443,12 @@ pub(crate) mod tests {
     #[test]
     fn observed_throughput_is_smoothed() {
         let mut t = Throughput::default();
-        t.record(11, Duration::from_secs(1));
-        assert_eq!(t.tokens_per_sec, 10.0);
-        t.record(21, Duration::from_secs(1));
+        t.record(11, Duration::from_secs(1), 100);
+        assert_eq!((t.tokens_per_sec, t.ttft_ms), (10.0, 100.0));
+        t.record(21, Duration::from_secs(1), 200);
         assert!((t.tokens_per_sec - 12.0).abs() < 1e-9);
-        t.record(1, Duration::from_secs(1));
+        assert!((t.ttft_ms - 120.0).abs() < 1e-9);
+        t.record(1, Duration::from_secs(1), 5);
         assert_eq!(t.jobs, 2, "single-token jobs say nothing about speed");
     }
 }

@@ -33,7 +33,10 @@ pub const CSP: &str = "default-src 'self'";
 /// Signed-in dashboard sessions: blake3(cookie) → (account, expiry). In memory: a
 /// restarted coordinator asks developers to sign in again.
 #[derive(Clone, Default)]
-pub struct Sessions(Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>);
+pub struct Sessions(Arc<Mutex<SessionMap>>);
+
+/// blake3(cookie) → (account, expiry).
+type SessionMap = HashMap<[u8; 32], (String, Instant)>;
 
 impl Sessions {
     /// Opens a session for `account`; returns the cookie value.

@@ -87,7 +87,10 @@ mod tests {
         assert!(!svg.contains("<b>"), "labels are escaped");
         assert!(svg.contains("t &amp; t"));
         // The tallest bar is the largest value.
-        assert!(svg.contains(r#"height="144.0" fill="#3b6ea5" data-value="6""#), "{svg}");
+        assert!(
+            svg.contains(r##"height="144.0" fill="#3b6ea5" data-value="6""##),
+            "{svg}"
+        );
     }
 
     #[test]
