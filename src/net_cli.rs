@@ -72,6 +72,9 @@ pub struct NodeArgs {
     /// The L1's JSON-RPC URL for the watchtower [default: WATCH/l1, a devnet's chain].
     #[arg(long, env = "TESSERA_L1", requires = "watch")]
     l1: Option<String>,
+    /// Serve Prometheus figures at http://ADDR/metrics (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "TESSERA_METRICS", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -201,6 +204,7 @@ impl Signals {
 /// Runs a node until Ctrl-C or SIGTERM.
 pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> Result<()> {
     let watch = args.watch.clone().map(|url| (url, args.l1.clone()));
+    let metrics = args.metrics;
     let config = args.into_config(home)?;
     let tower_key = config.data_dir.join("watchtower.key");
     for m in &config.models {
@@ -228,6 +232,18 @@ pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> 
                 eprintln!("listening on {addr}/p2p/{id}");
             }
             let stop = tokio_util::sync::CancellationToken::new();
+            if let Some(addr) = metrics {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
+                eprintln!("metrics at http://{}/metrics", listener.local_addr()?);
+                let (handle, stop) = (node.metrics(), stop.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = tessera_node::serve_metrics(listener, handle, stop).await {
+                        tracing::warn!(error = %e, "metrics server stopped");
+                    }
+                });
+            }
             let tower = match &watch {
                 Some((url, l1)) => {
                     let tower =

@@ -189,6 +189,23 @@ impl Browser {
         .await;
     }
 
+    /// Clicks a form's button and waits until the page it leads to has `css`.
+    async fn submit(&self, button: &str, css: &str) {
+        self.click(button).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let probe = format!(
+            "return document.readyState === 'complete' && document.querySelector({}) !== null",
+            serde_json::to_string(css).expect("css")
+        );
+        while self.eval(&probe).await != json!(true) {
+            assert!(
+                Instant::now() < deadline,
+                "no {css} after clicking {button}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn screenshot(&self, path: &Path) {
         let v = self.cmd(reqwest::Method::GET, "/screenshot", None).await;
         let png = base64_decode(v.as_str().expect("base64"));
@@ -411,8 +428,10 @@ impl Net {
                 continue; // a chart's box
             }
             let want = text_of(v);
+            // Strings (every amount) must match exactly; JSON numbers as numbers.
             let equal = want == shown
-                || matches!((want.parse::<f64>(), shown.parse::<f64>()), (Ok(a), Ok(c)) if a == c);
+                || (v.is_number()
+                    && matches!((want.parse::<f64>(), shown.parse::<f64>()), (Ok(a), Ok(c)) if a == c));
             if !equal {
                 mismatched.push(format!("{ptr}: page {shown:?}, JSON {want:?}"));
             }
@@ -492,7 +511,7 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
             "--challenge-window",
             "6",
             "--epoch-interval",
-            "5",
+            "8",
         ],
     );
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
@@ -525,6 +544,13 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         json!(N),
         "listed the moment they end"
     );
+    for r in usage["requests"].as_array().expect("rows") {
+        let st = r["cost"]["status"].as_str().unwrap_or_default();
+        assert!(
+            st == "pending" || st == "posted",
+            "a request that just ended is not final yet: {r}"
+        );
+    }
     for id in &ids {
         let hex = id.trim_start_matches("chatcmpl-");
         assert!(
@@ -539,7 +565,7 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     // Sign in through the form; the cookie is HttpOnly (no script sees it).
     b.goto(&format!("{base}/login")).await;
     b.type_into("#key", &n.net.key).await;
-    b.click("form.login button").await;
+    b.submit("form.login button", "table.requests").await;
     let at = b.eval("return [location.pathname, document.cookie]").await;
     assert_eq!(
         at,
@@ -624,6 +650,27 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         );
     }
 
+    // A receipt with a valid signature at the wrong place under its root fails.
+    let first = text_of(&usage["requests"][0]["id"]);
+    let rec = n.get(&format!("/api/v1/receipts/{first}")).await;
+    let inc = &rec["inclusion"];
+    let wrong = inc["index"].as_u64().expect("index") ^ 1;
+    let v = n
+        .http
+        .post(format!("{base}/api/v1/verify"))
+        .json(&json!({"kind": "receipt", "receipt": rec["receipt"], "receipts_root": inc["receipts_root"], "index": wrong, "path": inc["path"]}))
+        .send()
+        .await
+        .expect("verify")
+        .json::<Value>()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        (v["ok"].clone(), v["status"].clone()),
+        (json!(false), json!("failed")),
+        "{v}"
+    );
+
     let nodes = n.get("/api/v1/nodes").await;
     let node_id = text_of(&nodes["nodes"][0]["node"]);
     let payout = text_of(&nodes["nodes"][0]["payout"]);
@@ -632,7 +679,35 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         .expect("address")
         .to_owned();
 
+    // A token holder (the devnet account) delegates to the node: later settlements
+    // share with it.
+    // The node bonds half its balance first (delegations go to staked nodes only).
+    let bal =
+        amount(&n.get(&format!("/api/v1/accounts/{payout}")).await["balance"]["pending"]["amount"]);
+    n.cli(&["stake", &(bal / 2).to_string(), "--wallet", "node-1"]);
+    n.cli(&["delegate", &payout, "1000000", "--wallet", "devnet"]);
+    n.wait_for(
+        "the delegation applied",
+        &format!("/api/v1/accounts/{dev}"),
+        |a| {
+            a["positions"]["delegations"]
+                .as_array()
+                .is_some_and(|d| d.len() == 1)
+        },
+    )
+    .await;
+
     // 8. A commission change: pending until its epoch, and earlier epochs keep the old rate.
+    // Announce it just after an epoch turned, so the page can be read while it is pending.
+    let e0 = n.get(&format!("/api/v1/accounts/{payout}")).await["epoch"]
+        .as_u64()
+        .expect("epoch");
+    n.wait_for(
+        "an epoch to turn",
+        &format!("/api/v1/accounts/{payout}"),
+        |a| a["epoch"].as_u64().is_some_and(|e| e > e0),
+    )
+    .await;
     n.cli(&["commission", "1500", "--wallet", "node-1"]);
     let acc = n
         .wait_for(
@@ -646,13 +721,11 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         .expect("epoch");
     b.goto(&format!("{base}/nodes/{node_id}")).await;
     let shown = b.eval("return document.querySelector('.pending-change') ? document.querySelector('.pending-change').textContent : ''").await;
-    // The epoch may already have turned; then the history says so instead.
-    if !shown.as_str().unwrap_or_default().is_empty() {
-        assert!(
-            shown.as_str().unwrap_or_default().contains("1500"),
-            "{shown}"
-        );
-    }
+    assert!(
+        shown.as_str().unwrap_or_default().contains("1500")
+            && shown.as_str().unwrap_or_default().contains("pending"),
+        "the node page shows the announced rate as pending: {shown:?}"
+    );
     n.wait_for(
         "the new epoch",
         &format!("/api/v1/accounts/{payout}"),
@@ -745,10 +818,43 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         amount(&acc["statement"]["total"]["amount"]),
         "the node earned its commission and stake share"
     );
+    // The delegators' share reached the delegation, provably.
+    let shared: u128 = acc["node"]["settlements"]
+        .as_array()
+        .expect("settlements")
+        .iter()
+        .map(|x| amount(&x["delegators"]))
+        .sum();
+    assert!(
+        shared > 0,
+        "a settlement after the delegation shared with it"
+    );
+    let holder = n
+        .wait_for(
+            "the holder's rewards final",
+            &format!("/api/v1/accounts/{dev}"),
+            |a| {
+                a["positions"]["delegations"][0]["unclaimed_final"]["amount"]
+                    .as_str()
+                    .is_some_and(|v| v != "0")
+            },
+        )
+        .await;
+    let unclaimed = amount(&holder["positions"]["delegations"][0]["unclaimed_final"]["amount"]);
+    assert!(
+        unclaimed <= shared,
+        "a holder gets at most the delegators' share"
+    );
+    assert_eq!(
+        amount(&holder["statement"]["total"]["amount"]),
+        amount(&holder["earnings"]["final"]["amount"]),
+        "the holder's statement adds up to its final earnings"
+    );
+    assert!(acc["node"]["delegator_apr"]["inputs"]["delegators_share"].is_string());
 
     // 5. Verify on the account page: success, and the test checks the root itself.
     b.goto(&format!("{base}/accounts/{payout}")).await;
-    b.click("#verify-account button").await;
+    b.submit("#verify-account button", "#verdict").await;
     let verdict = b
         .eval("return document.getElementById('verdict').textContent")
         .await;
@@ -780,7 +886,7 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     // 6. A tampered proof, and a receipt with a bad signature, fail and are not final.
     b.goto(&format!("{base}/accounts/{payout}")).await;
     b.eval("const l = document.querySelector('#verify-account input[name=leaf]'); l.value = l.value.slice(0, -1) + (l.value.endsWith('0') ? '1' : '0'); return 0").await;
-    b.click("#verify-account button").await;
+    b.submit("#verify-account button", "#verdict").await;
     let verdict = b
         .eval("return document.getElementById('verdict').textContent")
         .await;
@@ -795,7 +901,7 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     ))
     .await;
     b.eval("const t = document.getElementById('receipt-json'); const r = JSON.parse(t.value); r.body.usage.completion_tokens += 1; t.value = JSON.stringify(r); return 0").await;
-    b.click("#verify-receipt button").await;
+    b.submit("#verify-receipt button", "#verdict").await;
     let verdict = b
         .eval("return document.getElementById('verdict').textContent")
         .await;
@@ -821,26 +927,29 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     let x = amount(&before["balance"]["pending"]["amount"]) / 2;
     assert!(x > 0, "the node has earnings to withdraw: {before}");
     n.cli(&["wallet", "withdraw", &x.to_string(), "--wallet", "node-1"]);
+    let pending = n.get(&format!("/api/v1/accounts/{payout}")).await;
+    assert_eq!(
+        amount(&pending["withdrawals"]["pending"]["amount"]),
+        x,
+        "pending before its batch"
+    );
     let posted = n
         .wait_for(
             "the withdrawal in the challenge window",
             &format!("/api/v1/accounts/{payout}"),
-            |a| {
-                amount(&a["withdrawals"]["in_challenge_window"]["amount"]) == x
-                    || amount(&a["withdrawals"]["claimable"]["amount"]) == claimable0 + x
-            },
+            |a| amount(&a["withdrawals"]["in_challenge_window"]["amount"]) == x,
         )
         .await;
-    if amount(&posted["withdrawals"]["in_challenge_window"]["amount"]) == x {
-        assert_eq!(
-            posted["withdrawals"]["in_challenge_window"]["status"],
-            json!("posted")
-        );
-        assert_eq!(
-            amount(&posted["withdrawals"]["claimable"]["amount"]),
-            claimable0
-        );
-    }
+    assert_eq!(
+        posted["withdrawals"]["in_challenge_window"]["status"],
+        json!("posted")
+    );
+    assert_eq!(
+        amount(&posted["withdrawals"]["claimable"]["amount"]),
+        claimable0,
+        "not claimable while the window is open"
+    );
+    assert!(posted["withdrawals"]["in_challenge_window_until"].is_u64());
     let fin = n
         .wait_for(
             "the withdrawal claimable",
@@ -882,23 +991,43 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     ] {
         n.check_page(&b, &path, shot).await;
     }
-    // No total mixes estimate with other statuses: no document has an estimate total.
+    // 3. Every money object carries a status; totals by status add up without mixing
+    // in anything else (the usage's cost by status is its requests' costs).
     for p in [
         "/api/v1/overview".to_owned(),
         format!("/api/v1/accounts/{payout}"),
+        format!("/api/v1/accounts/{dev}"),
         "/api/v1/usage".into(),
+        "/api/v1/batches".into(),
+        format!("/api/v1/nodes/{node_id}"),
     ] {
         let d = n.get(&p).await;
-        assert!(check_money(&d, &p) > 0);
-        assert_ne!(d["statement"]["total"]["status"], json!("estimate"));
+        assert!(check_money(&d, &p) > 0, "{p} has money figures");
     }
+    let u = n.get("/api/v1/usage").await;
+    let by_status: u128 = ["pending", "posted", "final"]
+        .iter()
+        .map(|k| amount(&u["cost_by_status"][k]["amount"]))
+        .sum();
+    assert_eq!(by_status, amount(&u["balance"]["charged"]["amount"]));
 
     // 10. With JavaScript off: sign in with the form and read the usage page.
     let nojs = Browser::open(&driver, false).await;
     nojs.goto(&format!("{base}/login")).await;
     nojs.type_into("#key", &n.net.key).await;
     nojs.click("form.login button").await;
-    let src = nojs.source().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let src = loop {
+        let src = nojs.source().await;
+        if src.contains("class=\"requests\"") {
+            break src;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the usage page did not load without script"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
         src.matches("class=\"request\"").count(),
         N + 1,
@@ -933,6 +1062,12 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     }
     let v = n.cli(&["verify", "statement", &payout]);
     assert_eq!(v["ok"], json!(true), "{v}");
+    assert!(
+        v["rows"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty() && r.iter().all(|x| x["status"] == json!("final"))),
+        "{v}"
+    );
 
     b.close().await;
     let _: SocketAddr = n.net.addr;

@@ -302,6 +302,8 @@ pub struct ChallengeRecord {
     pub upheld: bool,
     /// The L1 transaction.
     pub tx: B256,
+    /// Its block.
+    pub block: u64,
 }
 
 /// A batch's on-chain record.
@@ -533,6 +535,7 @@ impl<'a, L: L1> Contracts<'a, L> {
                     challenger: e.challenger,
                     upheld: true,
                     tx: l.tx,
+                    block: l.block,
                 });
             } else if let Ok(e) = Settlement::ChallengeFailed::decode_log(&l.log) {
                 out.push(ChallengeRecord {
@@ -541,6 +544,7 @@ impl<'a, L: L1> Contracts<'a, L> {
                     challenger: e.challenger,
                     upheld: false,
                     tx: l.tx,
+                    block: l.block,
                 });
             }
         }

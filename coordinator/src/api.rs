@@ -50,6 +50,8 @@ pub struct ApiState {
     pub chain: Option<tessera_contracts::AnyChain>,
     /// Dashboard sessions (signed in with an API key).
     pub sessions: crate::dashboard::Sessions,
+    /// What the dashboard last read of the batches on L1.
+    pub chain_cache: crate::dashboard::data::ChainCache,
     /// The own stake below which the dashboard tells an operator its node is under the
     /// minimum (base units).
     pub dashboard_min_stake: u128,
@@ -83,6 +85,7 @@ impl ApiState {
             embedded_l1: None,
             chain: None,
             sessions: crate::dashboard::Sessions::default(),
+            chain_cache: crate::dashboard::data::ChainCache::default(),
             dashboard_min_stake: 0,
         }
     }
@@ -356,6 +359,26 @@ async fn count_requests(State(state): State<ApiState>, req: Request, next: Next)
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
+    if let Some(seq) = &state.sequencer {
+        if let Ok((batches, finalized)) = seq.batches().await {
+            let (mut posted, mut final_) = (0u128, 0u128);
+            for b in &batches {
+                let v: u128 = b.settlements.iter().map(|s| s.split.amount).sum();
+                if b.index < finalized {
+                    final_ += v;
+                } else {
+                    posted += v;
+                }
+            }
+            state.metrics.set_settled("posted", posted);
+            state.metrics.set_settled("final", final_);
+        }
+    }
+    let ledger = state.dispatcher.ledger().clone();
+    if let Ok(Ok(unbatched)) = tokio::task::spawn_blocking(move || ledger.unbatched()).await {
+        let pending: u128 = unbatched.iter().map(|u| u.cost).sum();
+        state.metrics.set_settled("pending", pending);
+    }
     let text = match state.table.read() {
         Ok(t) => state.metrics.render(&t),
         Err(_) => String::new(),

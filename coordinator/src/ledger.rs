@@ -5,7 +5,7 @@
 //! (tested by killing a process mid-stream of commits) loses neither and doubles neither.
 
 use crate::audit::{AuditRecord, Dispute, NodeRecord, SlashStatus};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::Path;
 use tessera_protocol::job::MAX_EVENT_FRAME;
 use tessera_protocol::{Address, Amount, JobId, Receipt, Signed};
@@ -48,6 +48,8 @@ const DISPUTES: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("disput
 const REQUESTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("request_meta");
 /// (account, job id) → (): an account's requests, read by prefix.
 const ACCOUNT_JOBS: TableDefinition<(&str, &[u8; 16]), ()> = TableDefinition::new("account_jobs");
+/// (node peer id, finished unix ms, job id) → (): a node's jobs, newest last.
+const NODE_JOBS: TableDefinition<(&str, u64, &[u8; 16]), ()> = TableDefinition::new("node_jobs");
 /// job id → the receipts root of the posted settlement that carries it.
 const JOB_ROOTS: TableDefinition<&[u8; 16], &[u8; 32]> = TableDefinition::new("job_roots");
 
@@ -256,7 +258,9 @@ impl Ledger {
         tx.open_table(REQUESTS).map_err(db)?;
         tx.open_table(ACCOUNT_JOBS).map_err(db)?;
         tx.open_table(JOB_ROOTS).map_err(db)?;
+        tx.open_table(NODE_JOBS).map_err(db)?;
         tx.open_table(DEPOSITS_SEEN).map_err(db)?;
+        backfill_indexes(&tx)?;
         tx.open_table(STANDINGS).map_err(db)?;
         tx.open_table(AUDITS).map_err(db)?;
         tx.open_table(DISPUTES).map_err(db)?;
@@ -476,6 +480,10 @@ impl Ledger {
                 .map_err(db)?
                 .insert((account.as_str(), &job.0), ())
                 .map_err(db)?;
+            tx.open_table(NODE_JOBS)
+                .map_err(db)?
+                .insert((node.as_str(), receipt.body.finished_ms, &job.0), ())
+                .map_err(db)?;
             if let Some(meta) = &meta {
                 tx.open_table(REQUESTS)
                     .map_err(db)?
@@ -665,6 +673,41 @@ pub struct RequestRow {
     pub receipts_root: Option<[u8; 32]>,
     /// Its audit, if one was made.
     pub audit: Option<AuditRecord>,
+}
+
+/// Fills the request indexes of a ledger written before they existed, from the
+/// receipts and the posted settlements, so old requests are listed and show their batch.
+fn backfill_indexes(tx: &redb::WriteTransaction) -> Result<(), LedgerError> {
+    let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+    let mut by_account = tx.open_table(ACCOUNT_JOBS).map_err(db)?;
+    if by_account.is_empty().map_err(db)? && !receipts.is_empty().map_err(db)? {
+        let mut by_node = tx.open_table(NODE_JOBS).map_err(db)?;
+        for row in receipts.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (account, _, bytes) = v.value();
+            by_account.insert((account, k.value()), ()).map_err(db)?;
+            if let Ok(r) = tessera_protocol::wire::decode::<Signed<Receipt>>(bytes, MAX_EVENT_FRAME)
+            {
+                let node = r.body.node.to_string();
+                by_node
+                    .insert((node.as_str(), r.body.finished_ms, k.value()), ())
+                    .map_err(db)?;
+            }
+        }
+    }
+    let posted = tx.open_table(POSTED).map_err(db)?;
+    let mut roots = tx.open_table(JOB_ROOTS).map_err(db)?;
+    if roots.is_empty().map_err(db)? && !posted.is_empty().map_err(db)? {
+        for row in posted.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let jobs: Vec<Unbatched> = serde_json::from_slice(v.value())
+                .map_err(|e| LedgerError::BadReceipt(format!("posted row unreadable: {e}")))?;
+            for j in jobs {
+                roots.insert(&j.job.0, k.value()).map_err(db)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A settled job waiting for (or carried by) a rollup batch.
@@ -1019,30 +1062,21 @@ impl Ledger {
         Ok(out)
     }
 
-    /// The newest `limit` settled requests a node served (a scan of every receipt).
+    /// The newest `limit` settled requests a node served.
     pub fn node_requests(
         &self,
         node: &tessera_protocol::PeerId,
         limit: usize,
     ) -> Result<Vec<RequestRow>, LedgerError> {
         let tx = self.db.begin_read().map_err(db)?;
-        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
-        let mut jobs = Vec::new();
-        for row in receipts.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let (_, _, bytes) = v.value();
-            let Ok(r) = tessera_protocol::wire::decode::<Signed<Receipt>>(bytes, MAX_EVENT_FRAME)
-            else {
-                continue;
-            };
-            if r.body.node == *node {
-                jobs.push((r.body.finished_ms, JobId(*k.value())));
-            }
-        }
-        jobs.sort_by_key(|(t, j)| std::cmp::Reverse((*t, j.0)));
+        let index = tx.open_table(NODE_JOBS).map_err(db)?;
+        let node = node.to_string();
+        let lo: (&str, u64, &[u8; 16]) = (node.as_str(), 0, &[0; 16]);
+        let hi: (&str, u64, &[u8; 16]) = (node.as_str(), u64::MAX, &[0xff; 16]);
         let mut out = Vec::new();
-        for (_, job) in jobs.into_iter().take(limit) {
-            out.extend(self.request_in(&tx, job)?);
+        for row in index.range(lo..=hi).map_err(db)?.rev().take(limit) {
+            let (k, _) = row.map_err(db)?;
+            out.extend(self.request_in(&tx, JobId(*k.value().2))?);
         }
         Ok(out)
     }

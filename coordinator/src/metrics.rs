@@ -77,6 +77,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
 }
 
+/// A money status (`pending`, `posted`, `final`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// The status.
+    pub status: String,
+}
+
 /// Every figure the coordinator exports.
 pub struct Metrics {
     registry: Registry,
@@ -91,6 +98,8 @@ pub struct Metrics {
     module_nodes: Family<ModuleLabels, Gauge>,
     module_queue: Family<ModuleLabels, Gauge>,
     module_inflight: Family<ModuleLabels, Gauge>,
+    module_tps: Family<ModuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    settled: Family<StatusLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     audits: Family<AuditLabels, Counter>,
     node_reputation: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     node_audits: Family<NodeAuditLabels, Gauge>,
@@ -163,6 +172,19 @@ impl Metrics {
             "Jobs this coordinator has running on each module",
             module_inflight.clone(),
         );
+        let module_tps =
+            Family::<ModuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "module_tokens_per_second",
+            "Mean decode speed this coordinator measured on the nodes of each module",
+            module_tps.clone(),
+        );
+        let settled = Family::<StatusLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "settled_base_units",
+            "What callers paid nodes, by status: pending (receipts not yet batched), posted (challenge window open), final",
+            settled.clone(),
+        );
         let audits = Family::<AuditLabels, Counter>::default();
         registry.register("audits", "Audits by result", audits.clone());
         let node_reputation =
@@ -201,7 +223,18 @@ impl Metrics {
             module_nodes,
             module_queue,
             module_inflight,
+            module_tps,
+            settled,
         }
+    }
+
+    /// Sets what has been settled, by status (read from the ledger and the batches).
+    pub fn set_settled(&self, status: &str, amount: u128) {
+        self.settled
+            .get_or_create(&StatusLabels {
+                status: status.to_owned(),
+            })
+            .set(amount as f64);
     }
 
     /// One HTTP request answered.
@@ -265,6 +298,7 @@ impl Metrics {
     pub fn render(&self, table: &NodeTable) -> String {
         self.nodes.set(table.len() as i64);
         let mut per_module: BTreeMap<(String, String), (i64, i64, i64)> = BTreeMap::new();
+        let mut speeds: BTreeMap<(String, String), (f64, u32)> = BTreeMap::new();
         for e in table.nodes() {
             let queue = i64::from(e.advert.load.running) + i64::from(e.advert.load.waiting);
             for o in &e.advert.modules {
@@ -274,12 +308,25 @@ impl Metrics {
                 row.0 += 1;
                 row.1 += queue;
                 row.2 += i64::from(e.inflight);
+                if e.observed.jobs > 0 {
+                    let sp = speeds
+                        .entry((o.alias.clone(), o.module.to_string()))
+                        .or_default();
+                    sp.0 += e.observed.tokens_per_sec;
+                    sp.1 += 1;
+                }
             }
         }
         // Modules that left the network drop out of the exposition.
         self.module_nodes.clear();
         self.module_queue.clear();
         self.module_inflight.clear();
+        self.module_tps.clear();
+        for ((model, module), (sum, n)) in speeds {
+            self.module_tps
+                .get_or_create(&ModuleLabels { model, module })
+                .set(sum / f64::from(n));
+        }
         for ((model, module), (nodes, queue, inflight)) in per_module {
             let labels = ModuleLabels { model, module };
             self.module_nodes.get_or_create(&labels).set(nodes);
@@ -327,6 +374,7 @@ mod tests {
         m.first_token("smol", "llama/q4_1", Duration::from_millis(80));
         m.job("smol", "ok", 10, 5, 42);
         m.retry();
+        m.set_settled("final", 204);
         let text = m.render(&NodeTable::default());
         for needle in [
             "tessera_http_requests_total{endpoint=\"chat\",status=\"200\"} 1",
@@ -338,6 +386,7 @@ mod tests {
             "tessera_job_retries_total 1",
             "tessera_charged_base_units_total 42",
             "tessera_nodes 0",
+            "tessera_settled_base_units{status=\"final\"} 204.0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -403,6 +403,7 @@ enum Command {
     },
     Report {
         address: Address,
+        statement: bool,
         reply: oneshot::Sender<Option<AccountReport>>,
     },
     Slots {
@@ -486,9 +487,19 @@ impl SequencerHandle {
         self.ask(|reply| Command::Batches { reply }).await
     }
 
-    /// Everything the dashboard shows of an address (`None`: no L2 account).
-    pub async fn report(&self, address: Address) -> Result<Option<AccountReport>, SequencerError> {
-        self.ask(|reply| Command::Report { address, reply }).await
+    /// Everything the dashboard shows of an address (`None`: no L2 account); the
+    /// statement's rows and their proofs only when `statement`.
+    pub async fn report(
+        &self,
+        address: Address,
+        statement: bool,
+    ) -> Result<Option<AccountReport>, SequencerError> {
+        self.ask(|reply| Command::Report {
+            address,
+            statement,
+            reply,
+        })
+        .await
     }
 
     /// Every account with everything applied, by slot.
@@ -708,8 +719,12 @@ impl Sequencer {
                 let list = self.posted.iter().map(|p| p.summary.clone()).collect();
                 let _ = reply.send((list, self.finalized));
             }
-            Command::Report { address, reply } => {
-                let _ = reply.send(self.report(&address));
+            Command::Report {
+                address,
+                statement,
+                reply,
+            } => {
+                let _ = reply.send(self.report(&address, statement));
             }
             Command::Slots { reply } => {
                 let _ = reply.send(self.pending.accounts().map(|(s, a)| (s, *a)).collect());
@@ -767,7 +782,7 @@ impl Sequencer {
         rows
     }
 
-    fn report(&self, address: &Address) -> Option<AccountReport> {
+    fn report(&self, address: &Address, statement: bool) -> Option<AccountReport> {
         let slot = self.pending.slot_of(&address.0)?;
         let pending = *self.pending.account(slot)?;
         let accrued_in = |state: &State, d: &tessera_rollup::Delegation| -> u128 {
@@ -793,25 +808,28 @@ impl Sequencer {
             })
             .collect();
         positions.sort_by_key(|p| p.slot);
-        let rows = self
-            .statement(address)
-            .into_iter()
-            .filter_map(|row| {
-                let p = self.posted.iter().find(|p| p.index == row.batch)?;
-                let account = p.state.account(row.slot)?;
-                let accrued = row
-                    .delegations
-                    .iter()
-                    .filter_map(|(s, _, _)| p.state.delegation(*s))
-                    .map(|d| accrued_in(&p.state, d))
-                    .sum();
-                Some(EpochRow {
-                    earned: account.earned,
-                    accrued,
-                    at: row,
-                })
+        let rows = if statement {
+            self.statement(address)
+        } else {
+            Vec::new()
+        }
+        .into_iter()
+        .filter_map(|row| {
+            let p = self.posted.iter().find(|p| p.index == row.batch)?;
+            let account = p.state.account(row.slot)?;
+            let accrued = row
+                .delegations
+                .iter()
+                .filter_map(|(s, _, _)| p.state.delegation(*s))
+                .map(|d| accrued_in(&p.state, d))
+                .sum();
+            Some(EpochRow {
+                earned: account.earned,
+                accrued,
+                at: row,
             })
-            .collect();
+        })
+        .collect();
         let mut settlements = Vec::new();
         let mut commissions = Vec::new();
         let mut stakes: Vec<StakePoint> = Vec::new();

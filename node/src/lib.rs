@@ -4,10 +4,12 @@
 //! whose roots do not replay (`docs/settlement.md`).
 
 pub mod config;
+pub mod metrics;
 mod serve;
 pub mod stats;
 pub mod watchtower;
 
 pub use config::{ConfigError, NodeConfig, ServedModel, DEFAULT_PORT};
-pub use serve::{load_models, NodeError, RunningNode};
+pub use metrics::NodeMetrics;
+pub use serve::{load_models, serve_metrics, MetricsHandle, NodeError, RunningNode};
 pub use watchtower::{Watchtower, WatchtowerEvent};

@@ -67,6 +67,8 @@ struct Served {
     /// Jobs admitted on this engine (it runs one at a time; the rest wait).
     admitted: AtomicU32,
     latency: Mutex<LatencyWindow>,
+    /// Its labels in the metrics.
+    labels: crate::metrics::ModuleLabels,
 }
 
 struct Shared {
@@ -83,6 +85,7 @@ struct Shared {
     publishing: tokio::sync::Mutex<()>,
     net: NetHandle,
     jobs_served: AtomicU64,
+    metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 impl Shared {
@@ -257,6 +260,10 @@ impl RunningNode {
             )
             .map_err(NodeError::Engine)?;
             served.push(Served {
+                labels: crate::metrics::ModuleLabels {
+                    model: alias.clone(),
+                    module: module.to_string(),
+                },
                 alias,
                 module,
                 price: cfg.price,
@@ -285,6 +292,7 @@ impl RunningNode {
             publishing: tokio::sync::Mutex::new(()),
             net,
             jobs_served: AtomicU64::new(0),
+            metrics: Arc::new(crate::metrics::NodeMetrics::new()),
         });
         let jobs = TaskTracker::new();
         let background = TaskTracker::new();
@@ -400,6 +408,11 @@ impl RunningNode {
         self.shared.tokens_generated()
     }
 
+    /// A handle that renders the node's Prometheus figures (for `/metrics`).
+    pub fn metrics(&self) -> MetricsHandle {
+        MetricsHandle(self.shared.clone())
+    }
+
     /// Stops admitting jobs (new ones are answered "shutting down"), says goodbye on the
     /// network, lets in-flight jobs finish within the grace period and fails the rest, then
     /// stops the swarm and the engines.
@@ -433,6 +446,46 @@ impl RunningNode {
             "node stopped"
         );
     }
+}
+
+/// Renders a running node's Prometheus figures; cheap to clone.
+#[derive(Clone)]
+pub struct MetricsHandle(Arc<Shared>);
+
+impl MetricsHandle {
+    /// The text exposition, with each module's queue as of now.
+    pub fn render(&self) -> String {
+        for s in &self.0.served {
+            let n = s.admitted.load(Ordering::Relaxed);
+            self.0
+                .metrics
+                .queue(&s.labels, n.min(1), n.saturating_sub(1));
+        }
+        self.0.metrics.render()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: MetricsHandle,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }
 
 /// A job that passed admission and holds a slot.
@@ -632,9 +685,13 @@ async fn run_job(
     let mut events = match served.engine.try_generate(generate) {
         Ok(Some(events)) => events,
         Ok(None) => {
-            return fail(&mut writer, reject(ErrorCode::Busy, "engine queue is full")).await
+            shared.metrics.outcome(&served.alias, "busy");
+            return fail(&mut writer, reject(ErrorCode::Busy, "engine queue is full")).await;
         }
-        Err(e) => return fail(&mut writer, engine_error(e)).await,
+        Err(e) => {
+            shared.metrics.outcome(&served.alias, "failed");
+            return fail(&mut writer, engine_error(e)).await;
+        }
     };
     tracing::info!(job_id = %request.job_id, module = %served.alias, queued, "job admitted");
     if !send(&mut writer, &JobEvent::Accepted { queued }).await {
@@ -684,6 +741,14 @@ async fn run_job(
                     if let Ok(mut l) = served.latency.lock() {
                         l.record(ttft_ms, tpot_us);
                     }
+                    shared.metrics.job_done(
+                        &served.labels,
+                        if done.finish_reason == tessera_protocol::FinishReason::Cancelled { "cancelled" } else { "ok" },
+                        ttft,
+                        tpot_us.filter(|t| *t > 0).map(|t| 1e6 / f64::from(t)),
+                        usage.completion_tokens,
+                        receipt.body.cost.0,
+                    );
                     let result = JobResult {
                         usage,
                         finish_reason: done.finish_reason,
@@ -702,8 +767,14 @@ async fn run_job(
                     }
                     return;
                 }
-                Some(Err(e)) => return fail(&mut writer, engine_error(e)).await,
-                None => return fail(&mut writer, reject(ErrorCode::Internal, "the engine dropped the job")).await,
+                Some(Err(e)) => {
+                    shared.metrics.outcome(&served.alias, "failed");
+                    return fail(&mut writer, engine_error(e)).await;
+                }
+                None => {
+                    shared.metrics.outcome(&served.alias, "failed");
+                    return fail(&mut writer, reject(ErrorCode::Internal, "the engine dropped the job")).await;
+                }
             },
             () = &mut deadline => {
                 return fail(&mut writer, reject(ErrorCode::DeadlineExceeded, "deadline reached while generating")).await;
@@ -822,6 +893,7 @@ async fn run_replay(
     };
     let commitment = TranscriptCommitment::from_records(&replayed.records);
     let replay_ms = replayed.verdict.replay_ms;
+    shared.metrics.replay(replayed.verdict.passed);
     tracing::info!(job_id = %request.job_id, verdict = %replayed.verdict.summary(), "audit done");
     let receipt = match sign_receipt(
         shared,

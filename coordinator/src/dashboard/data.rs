@@ -84,9 +84,9 @@ pub struct Chain {
     /// Batches final.
     pub finalized: u64,
     /// Where each batch was posted on L1.
-    pub posted: HashMap<u64, PostedBatch>,
+    pub posted: Arc<HashMap<u64, PostedBatch>>,
     /// Each batch's on-chain record.
-    pub records: HashMap<u64, BatchRecord>,
+    pub records: Arc<HashMap<u64, BatchRecord>>,
     /// L1 head: block and timestamp.
     pub head: (u64, u64),
     /// The challenge window (s).
@@ -99,8 +99,20 @@ pub struct Chain {
     pub roots: HashMap<H256, u64>,
 }
 
+/// What [`Chain::load`] read from L1 for a set of standing batches: it changes only
+/// when a batch is posted, reverted or finalized, so pages do not rescan L1 logs.
+#[derive(Clone, Default)]
+pub struct ChainCache(Arc<std::sync::Mutex<Option<CachedL1>>>);
+
+struct CachedL1 {
+    key: (usize, Option<H256>, u64),
+    posted: Arc<HashMap<u64, PostedBatch>>,
+    records: Arc<HashMap<u64, BatchRecord>>,
+}
+
 impl Chain {
-    /// Reads the sequencer's batches and their L1 records.
+    /// Reads the sequencer's batches and their L1 records (cached until the batches
+    /// change) and the L1 head.
     pub async fn load(state: &ApiState) -> Result<Self, DataError> {
         let seq = state.sequencer.as_ref().ok_or(DataError::NoSettlement)?;
         let (chain, d) = match (&state.chain, &state.deployment) {
@@ -108,18 +120,38 @@ impl Chain {
             _ => return Err(DataError::NoSettlement),
         };
         let (batches, finalized) = seq.batches().await.map_err(internal)?;
-        let c = Contracts::new(chain, d);
-        let posted = c
-            .posted_batches()
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .map(|p| (p.index, p))
-            .collect();
-        let mut records = HashMap::new();
-        for b in &batches {
-            records.insert(b.index, c.batch(b.index).await.map_err(internal)?);
-        }
+        let key = (batches.len(), batches.last().map(|b| b.root), finalized);
+        let cached = state.chain_cache.0.lock().ok().and_then(|c| {
+            c.as_ref()
+                .filter(|c| c.key == key)
+                .map(|c| (c.posted.clone(), c.records.clone()))
+        });
+        let (posted, records) = match cached {
+            Some(hit) => hit,
+            None => {
+                let c = Contracts::new(chain, d);
+                let posted: HashMap<u64, PostedBatch> = c
+                    .posted_batches()
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .map(|p| (p.index, p))
+                    .collect();
+                let mut records = HashMap::new();
+                for b in &batches {
+                    records.insert(b.index, c.batch(b.index).await.map_err(internal)?);
+                }
+                let (posted, records) = (Arc::new(posted), Arc::new(records));
+                if let Ok(mut slot) = state.chain_cache.0.lock() {
+                    *slot = Some(CachedL1 {
+                        key,
+                        posted: posted.clone(),
+                        records: records.clone(),
+                    });
+                }
+                (posted, records)
+            }
+        };
         let head = chain.head().await.map_err(internal)?;
         let roots = batches
             .iter()
@@ -174,7 +206,16 @@ fn as_of_unsettled() -> Value {
 
 async fn report(state: &ApiState, address: &Address) -> Result<Option<AccountReport>, DataError> {
     let seq = state.sequencer.as_ref().ok_or(DataError::NoSettlement)?;
-    seq.report(*address).await.map_err(internal)
+    seq.report(*address, true).await.map_err(internal)
+}
+
+/// A report without the statement's proofs (node lists).
+async fn light_report(
+    state: &ApiState,
+    address: &Address,
+) -> Result<Option<AccountReport>, DataError> {
+    let seq = state.sequencer.as_ref().ok_or(DataError::NoSettlement)?;
+    seq.report(*address, false).await.map_err(internal)
 }
 
 async fn paid(state: &ApiState, slot: u32) -> Result<u128, DataError> {
@@ -234,7 +275,7 @@ fn split_json(batch: u64, status: Status, r: &SettleRecord) -> Value {
 
 /// Formula of the realised delegator APR, as the API states it.
 pub const APR_FORMULA: &str =
-    "apr_bps = delegators_share · 31536000 · 10000 / (mean_delegated · seconds), over final batches";
+    "apr_bps = delegators_share · 31536000 · 10000 / (mean_delegated · seconds), over the final batches since the node's first stake, mean_delegated weighted by time";
 
 /// The node-side part of an account report: commission, per-epoch split, stake.
 fn node_json(r: &AccountReport, chain: &Chain) -> Value {
@@ -294,32 +335,49 @@ fn node_json(r: &AccountReport, chain: &Chain) -> Value {
         .filter(|(b, _, _)| chain.status(*b) == Status::Final)
         .collect();
     let delegators_share: u128 = finals.iter().map(|(_, _, s)| s.split.delegators).sum();
-    let final_points: Vec<_> = r
-        .stakes
-        .iter()
-        .filter(|p| chain.status(p.batch) == Status::Final)
-        .collect();
-    let mean_delegated = if final_points.is_empty() {
-        0
-    } else {
-        final_points.iter().map(|p| p.delegated).sum::<u128>() / final_points.len() as u128
-    };
-    let first_final = chain
+    // Time-weighted delegated stake over the final batches since the node's first stake
+    // point: each batch's delegation holds until the next final batch was posted.
+    let final_batches: Vec<(u64, u64)> = chain
         .batches
         .iter()
-        .find(|b| chain.status(b.index) == Status::Final);
-    let last_final = chain.finalized.checked_sub(1);
-    let span = match (first_final, last_final) {
-        (Some(f), Some(l)) => {
-            let t0 = chain.records.get(&f.index).map_or(0, |r| r.submitted_at);
-            let t1 = chain.records.get(&l).map_or(0, |r| r.submitted_at);
-            t1.saturating_sub(t0)
-        }
+        .filter(|b| chain.status(b.index) == Status::Final)
+        .filter(|b| r.stakes.first().is_some_and(|p| p.batch <= b.index))
+        .filter_map(|b| {
+            chain
+                .records
+                .get(&b.index)
+                .map(|rec| (b.index, rec.submitted_at))
+        })
+        .collect();
+    let delegated_at = |batch: u64| {
+        r.stakes
+            .iter()
+            .take_while(|p| p.batch <= batch)
+            .last()
+            .map_or(0, |p| p.delegated)
+    };
+    let mut weighted = 0u128;
+    for w in final_batches.windows(2) {
+        let dt = u128::from(w[1].1.saturating_sub(w[0].1));
+        weighted = weighted.saturating_add(delegated_at(w[0].0).saturating_mul(dt));
+    }
+    let span = match (final_batches.first(), final_batches.last()) {
+        (Some(a), Some(b)) => b.1.saturating_sub(a.1),
         _ => 0,
     };
-    let apr_bps = (mean_delegated > 0 && span > 0).then(|| {
-        delegators_share.saturating_mul(31_536_000 * 10_000) / (mean_delegated * u128::from(span))
-    });
+    let mean_delegated = if span > 0 {
+        weighted / u128::from(span)
+    } else {
+        0
+    };
+    let final_points = final_batches.len();
+    let apr_bps = (mean_delegated > 0 && span > 0)
+        .then(|| {
+            delegators_share
+                .checked_mul(31_536_000 * 10_000)?
+                .checked_div(mean_delegated.checked_mul(u128::from(span))?)
+        })
+        .flatten();
     json!({
         "commission": {
             "now_bps": now,
@@ -357,7 +415,7 @@ fn node_json(r: &AccountReport, chain: &Chain) -> Value {
                 "delegators_share": delegators_share.to_string(),
                 "mean_delegated": mean_delegated.to_string(),
                 "seconds": span,
-                "final_batches": final_points.len(),
+                "final_batches": final_points,
             },
         },
     })
@@ -495,26 +553,54 @@ pub async fn account_proof(
 /// The statement as CSV: one line per epoch row, then the total.
 pub fn statement_csv(account: &Value) -> String {
     let mut out = String::from("epoch,batch,root,start,end,earned,status\n");
-    if let Some(rows) = account["statement"]["rows"].as_array() {
-        for r in rows {
-            out.push_str(&format!(
-                "{},{},{},{},{},{},{}\n",
-                r["epoch"],
-                r["batch"],
-                s(&r["root"]),
-                s(&r["start"]),
-                s(&r["end"]),
-                s(&r["earned"]["amount"]),
-                s(&r["earned"]["status"])
-            ));
-        }
+    for r in account["statement"]["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        csv_line(
+            &mut out,
+            &[
+                r["epoch"].to_string(),
+                r["batch"].to_string(),
+                s(&r["root"]).to_owned(),
+                s(&r["start"]).to_owned(),
+                s(&r["end"]).to_owned(),
+                s(&r["earned"]["amount"]).to_owned(),
+                s(&r["earned"]["status"]).to_owned(),
+            ],
+        );
     }
-    out.push_str(&format!(
-        "total,,,,,{},{}\n",
-        s(&account["statement"]["total"]["amount"]),
-        s(&account["statement"]["total"]["status"])
-    ));
+    let total = &account["statement"]["total"];
+    csv_line(
+        &mut out,
+        &[
+            "total".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            s(&total["amount"]).to_owned(),
+            s(&total["status"]).to_owned(),
+        ],
+    );
     out
+}
+
+/// Appends one CSV record, each field quoted per RFC 4180 when it needs to be.
+fn csv_line(out: &mut String, fields: &[String]) {
+    let quoted: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            if f.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f.clone()
+            }
+        })
+        .collect();
+    out.push_str(&quoted.join(","));
+    out.push('\n');
 }
 
 fn s(v: &Value) -> &str {
@@ -562,10 +648,10 @@ fn request_json(chain: Option<&Chain>, row: &RequestRow) -> Value {
 
 /// `GET /api/v1/usage` (signed in): the account's API balance and every settled request,
 /// listed the moment its response ends, with costs by batch status.
-pub async fn usage(state: &ApiState, account: &str) -> Result<Value, DataError> {
+pub async fn usage(state: &ApiState, account: &str, limit: usize) -> Result<Value, DataError> {
     let ledger = state.dispatcher.ledger().clone();
     let who = account.to_owned();
-    let (balance, rows) = tokio::task::spawn_blocking(move || {
+    let (balance, mut rows) = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::LedgerError>((ledger.balance(&who)?, ledger.requests(&who)?))
     })
     .await
@@ -579,13 +665,15 @@ pub async fn usage(state: &ApiState, account: &str) -> Result<Value, DataError> 
     let mut by_status: BTreeMap<&str, u128> = [("pending", 0), ("posted", 0), ("final", 0)]
         .into_iter()
         .collect();
+    for r in &rows {
+        let (st, _) = request_status(chain.as_ref(), r);
+        *by_status.entry(st.as_str()).or_default() += r.cost;
+    }
+    let total_requests = rows.len();
+    rows.truncate(limit);
     let requests: Vec<Value> = rows
         .iter()
-        .map(|r| {
-            let (st, _) = request_status(chain.as_ref(), r);
-            *by_status.entry(st.as_str()).or_default() += r.cost;
-            request_json(chain.as_ref(), r)
-        })
+        .map(|r| request_json(chain.as_ref(), r))
         .collect();
     let chart: Vec<Value> = rows
         .iter()
@@ -608,7 +696,8 @@ pub async fn usage(state: &ApiState, account: &str) -> Result<Value, DataError> 
             "posted": cost("posted", Status::Posted),
             "final": cost("final", Status::Final),
         },
-        "request_count": requests.len(),
+        "request_count": total_requests,
+        "listed": requests.len(),
         "requests": requests,
         "chart": {"title": "Cost per request (oldest first)", "points": chart},
         "csv": "/api/v1/usage.csv",
@@ -618,32 +707,30 @@ pub async fn usage(state: &ApiState, account: &str) -> Result<Value, DataError> 
 /// The usage document's requests as CSV.
 pub fn usage_csv(usage: &Value) -> String {
     let mut out = String::from("id,time_ms,model,module,node,prompt_tokens,completion_tokens,ttft_ms,tokens_per_s,retries,cost,status,batch,audit\n");
-    if let Some(rows) = usage["requests"].as_array() {
-        for r in rows {
-            out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                s(&r["id"]),
-                r["time_ms"],
-                s(&r["model"]),
-                s(&r["module"]),
-                s(&r["node"]),
-                r["prompt_tokens"],
-                r["completion_tokens"],
-                r["ttft_ms"],
-                r["tokens_per_s"]
-                    .as_f64()
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-                r["retries"],
-                s(&r["cost"]["amount"]),
-                s(&r["cost"]["status"]),
-                r["batch"]["index"]
-                    .as_u64()
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-                s(&r["audit"]),
-            ));
-        }
+    let opt = |v: &Value| match v {
+        Value::Null => String::new(),
+        v => v.to_string(),
+    };
+    for r in usage["requests"].as_array().into_iter().flatten() {
+        csv_line(
+            &mut out,
+            &[
+                s(&r["id"]).to_owned(),
+                r["time_ms"].to_string(),
+                s(&r["model"]).to_owned(),
+                s(&r["module"]).to_owned(),
+                s(&r["node"]).to_owned(),
+                r["prompt_tokens"].to_string(),
+                r["completion_tokens"].to_string(),
+                r["ttft_ms"].to_string(),
+                opt(&r["tokens_per_s"]),
+                r["retries"].to_string(),
+                s(&r["cost"]["amount"]).to_owned(),
+                s(&r["cost"]["status"]).to_owned(),
+                opt(&r["batch"]["index"]),
+                s(&r["audit"]).to_owned(),
+            ],
+        );
     }
     out
 }
@@ -759,7 +846,9 @@ pub async fn batches(state: &ApiState) -> Result<Value, DataError> {
                 "counts": b.counts,
                 "noops": b.noops,
                 "settled": money(settled, status, None),
-                "challenges": challenges.iter().filter(|c| c.index == b.index).map(|c| json!({
+                // A reverted batch's index is reused: only challenges sent after this
+                // batch was posted are about it.
+                "challenges": challenges.iter().filter(|c| c.index == b.index && chain.posted.get(&b.index).is_none_or(|p| c.block >= p.block)).map(|c| json!({
                     "step": c.step, "challenger": c.challenger.to_string(), "upheld": c.upheld, "l1_tx": c.tx.to_string(),
                 })).collect::<Vec<_>>(),
             })
@@ -821,7 +910,7 @@ async fn with_l2(
         return Ok(());
     };
     let address = parse_address(payout)?;
-    if let Some(r) = report(state, &address).await? {
+    if let Some(r) = light_report(state, &address).await? {
         let n = node_json(&r, chain);
         row["commission"] = n["commission"].clone();
         row["stake"] = json!({"self": n["stake"]["self"], "delegated": n["stake"]["delegated"]});
@@ -877,35 +966,53 @@ pub async fn node(state: &ApiState, id: &str) -> Result<Value, DataError> {
         Err(DataError::NoSettlement) => None,
         Err(e) => return Err(e),
     };
-    let (mut row, prices) = {
+    let found = {
         let table = state
             .table
             .read()
             .map_err(|_| internal("node table poisoned"))?;
-        let fresh = crate::audit::NodeRecord::default();
-        let standing = table.standing(&peer).cloned().unwrap_or(fresh);
-        let Some(e) = table.get(&peer) else {
-            return Err(DataError::NotFound(format!(
-                "node {peer} is not advertising"
-            )));
-        };
-        // Lowest price others ask for each module this node serves.
-        let mut prices = Vec::new();
-        for o in &e.advert.modules {
-            let others = table
-                .serving(&o.module)
-                .filter(|n| n.advert.node != peer)
-                .filter_map(|n| {
-                    n.advert
-                        .modules
-                        .iter()
-                        .find(|m| m.module == o.module)
-                        .map(|m| m.price.per_1k_output.0)
-                })
-                .min();
-            prices.push((o.alias.clone(), o.price.per_1k_output.0, others));
+        let known = table.standing(&peer).cloned();
+        let standing = known.clone().unwrap_or_default();
+        match table.get(&peer) {
+            None => Err((known, standing)),
+            Some(e) => {
+                // Lowest price others ask for each module this node serves.
+                let mut prices = Vec::new();
+                for o in &e.advert.modules {
+                    let others = table
+                        .serving(&o.module)
+                        .filter(|n| n.advert.node != peer)
+                        .filter_map(|n| {
+                            n.advert
+                                .modules
+                                .iter()
+                                .find(|m| m.module == o.module)
+                                .map(|m| m.price.per_1k_output.0)
+                        })
+                        .min();
+                    prices.push((o.alias.clone(), o.price.per_1k_output.0, others));
+                }
+                Ok((node_row(state, e, &standing), prices))
+            }
         }
-        (node_row(state, e, &standing), prices)
+    };
+    let (mut row, prices) = match found {
+        Ok(found) => found,
+        Err((known, standing)) => {
+            // Not advertising: the page still answers why it earns nothing, from what
+            // the coordinator remembers of it.
+            let ledger = state.dispatcher.ledger().clone();
+            let last = tokio::task::spawn_blocking(move || ledger.node_requests(&peer, 1))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            if known.is_none() && last.is_empty() {
+                return Err(DataError::NotFound(format!(
+                    "node {peer} is not advertising and has never served a job here"
+                )));
+            }
+            return Ok(offline_node(&peer, &standing, chain.as_ref(), last.first()));
+        }
     };
     with_l2(state, chain.as_ref(), &mut row).await?;
     let payout = parse_address(row["payout"].as_str().unwrap_or_default())?;
@@ -1025,6 +1132,49 @@ pub async fn node(state: &ApiState, id: &str) -> Result<Value, DataError> {
         "operator": {"earnings_by_job": by_job, "why_not_earning": checklist},
         "chart": {"title": "Node's own earnings per epoch (commission + self-stake share)", "points": chart},
     }))
+}
+
+/// The node document of a node that is not advertising now.
+fn offline_node(
+    peer: &tessera_protocol::PeerId,
+    standing: &crate::audit::NodeRecord,
+    chain: Option<&Chain>,
+    last: Option<&RequestRow>,
+) -> Value {
+    let check =
+        |name: &str, ok: bool, detail: &str| json!({"check": name, "ok": ok, "detail": detail});
+    let last_job = last.map(|r| r.receipt.body.finished_ms);
+    json!({
+        "object": "tessera.dashboard.node",
+        "as_of": chain.map_or_else(as_of_unsettled, Chain::as_of),
+        "node": {
+            "node": peer.to_string(),
+            "online": false,
+            "connected": false,
+            "payout": null,
+            "agent": null,
+            "modules": [],
+            "tokens_per_s": null,
+            "ttft_ms": null,
+            "jobs_measured": 0,
+            "uptime_s": 0,
+            "failures": 0,
+            "audits": {"passed": standing.passed, "failed": standing.failed, "missed": standing.missed},
+            "open_disputes": standing.open_disputes,
+            "slashed": money(standing.slashed.0, Status::Pending, None),
+        },
+        "l2": null,
+        "operator": {
+            "earnings_by_job": [],
+            "why_not_earning": [
+                check("reachable", false, "no open connection: is the node running, and can it reach the coordinator (listen address, firewall, bootstrap peers)?"),
+                check("advertising", false, "no valid advert seen lately: it left, its adverts expired, or they do not arrive (clock, network)"),
+                check("no open dispute", standing.open_disputes == 0, &format!("{} open dispute(s)", standing.open_disputes)),
+                check("last job", last_job.is_some(), &last_job.map_or_else(|| "no job yet".to_owned(), |t| format!("finished at {t} (unix ms)"))),
+            ],
+        },
+        "chart": {"title": "Node's own earnings per epoch (commission + self-stake share)", "points": []},
+    })
 }
 
 /// `GET /api/v1/overview`: the network at a glance.

@@ -27,6 +27,8 @@ pub const COOKIE: &str = "tessera_session";
 const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Most sessions held at once (the oldest go first).
 const MAX_SESSIONS: usize = 10_000;
+/// Most sessions one account holds at once (its oldest goes first).
+const MAX_SESSIONS_PER_ACCOUNT: usize = 16;
 /// The Content-Security-Policy of every dashboard response.
 pub const CSP: &str = "default-src 'self'";
 
@@ -45,6 +47,17 @@ impl Sessions {
         let now = Instant::now();
         if let Ok(mut m) = self.0.lock() {
             m.retain(|_, (_, until)| *until > now);
+            // One account's sign-ins cannot push everyone else's sessions out.
+            let mine: Vec<([u8; 32], Instant)> = m
+                .iter()
+                .filter(|(_, (a, _))| a == account)
+                .map(|(k, (_, t))| (*k, *t))
+                .collect();
+            if mine.len() >= MAX_SESSIONS_PER_ACCOUNT {
+                if let Some((k, _)) = mine.iter().min_by_key(|(_, t)| *t) {
+                    m.remove(k);
+                }
+            }
             if m.len() >= MAX_SESSIONS {
                 if let Some(oldest) = m.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
                     m.remove(&oldest);
@@ -85,7 +98,7 @@ fn cookie_value(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The signed-in account: a session cookie, or an API key as a Bearer token (the CLI).
-fn signed_in(state: &ApiState, headers: &HeaderMap) -> Option<String> {
+async fn signed_in(state: &ApiState, headers: &HeaderMap) -> Option<String> {
     if let Some(a) = cookie_value(headers).and_then(|c| state.sessions.account(&c)) {
         return Some(a);
     }
@@ -94,8 +107,13 @@ fn signed_in(state: &ApiState, headers: &HeaderMap) -> Option<String> {
         .to_str()
         .ok()?
         .strip_prefix("Bearer ")?
-        .trim();
-    state.dispatcher.ledger().authenticate(key).ok()
+        .trim()
+        .to_owned();
+    let ledger = state.dispatcher.ledger().clone();
+    tokio::task::spawn_blocking(move || ledger.authenticate(&key).ok())
+        .await
+        .ok()
+        .flatten()
 }
 
 impl From<DataError> for ApiError {
@@ -208,21 +226,43 @@ async fn api_statement_csv(
     Ok(csv("statement.csv", data::statement_csv(&v)))
 }
 
-fn need_account(s: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
-    signed_in(s, headers).ok_or_else(ApiError::invalid_api_key)
+async fn need_account(s: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+    signed_in(s, headers)
+        .await
+        .ok_or_else(ApiError::invalid_api_key)
 }
 
-async fn api_usage(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
-    let account = need_account(&s, &headers)?;
-    Ok(Json(data::usage(&s, &account).await?))
+/// Requests a usage document lists by default, and at most.
+const USAGE_LIMIT: usize = 1_000;
+const USAGE_MAX: usize = 10_000;
+
+#[derive(serde::Deserialize)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+impl LimitQuery {
+    fn get(&self) -> usize {
+        self.limit.unwrap_or(USAGE_LIMIT).min(USAGE_MAX)
+    }
+}
+
+async fn api_usage(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult {
+    let account = need_account(&s, &headers).await?;
+    Ok(Json(data::usage(&s, &account, q.get()).await?))
 }
 
 async fn api_usage_csv(
     State(s): State<ApiState>,
     headers: HeaderMap,
+    Query(q): Query<LimitQuery>,
 ) -> Result<Response, ApiError> {
-    let account = need_account(&s, &headers)?;
-    let v = data::usage(&s, &account).await?;
+    let account = need_account(&s, &headers).await?;
+    let v = data::usage(&s, &account, q.get()).await?;
     Ok(csv("usage.csv", data::usage_csv(&v)))
 }
 
@@ -231,7 +271,7 @@ async fn api_receipt(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let account = need_account(&s, &headers)?;
+    let account = need_account(&s, &headers).await?;
     Ok(Json(data::receipt(&s, &account, &id).await?))
 }
 
@@ -255,7 +295,7 @@ async fn page(
     src: &str,
     d: Result<Value, DataError>,
 ) -> Response {
-    let user = signed_in(s, headers);
+    let user = signed_in(s, headers).await;
     match d {
         Ok(d) => pages::render(template, title, src, &d, user.as_deref()),
         Err(e) => pages::error(&e, user.as_deref()),
@@ -296,14 +336,14 @@ async fn page_account_lookup(
     {
         Some(a) => match data::parse_address(a) {
             Ok(addr) => Redirect::to(&format!("/accounts/{addr}")).into_response(),
-            Err(e) => pages::error(&e, signed_in(&s, &h).as_deref()),
+            Err(e) => pages::error(&e, signed_in(&s, &h).await.as_deref()),
         },
         None => pages::render(
             "lookup.html",
             "Account",
             "",
             &Value::Null,
-            signed_in(&s, &h).as_deref(),
+            signed_in(&s, &h).await.as_deref(),
         ),
     }
 }
@@ -315,15 +355,15 @@ async fn page_account(State(s): State<ApiState>, h: HeaderMap, Path(a): Path<Str
 }
 
 async fn page_usage(State(s): State<ApiState>, h: HeaderMap) -> Response {
-    let Some(account) = signed_in(&s, &h) else {
+    let Some(account) = signed_in(&s, &h).await else {
         return Redirect::to("/login").into_response();
     };
-    let d = data::usage(&s, &account).await;
+    let d = data::usage(&s, &account, USAGE_LIMIT).await;
     page(&s, &h, "usage.html", "Usage", "/api/v1/usage", d).await
 }
 
 async fn page_receipt(State(s): State<ApiState>, h: HeaderMap, Path(id): Path<String>) -> Response {
-    let Some(account) = signed_in(&s, &h) else {
+    let Some(account) = signed_in(&s, &h).await else {
         return Redirect::to("/login").into_response();
     };
     let d = data::receipt(&s, &account, &id).await;
@@ -342,7 +382,7 @@ async fn page_login(State(s): State<ApiState>, h: HeaderMap) -> Response {
         "Sign in",
         "",
         &Value::Null,
-        signed_in(&s, &h).as_deref(),
+        signed_in(&s, &h).await.as_deref(),
     )
 }
 
@@ -402,7 +442,7 @@ async fn page_verify(
     h: HeaderMap,
     Form(f): Form<verify::VerifyForm>,
 ) -> Response {
-    let user = signed_in(&s, &h);
+    let user = signed_in(&s, &h).await;
     let d = match f.into_request() {
         Ok(req) => verify::verify(&s, &req).await,
         Err(e) => Err(e),

@@ -137,11 +137,17 @@ pub async fn verify(state: &ApiState, req: &VerifyRequest) -> Result<Value, Data
     });
     let standing = chain.batches.last().map_or(0, |b| b.index + 1);
     let contracts = &contracts;
+    // A batch that is not standing is a failed check; an L1 that cannot be read is an
+    // error (a valid proof must not read as failed because the chain was unreachable).
     let batch_root = |i: u64| async move {
-        match contracts.batch(i).await {
-            Ok(r) if i < standing => Some(r.root.0),
-            _ => None,
+        if i >= standing {
+            return Ok(None);
         }
+        contracts
+            .batch(i)
+            .await
+            .map(|r| Some(r.root.0))
+            .map_err(|e| DataError::Internal(format!("cannot read batch {i} from L1: {e}")))
     };
     let mut status_batch: Option<u64> = None;
     match req {
@@ -176,7 +182,7 @@ pub async fn verify(state: &ApiState, req: &VerifyRequest) -> Result<Value, Data
                         Err(e) => checks.push(check("proof readable", false, e.to_string())),
                         Ok(computed) => {
                             out["computed_root"] = json!(hex32(&computed));
-                            match batch_root(*batch).await {
+                            match batch_root(*batch).await? {
                                 None => checks.push(check(
                                     "batch on the contract",
                                     false,
@@ -249,6 +255,18 @@ pub async fn verify(state: &ApiState, req: &VerifyRequest) -> Result<Value, Data
                             });
                             match parsed {
                                 Err(e) => checks.push(check("path readable", false, e)),
+                                Ok((_, p))
+                                    if p.len() >= usize::BITS as usize || *i >> p.len() != 0 =>
+                                {
+                                    checks.push(check(
+                                        "path readable",
+                                        false,
+                                        format!(
+                                            "index {i} does not fit a path of {} levels",
+                                            p.len()
+                                        ),
+                                    ));
+                                }
                                 Ok((root, p)) => {
                                     let computed =
                                         crate::sequencer::receipts_root_from_path(&leaf, *i, &p);
@@ -271,7 +289,7 @@ pub async fn verify(state: &ApiState, req: &VerifyRequest) -> Result<Value, Data
                                     ));
                                     match chain.roots.get(&root) {
                                         Some(b) => {
-                                            let on_l1 = batch_root(*b).await;
+                                            let on_l1 = batch_root(*b).await?;
                                             let summary_root = chain.batches.iter().find(|x| x.index == *b).map(|x| x.root);
                                             let ok = on_l1.is_some() && on_l1 == summary_root;
                                             checks.push(check(
