@@ -1302,6 +1302,147 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dashboard_pages_and_api_answer_with_clear_errors_and_sign_in_by_form() {
+        let f = fixture(&[4000, 5000], RateLimits::default(), false).await;
+        // Pages: server-rendered, same-origin only.
+        for page in ["/", "/nodes", "/login", "/accounts"] {
+            let (status, headers, body) = call(f.app.clone(), get_req(page, None)).await;
+            assert_eq!(status, StatusCode::OK, "{page}: {body}");
+            assert_eq!(
+                headers
+                    .get("content-security-policy")
+                    .map(|v| v.to_str().unwrap_or("")),
+                Some("default-src 'self'"),
+                "{page}"
+            );
+            let html = body.as_str().unwrap_or_default();
+            assert!(
+                html.contains("<!doctype html>") && !html.contains("<script"),
+                "{page}"
+            );
+        }
+        let (status, _, nodes) = call(f.app.clone(), get_req("/api/v1/nodes", None)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            nodes["as_of"]["final_batch"],
+            Value::Null,
+            "no settlement here"
+        );
+        // Bad input: one clear error each.
+        let (status, _, body) =
+            call(f.app.clone(), get_req("/api/v1/accounts/0xnothex", None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("20-byte address"),
+            "{body}"
+        );
+        let (status, _, body) = call(
+            f.app.clone(),
+            get_req(
+                "/api/v1/accounts/0x00000000000000000000000000000000000000aa",
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (StatusCode::NOT_FOUND, json!("settlement_off"))
+        );
+        let (status, _, _) = call(f.app.clone(), get_req("/api/v1/nodes/not-a-peer", None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _, _) = call(
+            f.app.clone(),
+            post_req("/api/v1/verify", None, json!({"kind": "nonsense"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        // Usage needs a key or a session.
+        let (status, _, _) = call(f.app.clone(), get_req("/api/v1/usage", None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, usage) = call(f.app.clone(), get_req("/api/v1/usage", Some(&f.key))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (usage["account"].clone(), usage["request_count"].clone()),
+            (json!("alice"), json!(0))
+        );
+        assert_eq!(
+            usage["balance"]["credited"],
+            json!({"amount": "10000000", "status": "pending"})
+        );
+        let (status, headers, _) = call(f.app.clone(), get_req("/usage", None)).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        assert_eq!(
+            headers.get("location").map(|v| v.to_str().unwrap_or("")),
+            Some("/login")
+        );
+        // Sign in with the form: a wrong key is refused, a right one sets the cookie.
+        let form = |key: &str| {
+            Request::builder()
+                .method("POST")
+                .uri("/login")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Body::from(format!("key={key}")))
+                .expect("request")
+        };
+        let (status, headers, _) = call(f.app.clone(), form("tsk_wrong")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.get("set-cookie").is_none());
+        let (status, headers, _) = call(f.app.clone(), form(&f.key)).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        let cookie = headers
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .expect("cookie")
+            .to_owned();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        assert!(!cookie.contains(&f.key), "the key is not the cookie");
+        let session = cookie.split(';').next().expect("pair").to_owned();
+        let req = Request::builder()
+            .uri("/usage")
+            .header("cookie", &session)
+            .body(Body::empty())
+            .expect("request");
+        let (status, _, page) = call(f.app.clone(), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page
+            .as_str()
+            .unwrap_or_default()
+            .contains("signed in as <b>alice</b>"));
+        // Signing out ends the session.
+        let req = Request::builder()
+            .method("POST")
+            .uri("/logout")
+            .header("cookie", &session)
+            .body(Body::empty())
+            .expect("request");
+        call(f.app.clone(), req).await;
+        let req = Request::builder()
+            .uri("/api/v1/usage")
+            .header("cookie", &session)
+            .body(Body::empty())
+            .expect("request");
+        assert_eq!(call(f.app.clone(), req).await.0, StatusCode::UNAUTHORIZED);
+        for (path, kind) in [
+            ("/static/dashboard.css", "text/css"),
+            ("/favicon.ico", "image/svg+xml"),
+        ] {
+            let (status, headers, _) = call(f.app.clone(), get_req(path, None)).await;
+            assert_eq!(status, StatusCode::OK);
+            assert!(headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with(kind)));
+        }
+    }
+
+    #[tokio::test]
     async fn receipts_and_accounts_need_the_owner_key() {
         let f = fixture(&[], RateLimits::default(), false).await;
         let (status, _, body) = call(
