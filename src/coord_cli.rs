@@ -49,6 +49,10 @@ pub struct CoordinatorArgs {
     /// Seconds between rollup batches [default: 10].
     #[arg(long, env = "TESSERA_BATCH_INTERVAL")]
     batch_interval: Option<f64>,
+    /// Seconds an epoch lasts [default: 3600]: statements have a row per epoch, and a
+    /// commission change applies from the next one.
+    #[arg(long, env = "TESSERA_EPOCH_INTERVAL")]
+    epoch_interval: Option<f64>,
 }
 
 fn secs(flag: &str, v: f64) -> Result<Duration> {
@@ -92,6 +96,12 @@ impl CoordinatorArgs {
             c.settlement
                 .get_or_insert_with(Default::default)
                 .batch_interval = interval;
+        }
+        if let Some(s) = self.epoch_interval {
+            let interval = secs("--epoch-interval", s)?;
+            c.settlement
+                .get_or_insert_with(Default::default)
+                .epoch_interval = interval;
         }
         c.validate()?;
         Ok(c)
@@ -420,7 +430,12 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         }
         let sequencer = SequencerConfig {
             batch_interval,
-            epoch_interval: secs("--epoch-interval", args.epoch_interval)?,
+            epoch_interval: match secs("--epoch-interval", args.epoch_interval)? {
+                d if d < Duration::from_secs(1) => {
+                    anyhow::bail!("--epoch-interval must be at least 1 second")
+                }
+                d => d,
+            },
             ..SequencerConfig::default()
         };
         let coordinator = Coordinator::start_with(coordinator_config, Some((l1.clone(), sequencer)))

@@ -361,3 +361,63 @@ fn accounts_check_reports_balanced_books_as_json() {
     assert_eq!(check["charged"], "0");
     assert_eq!(check["problems"], serde_json::json!([]));
 }
+
+#[test]
+fn the_grafana_dashboard_only_queries_metrics_that_exist() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/docs/grafana-dashboard.json"))
+            .expect("docs/grafana-dashboard.json"),
+    )
+    .expect("dashboard JSON");
+    // What the coordinator and the node register (prefix + name), read from their code.
+    let mut registered = std::collections::BTreeSet::new();
+    for file in ["coordinator/src/metrics.rs", "node/src/metrics.rs"] {
+        let code = std::fs::read_to_string(format!("{root}/{file}")).expect("metrics source");
+        let prefix = code
+            .split("Registry::with_prefix(\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("a prefixed registry");
+        for part in code.split("registry.register(").skip(1) {
+            let name = part.split('"').nth(1).expect("a metric name");
+            registered.insert(format!("{prefix}_{name}"));
+        }
+    }
+    let queried = metric_names(&dash.to_string());
+    assert!(
+        queried.len() >= 10,
+        "the dashboard queries figures: {queried:?}"
+    );
+    for n in queried {
+        let base = ["_bucket", "_total", "_count", "_sum"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .unwrap_or(&n);
+        assert!(
+            registered.contains(base),
+            "the dashboard queries {n}, which no /metrics exports ({registered:?})"
+        );
+    }
+    // And the two expositions really carry these names once something happened.
+    let m = tessera_node::NodeMetrics::new();
+    m.replay(true);
+    assert!(m.render().contains("tessera_node_audit_replays_total"));
+}
+
+/// Every `tessera_…` metric name in a text.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(p) = text[i..].find("tessera_") {
+        let start = i + p;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        out.insert(text[start..end].to_owned());
+        i = end;
+    }
+    out
+}

@@ -65,6 +65,9 @@ pub struct SettlementConfig {
     pub batch_interval: Duration,
     /// Seconds a batch can be challenged (used when deploying the contracts).
     pub challenge_window: u64,
+    /// Seconds an epoch lasts (statement rows; commission changes apply from the next).
+    #[serde(with = "secs")]
+    pub epoch_interval: Duration,
 }
 
 impl Default for SettlementConfig {
@@ -73,6 +76,7 @@ impl Default for SettlementConfig {
             l1: "embedded".into(),
             batch_interval: SequencerConfig::default().batch_interval,
             challenge_window: tessera_contracts::Params::default().challenge_window,
+            epoch_interval: SequencerConfig::default().epoch_interval,
         }
     }
 }
@@ -166,6 +170,14 @@ impl CoordinatorConfig {
         if self.job_timeout.is_zero() || self.job_timeout > crate::client::MAX_JOB_TIMEOUT {
             return bad("job_timeout must be between 1 s and 24 h".into());
         }
+        if let Some(st) = &self.settlement {
+            if st.epoch_interval < Duration::from_secs(1) {
+                return bad(format!(
+                    "settlement.epoch_interval must be at least 1 s, got {:?}",
+                    st.epoch_interval
+                ));
+            }
+        }
         self.net.validate().map_err(StartError::Config)
     }
 
@@ -210,6 +222,7 @@ impl Coordinator {
             .map_err(|e| StartError::Config(format!("cannot open the L1 {:?}: {e}", s.l1)))?;
         let sequencer = SequencerConfig {
             batch_interval: s.batch_interval,
+            epoch_interval: s.epoch_interval,
             ..SequencerConfig::default()
         };
         Self::start_with(config, Some((l1, sequencer))).await
