@@ -511,6 +511,10 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
             dir.join("l1").display(),
             args.challenge_window
         );
+        println!(
+            "dashboard: http://{}/ (sign in with the API key to see your requests)",
+            coordinator.http_addr()
+        );
         println!("Ctrl-C stops everything.");
         signals.recv().await;
         eprintln!("stopping the devnet (Ctrl-C again to quit now)");

@@ -237,7 +237,7 @@ async fn deltas(job: &mut JobStream, n: usize) {
 async fn two_nodes_are_discovered_and_each_streams_a_job_with_a_verified_receipt() {
     let (net, addr) = coordinator().await;
     let nodes = [
-        NodeProc::spawn(&addr, &[]),
+        NodeProc::spawn(&addr, &["--metrics", "127.0.0.1:0"]),
         NodeProc::spawn(&addr, &["--price-output", "5000"]),
     ];
     let mut modules = Vec::new();
@@ -343,6 +343,34 @@ async fn two_nodes_are_discovered_and_each_streams_a_job_with_a_verified_receipt
         );
         assert!(e.rtt.is_some(), "ping measured a round trip");
     }
+    // The first node serves its Prometheus figures: the job it ran, by outcome, with its
+    // time to first token, speed, queue and what its receipt earned (pending).
+    let log = nodes[0].log();
+    let url = log
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics at "))
+        .unwrap_or_else(|| panic!("the node says where its metrics are; log:\n{log}"))
+        .trim()
+        .to_owned();
+    let text = reqwest::get(&url)
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "tessera_node_jobs_total{model=\"smollm2-135m-instruct\",outcome=\"ok\"} 1",
+        "tessera_node_time_to_first_token_seconds_count{model=\"smollm2-135m-instruct\"",
+        "tessera_node_tokens_per_second{model=\"smollm2-135m-instruct\"",
+        "tessera_node_queue{model=\"smollm2-135m-instruct\"",
+        "tessera_node_earned_base_units_total{status=\"pending\"}",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(
+        !text.contains("tessera_node_earned_base_units_total{status=\"pending\"} 0"),
+        "the receipt's cost is counted:\n{text}"
+    );
     net.shutdown().await;
 }
 
