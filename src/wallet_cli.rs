@@ -498,61 +498,35 @@ pub fn delegate(home: &Path, args: DelegateArgs) -> Result<()> {
 pub fn rewards(args: RewardsArgs) -> Result<()> {
     runtime()?.block_on(async {
         let s = Session::open(&args.at).await?;
-        let c = s.contracts();
-        let statement: Value =
-            get(&s.http, &format!("{}/v1/l2/accounts/{}/statement", s.base, args.address)).await?;
-        let finalized = c.finalized().await?;
-        let mut out = Vec::new();
-        let mut last_own = 0u128;
-        let mut last_per_node: std::collections::BTreeMap<u32, u128> = Default::default();
-        for row in statement["rows"].as_array().into_iter().flatten() {
-            let batch = row["batch"].as_u64().context("batch")?;
-            let root: [u8; 32] = unhex(&row["root"])?
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("root is not 32 bytes"))?;
-            if batch >= finalized {
-                bail!("batch {batch} is not final on L1");
+        // What --json prints is the dashboard's account document, the API's JSON for the
+        // same address; every statement row in it must be one proved here against L1. A
+        // batch that turns final between the two reads moves a row: read both again.
+        let mut tries = 0;
+        let (doc, out) = loop {
+            tries += 1;
+            let doc: Value = get(
+                &s.http,
+                &format!("{}/api/v1/accounts/{}", s.base, args.address),
+            )
+            .await?;
+            let out = prove_statement(&s, &args.address).await?;
+            let all_proved = doc["statement"]["rows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|row| {
+                    out.iter().any(|r| {
+                        r["batch"] == row["batch"] && r["own_earned_total"] == row["inputs"]["earned"]
+                    })
+                });
+            if all_proved {
+                break (doc, out);
             }
-            let on_l1 = c.batch(batch).await?.root;
-            if on_l1.0 != root {
-                bail!("the coordinator's root for batch {batch} is not the contract's");
+            if tries == 3 {
+                bail!("the coordinator's statement rows are not the ones proved against L1");
             }
-            let (leaf, proof) = proof_of(&row["account"])?;
-            let account = Account::decode(&leaf).context("not an account leaf")?;
-            let slot = row["slot"].as_u64().context("slot")? as u32;
-            if !proof.verify(&root, slot, &tessera_rollup::keccak256(&leaf)) {
-                bail!("the account's proof for batch {batch} does not verify against the L1 root");
-            }
-            let mut per_node = Vec::new();
-            for d in row["delegations"].as_array().into_iter().flatten() {
-                let dslot = d["slot"].as_u64().context("slot")? as u32;
-                let (dleaf, dproof) = proof_of(d)?;
-                let del = Delegation::decode(&dleaf).context("not a delegation leaf")?;
-                if !dproof.verify(&root, dslot, &tessera_rollup::keccak256(&dleaf)) || del.delegator != slot {
-                    bail!("delegation {dslot}'s proof does not verify against the L1 root");
-                }
-                let before = last_per_node.insert(del.node, del.earned).unwrap_or(0);
-                per_node.push(json!({
-                    "node_slot": del.node,
-                    "delegated": del.amount.to_string(),
-                    "earned_total": del.earned.to_string(),
-                    "earned_in_epoch": (del.earned - before.min(del.earned)).to_string(),
-                }));
-            }
-            out.push(json!({
-                "epoch": row["epoch"],
-                "batch": batch,
-                "root": row["root"],
-                "own_earned_total": account.earned.to_string(),
-                "own_earned_in_epoch": (account.earned - last_own.min(account.earned)).to_string(),
-                "per_node": per_node,
-                "status": "final",
-                "verified": true,
-            }));
-            last_own = account.earned;
-        }
-        let v = json!({"address": args.address, "statement": out});
-        print(args.at.json, &v, || {
+        };
+        print(args.at.json, &doc, || {
             let mut t = format!(
                 "rewards of {} (claimed earnings; each row proved against the contract's root of a final batch)\n",
                 args.address
@@ -588,6 +562,70 @@ pub fn rewards(args: RewardsArgs) -> Result<()> {
         });
         Ok(())
     })
+}
+
+/// Each row of an address's statement, every leaf proved against the root the contract
+/// holds for its final batch.
+async fn prove_statement(s: &Session, address: &EvmAddress) -> Result<Vec<Value>> {
+    let c = s.contracts();
+    let statement: Value = get(
+        &s.http,
+        &format!("{}/v1/l2/accounts/{}/statement", s.base, address),
+    )
+    .await?;
+    let finalized = c.finalized().await?;
+    let mut out = Vec::new();
+    let mut last_own = 0u128;
+    let mut last_per_node: std::collections::BTreeMap<u32, u128> = Default::default();
+    for row in statement["rows"].as_array().into_iter().flatten() {
+        let batch = row["batch"].as_u64().context("batch")?;
+        let root: [u8; 32] = unhex(&row["root"])?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("root is not 32 bytes"))?;
+        if batch >= finalized {
+            bail!("batch {batch} is not final on L1");
+        }
+        let on_l1 = c.batch(batch).await?.root;
+        if on_l1.0 != root {
+            bail!("the coordinator's root for batch {batch} is not the contract's");
+        }
+        let (leaf, proof) = proof_of(&row["account"])?;
+        let account = Account::decode(&leaf).context("not an account leaf")?;
+        let slot = row["slot"].as_u64().context("slot")? as u32;
+        if !proof.verify(&root, slot, &tessera_rollup::keccak256(&leaf)) {
+            bail!("the account's proof for batch {batch} does not verify against the L1 root");
+        }
+        let mut per_node = Vec::new();
+        for d in row["delegations"].as_array().into_iter().flatten() {
+            let dslot = d["slot"].as_u64().context("slot")? as u32;
+            let (dleaf, dproof) = proof_of(d)?;
+            let del = Delegation::decode(&dleaf).context("not a delegation leaf")?;
+            if !dproof.verify(&root, dslot, &tessera_rollup::keccak256(&dleaf))
+                || del.delegator != slot
+            {
+                bail!("delegation {dslot}'s proof does not verify against the L1 root");
+            }
+            let before = last_per_node.insert(del.node, del.earned).unwrap_or(0);
+            per_node.push(json!({
+                "node_slot": del.node,
+                "delegated": del.amount.to_string(),
+                "earned_total": del.earned.to_string(),
+                "earned_in_epoch": (del.earned - before.min(del.earned)).to_string(),
+            }));
+        }
+        out.push(json!({
+            "epoch": row["epoch"],
+            "batch": batch,
+            "root": row["root"],
+            "own_earned_total": account.earned.to_string(),
+            "own_earned_in_epoch": (account.earned - last_own.min(account.earned)).to_string(),
+            "per_node": per_node,
+            "status": "final",
+            "verified": true,
+        }));
+        last_own = account.earned;
+    }
+    Ok(out)
 }
 
 /// A watchtower over the settlement of the coordinator at `coordinator` (its HTTP URL),

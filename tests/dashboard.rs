@@ -1066,6 +1066,10 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         ),
         (vec!["usage"], "/api/v1/usage".to_owned()),
         (vec!["status"], "/api/v1/overview".to_owned()),
+        (
+            vec!["rewards", dev.as_str()],
+            format!("/api/v1/accounts/{dev}"),
+        ),
     ] {
         let mut same = false;
         for _ in 0..5 {

@@ -574,20 +574,21 @@ fn the_wallet_cli_stakes_delegates_withdraws_pays_out_and_proves_rewards_on_a_de
     assert_eq!(amount(&l1["l1"]["tokens"]), spendable);
     assert_eq!(amount(&l1["l1"]["withdrawals_paid"]), spendable);
 
-    // Rewards, each row proved against the contract's root of a final batch.
+    // Rewards, each row proved against the contract's root of a final batch; --json
+    // prints the dashboard's account document for the address.
     let mine = cli(&["rewards", &dev]);
-    let rows = mine["statement"].as_array().expect("rows");
+    let rows = mine["statement"]["rows"].as_array().expect("rows");
     let last = rows.last().expect("a final row");
-    assert_eq!(last["verified"], json!(true));
-    let per_node = &last["per_node"][0];
-    assert!(amount(&per_node["earned_total"]) > 0, "{mine}");
+    assert_eq!(last["earned"]["status"], json!("final"));
+    assert!(amount(&mine["statement"]["total"]["amount"]) > 0, "{mine}");
     assert_eq!(
-        amount(&per_node["earned_total"]),
+        amount(&last["inputs"]["earned"]),
         amount(&balance("devnet")["l2"]["final"]["earned"]),
         "the delegation's claimed rewards are all the account earned"
     );
+    assert!(amount(&mine["positions"]["delegations"][0]["claimed"]["amount"]) > 0);
     let theirs = cli(&["rewards", &node]);
-    let node_rows = theirs["statement"].as_array().expect("rows");
-    assert!(amount(&node_rows.last().expect("row")["own_earned_total"]) >= earned);
+    let node_rows = theirs["statement"]["rows"].as_array().expect("rows");
+    assert!(amount(&node_rows.last().expect("row")["inputs"]["earned"]) >= earned);
     net.stop();
 }
