@@ -870,12 +870,7 @@ pub async fn batches(state: &ApiState) -> Result<Value, DataError> {
 }
 
 /// Uptime and quality of one node from the table.
-fn node_row(
-    state: &ApiState,
-    e: &crate::table::NodeEntry,
-    standing: &crate::audit::NodeRecord,
-) -> Value {
-    let _ = state;
+fn node_row(e: &crate::table::NodeEntry, standing: &crate::audit::NodeRecord) -> Value {
     json!({
         "node": e.advert.node.to_string(),
         "online": true,
@@ -936,7 +931,7 @@ pub async fn nodes(state: &ApiState) -> Result<Value, DataError> {
         let fresh = crate::audit::NodeRecord::default();
         for e in table.nodes() {
             let standing = table.standing(&e.advert.node).unwrap_or(&fresh);
-            rows.push(node_row(state, e, standing));
+            rows.push(node_row(e, standing));
         }
     }
     for row in &mut rows {
@@ -992,7 +987,7 @@ pub async fn node(state: &ApiState, id: &str) -> Result<Value, DataError> {
                         .min();
                     prices.push((o.alias.clone(), o.price.per_1k_output.0, others));
                 }
-                Ok((node_row(state, e, &standing), prices))
+                Ok((node_row(e, &standing), prices))
             }
         }
     };
