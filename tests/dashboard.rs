@@ -335,6 +335,20 @@ impl Net {
         r.json().await.expect("JSON")
     }
 
+    /// `POST /api/v1/verify` of a receipt with its inclusion, at `index`.
+    async fn verify_receipt(&self, receipt: &Value, inc: &Value, index: Value) -> Value {
+        let body = json!({"kind": "receipt", "receipt": receipt, "receipts_root": inc["receipts_root"], "index": index, "path": inc["path"]});
+        self.http
+            .post(format!("{}/api/v1/verify", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("verify")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
     async fn wait_for(&self, what: &str, path: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -652,15 +666,8 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
         assert_eq!(rec["signature"]["valid"], json!(true));
         let inc = &rec["inclusion"];
         let v = n
-            .http
-            .post(format!("{base}/api/v1/verify"))
-            .json(&json!({"kind": "receipt", "receipt": rec["receipt"], "receipts_root": inc["receipts_root"], "index": inc["index"], "path": inc["path"]}))
-            .send()
-            .await
-            .expect("verify")
-            .json::<Value>()
-            .await
-            .expect("JSON");
+            .verify_receipt(&rec["receipt"], inc, inc["index"].clone())
+            .await;
         assert_eq!(
             (v["ok"].clone(), v["status"].clone()),
             (json!(true), json!("final")),
@@ -673,16 +680,7 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     let rec = n.get(&format!("/api/v1/receipts/{first}")).await;
     let inc = &rec["inclusion"];
     let wrong = inc["index"].as_u64().expect("index") ^ 1;
-    let v = n
-        .http
-        .post(format!("{base}/api/v1/verify"))
-        .json(&json!({"kind": "receipt", "receipt": rec["receipt"], "receipts_root": inc["receipts_root"], "index": wrong, "path": inc["path"]}))
-        .send()
-        .await
-        .expect("verify")
-        .json::<Value>()
-        .await
-        .expect("JSON");
+    let v = n.verify_receipt(&rec["receipt"], inc, json!(wrong)).await;
     assert_eq!(
         (v["ok"].clone(), v["status"].clone()),
         (json!(false), json!("failed")),
