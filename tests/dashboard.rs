@@ -206,6 +206,16 @@ impl Browser {
         }
     }
 
+    /// Submits a Verify form and reads the verdict on the page it leads to.
+    async fn verdict_after(&self, button: &str) -> String {
+        self.submit(button, "#verdict").await;
+        self.eval("return document.getElementById('verdict').textContent")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     async fn screenshot(&self, path: &Path) {
         let v = self.cmd(reqwest::Method::GET, "/screenshot", None).await;
         let png = base64_decode(v.as_str().expect("base64"));
@@ -870,13 +880,9 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
 
     // 5. Verify on the account page: success, and the test checks the root itself.
     b.goto(&format!("{base}/accounts/{payout}")).await;
-    b.submit("#verify-account button", "#verdict").await;
-    let verdict = b
-        .eval("return document.getElementById('verdict').textContent")
-        .await;
+    let verdict = b.verdict_after("#verify-account button").await;
     assert!(
-        verdict.as_str().unwrap_or_default().contains("Verified")
-            && verdict.as_str().unwrap_or_default().contains("final"),
+        verdict.contains("Verified") && verdict.contains("final"),
         "{verdict}"
     );
     b.screenshot(&shots.join("verify.png")).await;
@@ -902,13 +908,9 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     // 6. A tampered proof, and a receipt with a bad signature, fail and are not final.
     b.goto(&format!("{base}/accounts/{payout}")).await;
     b.eval("const l = document.querySelector('#verify-account input[name=leaf]'); l.value = l.value.slice(0, -1) + (l.value.endsWith('0') ? '1' : '0'); return 0").await;
-    b.submit("#verify-account button", "#verdict").await;
-    let verdict = b
-        .eval("return document.getElementById('verdict').textContent")
-        .await;
+    let verdict = b.verdict_after("#verify-account button").await;
     assert!(
-        verdict.as_str().unwrap_or_default().contains("FAILED")
-            && verdict.as_str().unwrap_or_default().contains("failed"),
+        verdict.contains("FAILED") && verdict.contains("failed"),
         "{verdict}"
     );
     b.goto(&format!(
@@ -917,13 +919,9 @@ async fn the_dashboard_shows_only_provable_figures_in_a_real_browser() {
     ))
     .await;
     b.eval("const t = document.getElementById('receipt-json'); const r = JSON.parse(t.value); r.body.usage.completion_tokens += 1; t.value = JSON.stringify(r); return 0").await;
-    b.submit("#verify-receipt button", "#verdict").await;
-    let verdict = b
-        .eval("return document.getElementById('verdict').textContent")
-        .await;
+    let verdict = b.verdict_after("#verify-receipt button").await;
     assert!(
-        verdict.as_str().unwrap_or_default().contains("FAILED")
-            && !verdict.as_str().unwrap_or_default().contains("final"),
+        verdict.contains("FAILED") && !verdict.contains("final"),
         "{verdict}"
     );
     let bad_sig = b.eval("return Array.from(document.querySelectorAll('.checklist li.bad b')).map(e => e.textContent)").await;
