@@ -101,29 +101,31 @@ impl Browser {
         }
     }
 
-    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    /// One WebDriver call, its answer as it is.
+    async fn raw(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let mut r = self.http.request(method, format!("{}{path}", self.url));
         if let Some(b) = body {
             r = r.json(&b);
         }
-        let v: Value = r
-            .send()
+        r.send()
             .await
             .expect("webdriver")
             .json()
             .await
-            .expect("JSON");
+            .expect("JSON")
+    }
+
+    /// One WebDriver call; an error panics with the page it happened on.
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let v = self.raw(method, path, body).await;
         if v["value"].get("error").is_some() {
-            let page: Value = self
-                .http
-                .post(format!("{}/execute/sync", self.url))
-                .json(&json!({"script": "return [location.href, document.body ? document.body.innerText.slice(0, 2000) : '']", "args": []}))
-                .send()
-                .await
-                .expect("webdriver")
-                .json()
-                .await
-                .expect("JSON");
+            let page = self
+                .raw(
+                    reqwest::Method::POST,
+                    "/execute/sync",
+                    Some(json!({"script": "return [location.href, document.body ? document.body.innerText.slice(0, 2000) : '']", "args": []})),
+                )
+                .await;
             panic!(
                 "webdriver {path}: {}\non page {}",
                 v["value"]["message"], page["value"]

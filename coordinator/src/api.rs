@@ -3,6 +3,7 @@
 //! `/metrics`. Errors take OpenAI's shape in one place ([`ApiError`]); JSON bodies whose
 //! rejections would be axum's plain text become those errors too.
 
+use crate::dashboard::data::{hex32, leaf_proof_json};
 use crate::jobs::{DispatchConfig, Dispatcher, JobHandle, JobUpdate, Started};
 use crate::ledger::{Ledger, LedgerError};
 use crate::limits::{Limited, Limiter, RateLimits};
@@ -744,7 +745,7 @@ async fn l2_account(
         "posted": view.posted.as_ref().map(l2_leaf),
         "final": view.final_.as_ref().map(l2_leaf),
         "proof": proof.map(|p| {
-            let mut v = proof_json(&p.preimage, &p.proof);
+            let mut v = leaf_proof_json(&p.preimage, &p.proof);
             v["batch"] = json!(p.batch);
             v["root"] = json!(hex32(&p.root));
             v
@@ -774,18 +775,6 @@ async fn l1_rpc(State(state): State<ApiState>, body: axum::body::Bytes) -> Respo
         Ok(answer) => Json(answer).into_response(),
         Err(_) => ApiError::internal("the L1 task failed").into_response(),
     }
-}
-
-fn hex32(h: &[u8; 32]) -> String {
-    format!("0x{}", hex::encode(h))
-}
-
-fn proof_json(preimage: &[u8], proof: &tessera_rollup::MerkleProof) -> Value {
-    json!({
-        "leaf": format!("0x{}", hex::encode(preimage)),
-        "bitmap": proof.bitmap,
-        "siblings": proof.siblings.iter().map(hex32).collect::<Vec<_>>(),
-    })
 }
 
 /// The settlement deployment: chain id, contract addresses, the signing domain, the
@@ -822,9 +811,9 @@ async fn l2_statement(
             "epoch": r.epoch,
             "root": hex32(&r.root),
             "slot": r.slot,
-            "account": proof_json(&r.account.0, &r.account.1),
+            "account": leaf_proof_json(&r.account.0, &r.account.1),
             "delegations": r.delegations.iter().map(|(slot, leaf, proof)| {
-                let mut v = proof_json(leaf, proof);
+                let mut v = leaf_proof_json(leaf, proof);
                 v["slot"] = json!(slot);
                 v
             }).collect::<Vec<_>>(),

@@ -1247,19 +1247,42 @@ impl Sequencer {
     }
 }
 
-/// The binary keccak256 Merkle root of the receipts' leaves (padded with zero leaves to
-/// a power of two), as a settlement carries it.
-pub fn receipts_root(jobs: &[Unbatched]) -> H256 {
+/// The levels of the binary keccak256 Merkle tree over the receipts' leaves (padded with
+/// zero leaves to a power of two), from the leaves up to the root.
+fn receipt_levels(jobs: &[Unbatched]) -> Vec<Vec<H256>> {
     let mut level: Vec<H256> = jobs.iter().map(|j| j.leaf).collect();
     let width = level.len().max(1).next_power_of_two();
     level.resize(width, [0; 32]);
-    while level.len() > 1 {
-        level = level
+    let mut levels = vec![level];
+    while let Some(last) = levels.last().filter(|l| l.len() > 1) {
+        let up = last
             .chunks(2)
             .map(|p| tessera_rollup::hash_pair(&p[0], &p[1]))
             .collect();
+        levels.push(up);
     }
-    level[0]
+    levels
+}
+
+/// The binary keccak256 Merkle root of the receipts' leaves (padded with zero leaves to
+/// a power of two), as a settlement carries it.
+pub fn receipts_root(jobs: &[Unbatched]) -> H256 {
+    receipt_levels(jobs)
+        .last()
+        .and_then(|l| l.first())
+        .copied()
+        .unwrap_or([0; 32])
+}
+
+/// The siblings from leaf `index` up to [`receipts_root`], so one receipt is provable
+/// under the root its settlement carries.
+pub fn receipts_path(jobs: &[Unbatched], index: usize) -> Vec<H256> {
+    let levels = receipt_levels(jobs);
+    levels[..levels.len() - 1]
+        .iter()
+        .enumerate()
+        .map(|(h, level)| level[(index >> h) ^ 1])
+        .collect()
 }
 
 /// Posts the sequencer's bond if it holds less than the contract's minimum (devnet and
@@ -1271,25 +1294,6 @@ pub async fn ensure_bond(l1: &L1Setup, min: U256) -> Result<(), ContractError> {
         c.post_bond(&l1.operator, min - bond).await?;
     }
     Ok(())
-}
-
-/// The siblings from leaf `index` up to [`receipts_root`], so one receipt is provable
-/// under the root its settlement carries.
-pub fn receipts_path(jobs: &[Unbatched], index: usize) -> Vec<H256> {
-    let mut level: Vec<H256> = jobs.iter().map(|j| j.leaf).collect();
-    let width = level.len().max(1).next_power_of_two();
-    level.resize(width, [0; 32]);
-    let mut path = Vec::new();
-    let mut i = index;
-    while level.len() > 1 {
-        path.push(level[i ^ 1]);
-        level = level
-            .chunks(2)
-            .map(|p| tessera_rollup::hash_pair(&p[0], &p[1]))
-            .collect();
-        i /= 2;
-    }
-    path
 }
 
 /// The root a receipt leaf at `index` with `path` proves (what a verifier recomputes).

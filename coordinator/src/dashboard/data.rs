@@ -95,7 +95,7 @@ pub struct Chain {
     pub contract: String,
     /// The chain id.
     pub chain_id: u64,
-    /// Receipts root → (batch index, position of its settlement in the batch's list).
+    /// Receipts root → the index of the batch whose settlement carries it.
     pub roots: HashMap<H256, u64>,
 }
 
@@ -235,6 +235,16 @@ pub fn parse_address(s: &str) -> Result<Address, DataError> {
         .map_err(|_| DataError::BadRequest(format!("{s:?} is not a 0x-prefixed 20-byte address")))
 }
 
+/// A leaf's preimage and its sparse Merkle proof, as every proof in the API shows them.
+pub fn leaf_proof_json(preimage: &[u8], proof: &tessera_rollup::MerkleProof) -> Value {
+    json!({
+        "leaf": format!("0x{}", hex::encode(preimage)),
+        "bitmap": proof.bitmap,
+        "siblings": proof.siblings.iter().map(hex32).collect::<Vec<_>>(),
+    })
+}
+
+/// A leaf's proof with the final batch, root and slot it proves against.
 fn proof_json(
     batch: u64,
     root: &H256,
@@ -242,14 +252,11 @@ fn proof_json(
     preimage: &[u8],
     proof: &tessera_rollup::MerkleProof,
 ) -> Value {
-    json!({
-        "batch": batch,
-        "root": hex32(root),
-        "slot": slot,
-        "leaf": format!("0x{}", hex::encode(preimage)),
-        "bitmap": proof.bitmap,
-        "siblings": proof.siblings.iter().map(hex32).collect::<Vec<_>>(),
-    })
+    let mut v = leaf_proof_json(preimage, proof);
+    v["batch"] = json!(batch);
+    v["root"] = json!(hex32(root));
+    v["slot"] = json!(slot);
+    v
 }
 
 /// A settlement's split as JSON, with its inputs.
