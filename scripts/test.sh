@@ -23,8 +23,11 @@ command -v curl >/dev/null || need+=(curl)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
+# The NAT test (tests/nat.rs) builds home routers from network namespaces with nftables.
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
-  echo "test.sh: installing ${need[*]} (needed by the API and dashboard tests)" >&2
+  echo "test.sh: installing ${need[*]} (needed by the API, dashboard and NAT tests)" >&2
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
   else

@@ -72,7 +72,7 @@ impl CoordinatorArgs {
         if let Some(h) = self.http {
             c.http = h;
         }
-        self.net.apply(&mut c.net);
+        self.net.apply(&mut c.net)?;
         if let Some(d) = self.data_dir {
             c.data_dir = d;
         }
@@ -334,7 +334,8 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
         data_dir: dir.join("coordinator"),
         net: NetConfig {
             listen: loopback(),
-            ..NetConfig::default()
+            lan: true,
+            ..CoordinatorConfig::default().net
         },
         queue_timeout: secs("--queue-timeout", args.queue_timeout)?,
         ..CoordinatorConfig::default()
@@ -384,6 +385,8 @@ pub fn devnet(home: &Path, args: DevnetArgs, fetch: impl Fn(&str) -> Result<()>)
             advert_ttl_secs: 10,
             net: NetConfig {
                 listen: loopback(),
+                lan: true,
+                upnp: false,
                 ..NetConfig::default()
             },
             ..NodeConfig::default()

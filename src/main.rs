@@ -7,6 +7,7 @@ mod accounts_cli;
 mod coord_cli;
 mod dash_cli;
 mod net_cli;
+mod reach_cli;
 mod verify_cli;
 mod wallet_cli;
 

@@ -75,6 +75,19 @@ pub struct NodeArgs {
     /// Serve Prometheus figures at http://ADDR/metrics (e.g. 127.0.0.1:9101).
     #[arg(long, env = "TESSERA_METRICS", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Do not ask the home router for a port mapping (UPnP).
+    #[arg(long, env = "TESSERA_NO_UPNP")]
+    no_upnp: bool,
+    /// Also relay for peers behind NAT (this node needs a public address).
+    #[arg(long, env = "TESSERA_RELAY")]
+    relay: bool,
+    /// Check how peers reach this node, say what to change, and exit (loads no model):
+    /// 0 when it is reachable (directly or through a relay), 1 when not.
+    #[arg(long)]
+    check: bool,
+    /// Seconds `--check` waits for the answers (reachability probes, UPnP, the relay).
+    #[arg(long, default_value_t = 20.0, requires = "check")]
+    check_secs: f64,
 }
 
 impl NodeArgs {
@@ -107,7 +120,7 @@ impl NodeArgs {
                 };
             }
         }
-        self.net.apply(&mut config.net);
+        self.net.apply(&mut config.net)?;
         if let Some(n) = self.max_jobs {
             config.max_jobs = n;
         }
@@ -132,6 +145,12 @@ impl NodeArgs {
                 .context("--shutdown-grace must be a non-negative number of seconds")?;
         }
         config.coordinators.extend(self.coordinators);
+        if self.no_upnp {
+            config.net.upnp = false;
+        }
+        if self.relay {
+            config.net.relay.serve = true;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -150,20 +169,39 @@ pub struct NetFlags {
     /// Address to announce instead of the listen addresses (behind NAT; repeatable).
     #[arg(long, env = "TESSERA_EXTERNAL", value_delimiter = ',')]
     external: Vec<Multiaddr>,
-    /// Find peers on the local network with mDNS.
+    /// Find peers on the local network with mDNS (implies --lan).
     #[arg(long, env = "TESSERA_MDNS")]
     mdns: bool,
+    /// LAN mode: advertise private and loopback addresses too (a LAN or one machine).
+    #[arg(long, env = "TESSERA_LAN")]
+    lan: bool,
+    /// Seconds one relay circuit may stay open (coordinators and --relay nodes) [default: 1800].
+    #[arg(long, env = "TESSERA_RELAY_CIRCUIT_SECS")]
+    relay_circuit_secs: Option<f64>,
+    /// Bytes one relay circuit may carry, both directions [default: 67108864].
+    #[arg(long, env = "TESSERA_RELAY_CIRCUIT_BYTES")]
+    relay_circuit_bytes: Option<u64>,
 }
 
 impl NetFlags {
-    /// Applies the flags given: listen replaces, the lists extend, mDNS turns on.
-    pub fn apply(self, net: &mut NetConfig) {
+    /// Applies the flags given: listen replaces, the lists extend, mDNS and LAN mode turn
+    /// on, relay limits replace.
+    pub fn apply(self, net: &mut NetConfig) -> Result<()> {
         if !self.listen.is_empty() {
             net.listen = self.listen;
         }
         net.bootstrap.extend(self.bootstrap);
         net.external.extend(self.external);
         net.mdns |= self.mdns;
+        net.lan |= self.lan;
+        if let Some(s) = self.relay_circuit_secs {
+            net.relay.max_circuit_duration = Duration::try_from_secs_f64(s)
+                .context("--relay-circuit-secs must be a positive number of seconds")?;
+        }
+        if let Some(b) = self.relay_circuit_bytes {
+            net.relay.max_circuit_bytes = b;
+        }
+        Ok(())
     }
 }
 
@@ -205,7 +243,12 @@ impl Signals {
 pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> Result<()> {
     let watch = args.watch.clone().map(|url| (url, args.l1.clone()));
     let metrics = args.metrics;
+    let check = args.check.then_some(args.check_secs);
     let config = args.into_config(home)?;
+    if let Some(secs) = check {
+        let wait = Duration::try_from_secs_f64(secs).context("--check-secs must be positive")?;
+        return runtime()?.block_on(crate::reach_cli::check(config, wait));
+    }
     let tower_key = config.data_dir.join("watchtower.key");
     for m in &config.models {
         fetch(&m.model)?;
@@ -256,8 +299,27 @@ pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> 
                 }
                 None => None,
             };
+            // One line on how peers reach this node, again whenever that changes.
+            let mut reach = node.reachability();
+            let reach_task = tokio::spawn(async move {
+                let mut last = String::new();
+                loop {
+                    let line = {
+                        let r = reach.borrow_and_update();
+                        r.known().then(|| r.summary())
+                    };
+                    if let Some(line) = line.filter(|l| *l != last) {
+                        eprintln!("reachability: {line}");
+                        last = line;
+                    }
+                    if reach.changed().await.is_err() {
+                        break;
+                    }
+                }
+            });
             eprintln!("press Ctrl-C to leave the network");
             first.await;
+            reach_task.abort();
             (node, stop, tower)
         };
         let (node, stop, tower) = node;
@@ -301,30 +363,50 @@ pub struct AskArgs {
     /// Print the signed receipt as JSON on stdout after the text.
     #[arg(long)]
     receipt: bool,
+    /// Jobs to send, one after another over the same swarm (see --wait-direct).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..=100))]
+    jobs: u32,
+    /// Before each job after the first, wait up to this many seconds for a direct
+    /// connection to the node (hole punching from a relayed one).
+    #[arg(long, default_value_t = 0.0)]
+    wait_direct: f64,
+    /// Print one JSON line per job on stdout (text, usage, timings, the connection that
+    /// carried it) instead of the text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Sends one job to a node and streams its answer.
 pub fn ask(args: AskArgs) -> Result<()> {
-    use std::io::Write;
+    let mut out = args_out(&args);
     let Some(Protocol::P2p(peer)) = args.node.iter().last() else {
         bail!("--node {} must end in /p2p/<peer id>", args.node);
     };
     let timeout =
         Duration::try_from_secs_f64(args.timeout).context("--timeout must be positive seconds")?;
     runtime()?.block_on(async move {
+        // TCP and QUIC, as a coordinator listens: hole punching needs a listen port.
         let config = NetConfig {
-            listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ],
             bootstrap: vec![args.node.clone()],
             ..NetConfig::default()
         };
-        let net = CoordinatorNet::start(tessera_protocol::Keypair::generate_ed25519(), &config).await?;
+        let net =
+            CoordinatorNet::start(tessera_protocol::Keypair::generate_ed25519(), &config).await?;
         let wait_until = tokio::time::Instant::now() + Duration::from_secs(15);
         let entry = loop {
             if let Some(e) = net.table().read().ok().and_then(|t| t.get(&peer).cloned()) {
                 break e;
             }
             if tokio::time::Instant::now() > wait_until {
-                bail!("no advert from {peer} within 15 s: is the node running and reachable at {}?", args.node);
+                bail!(
+                    "no advert from {peer} within 15 s: is the node running and reachable at {}?",
+                    args.node
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -337,10 +419,20 @@ pub fn ask(args: AskArgs) -> Result<()> {
                 .find(|o| &o.alias == m || &o.module.to_string() == m),
         }
         .with_context(|| {
-            let served: Vec<_> = entry.advert.modules.iter().map(|o| o.alias.as_str()).collect();
-            format!("the node does not serve {:?}; it serves {}", args.model.as_deref().unwrap_or(""), served.join(", "))
+            let served: Vec<_> = entry
+                .advert
+                .modules
+                .iter()
+                .map(|o| o.alias.as_str())
+                .collect();
+            format!(
+                "the node does not serve {:?}; it serves {}",
+                args.model.as_deref().unwrap_or(""),
+                served.join(", ")
+            )
         })?
         .clone();
+        out.advert_addrs = entry.advert.addrs.clone();
         let input = if args.raw {
             JobInput::Text(args.prompt)
         } else {
@@ -361,34 +453,103 @@ pub fn ask(args: AskArgs) -> Result<()> {
             timeout,
             replay: None,
         };
-        let mut job = net.client().start(peer, spec).await?;
-        let mut out = std::io::stdout().lock();
-        let mut result = None;
-        while let Some(event) = job.next().await {
-            match event? {
-                JobEvent::Delta(t) => {
-                    let _ = out.write_all(t.as_bytes());
-                    let _ = out.flush();
+        let wait_direct = Duration::try_from_secs_f64(args.wait_direct)
+            .context("--wait-direct must be non-negative seconds")?;
+        for n in 1..=args.jobs {
+            if n > 1 && !wait_direct.is_zero() {
+                let until = tokio::time::Instant::now() + wait_direct;
+                while tokio::time::Instant::now() < until {
+                    let paths = net.net().paths(peer).await.unwrap_or_default();
+                    if paths.iter().any(|p| !p.is_relayed()) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                JobEvent::Result(r) => result = Some(r),
-                JobEvent::Accepted { .. } | JobEvent::Error(_) | JobEvent::Transcript(_) => {}
             }
-        }
-        let _ = writeln!(out);
-        let result = result.context("the node ended the job without a result")?;
-        eprintln!(
-            "[{} prompt + {} completion tokens, finish {}, ttft {} ms, cost {} base units; receipt signed by {} verified]",
-            result.usage.prompt_tokens,
-            result.usage.completion_tokens,
-            result.finish_reason.as_str(),
-            result.ttft_ms,
-            result.receipt.body.cost,
-            peer
-        );
-        if args.receipt {
-            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&result.receipt)?);
+            run_one(&net, peer, spec.clone(), &out).await?;
         }
         net.shutdown().await;
         Ok(())
     })
+}
+
+/// How `tessera ask` prints.
+struct AskOutput {
+    json: bool,
+    receipt: bool,
+    /// The node's advertised addresses (in the JSON lines).
+    advert_addrs: Vec<String>,
+}
+
+fn args_out(args: &AskArgs) -> AskOutput {
+    AskOutput {
+        json: args.json,
+        receipt: args.receipt,
+        advert_addrs: Vec::new(),
+    }
+}
+
+/// Runs one job and prints it: the text as it streams (or one JSON line with `--json`).
+async fn run_one(net: &CoordinatorNet, peer: PeerId, spec: JobSpec, out: &AskOutput) -> Result<()> {
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    let mut job = net.client().start(peer, spec).await?;
+    // The connection a new stream takes: a direct one when there is one.
+    let path = net.net().path(peer).await.ok().flatten();
+    let mut text = String::new();
+    let mut first_token = None;
+    let mut result = None;
+    while let Some(event) = job.next().await {
+        match event? {
+            JobEvent::Delta(t) => {
+                first_token.get_or_insert_with(|| started.elapsed());
+                if !out.json {
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = stdout.write_all(t.as_bytes());
+                    let _ = stdout.flush();
+                }
+                text.push_str(&t);
+            }
+            JobEvent::Result(r) => result = Some(r),
+            JobEvent::Accepted { .. } | JobEvent::Error(_) | JobEvent::Transcript(_) => {}
+        }
+    }
+    let total = started.elapsed();
+    let result = result.context("the node ended the job without a result")?;
+    let mut stdout = std::io::stdout().lock();
+    if out.json {
+        let line = serde_json::json!({
+            "node": peer.to_string(),
+            "text": text,
+            "prompt_tokens": result.usage.prompt_tokens,
+            "completion_tokens": result.usage.completion_tokens,
+            "finish_reason": result.finish_reason.as_str(),
+            "cost": result.receipt.body.cost,
+            "receipt_verified": true,
+            "ttft_ms": first_token.map(|d| d.as_secs_f64() * 1e3),
+            "total_ms": total.as_secs_f64() * 1e3,
+            "path": path.as_ref().map(|p| p.kind()),
+            "remote": path.as_ref().map(|p| p.remote().to_string()),
+            "advert_addrs": out.advert_addrs,
+            "receipt": if out.receipt { serde_json::to_value(&result.receipt)? } else { serde_json::Value::Null },
+        });
+        let _ = writeln!(stdout, "{line}");
+        return Ok(());
+    }
+    let _ = writeln!(stdout);
+    eprintln!(
+        "[{} prompt + {} completion tokens, finish {}, ttft {} ms, cost {} base units; receipt signed by {} verified{}]",
+        result.usage.prompt_tokens,
+        result.usage.completion_tokens,
+        result.finish_reason.as_str(),
+        result.ttft_ms,
+        result.receipt.body.cost,
+        peer,
+        path.map(|p| format!("; over a {} connection to {}", p.kind(), p.remote()))
+            .unwrap_or_default()
+    );
+    if out.receipt {
+        let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&result.receipt)?);
+    }
+    Ok(())
 }

@@ -592,6 +592,9 @@ async fn a_job_moves_to_another_node_when_the_first_fails_before_its_first_token
         .args([
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
+            // One machine: advertise loopback addresses; no router to ask for a port.
+            "--lan",
+            "--no-upnp",
             "--advert-interval",
             "0.5",
             "--advert-ttl",

@@ -58,6 +58,9 @@ fn spawn_node(dir: &Path, name: &str, bootstrap: &str, model: &Path, claim: Opti
         .args([
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
+            // One machine: advertise loopback addresses; no router to ask for a port.
+            "--lan",
+            "--no-upnp",
             "--advert-interval",
             "0.5",
             "--advert-ttl",

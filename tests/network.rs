@@ -58,6 +58,9 @@ impl NodeProc {
             "/ip4/127.0.0.1/tcp/0",
             "--listen",
             "/ip4/127.0.0.1/udp/0/quic-v1",
+            // One machine: advertise loopback addresses; no router to ask for a port.
+            "--lan",
+            "--no-upnp",
             "--bootstrap",
             &bootstrap.to_string(),
             "--advert-interval",

@@ -591,6 +591,21 @@ fn stream_response(
                         s.include_usage,
                     );
                     last["tessera"] = serde_json::to_value(&done.provenance).unwrap_or(Value::Null);
+                    if let Some(why) = &done.provenance.interrupted {
+                        // The answer was cut short: the text sent is billed, and the
+                        // stream ends with an error that says so (no `[DONE]`).
+                        let mut err = ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "server_error",
+                            Some("node_interrupted"),
+                            why.clone(),
+                        )
+                        .body();
+                        err["tessera"] = last["tessera"].clone();
+                        s.pending.push_back(data(&err));
+                        s.job = None;
+                        continue;
+                    }
                     s.pending.push_back(data(&last));
                     if s.include_usage {
                         s.pending.push_back(data(&openai::usage_chunk(

@@ -665,10 +665,10 @@ impl Job {
                 return None;
             }
         };
-        let outcome = if result.finish_reason == FinishReason::Cancelled {
-            "cancelled"
-        } else {
-            "ok"
+        let outcome = match result.finish_reason {
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Interrupted => "interrupted",
+            _ => "ok",
         };
         self.inner.metrics.job(
             &self.req.model,
@@ -687,6 +687,16 @@ impl Job {
             price: started.price,
             attempts: started.attempts,
             ttft_ms: result.ttft_ms,
+            interrupted: (result.finish_reason == FinishReason::Interrupted).then(|| {
+                format!(
+                    "node {} ended the answer after {} tokens: its relay circuit to this coordinator was closing; the {} tokens delivered are billed ({} base units, receipt {})",
+                    started.node,
+                    result.usage.completion_tokens,
+                    result.usage.completion_tokens,
+                    settlement.charged,
+                    job.to_hex()
+                )
+            }),
         };
         Some(Finished {
             finish_reason: result.finish_reason,

@@ -113,6 +113,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every figure, the swarm's among them (`tessera_net_…`).
+    pub fn with_net(net: &tessera_net::NetMetrics) -> Self {
+        let mut m = Self::new();
+        net.register(&mut m.registry);
+        m
+    }
+
     /// Registers every figure.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tessera");

@@ -419,6 +419,10 @@ pub struct Provenance {
     pub attempts: u32,
     /// Time to first token measured by the node, milliseconds.
     pub ttft_ms: u32,
+    /// Why the node ended the answer early, when it did (its relay circuit was closing):
+    /// the text delivered is billed and the finish reason is `length`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
 }
 
 /// OpenAI's `usage` object.
@@ -431,11 +435,12 @@ pub fn usage_json(u: &Usage) -> Value {
 }
 
 /// OpenAI's `finish_reason`. A job cancelled while its caller is still there (the
-/// coordinator stopping) was cut short, which OpenAI calls `length`.
+/// coordinator stopping), or ended by the node before its relay circuit closed, was cut
+/// short, which OpenAI calls `length`.
 pub fn finish_str(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
-        FinishReason::Length | FinishReason::Cancelled => "length",
+        FinishReason::Length | FinishReason::Cancelled | FinishReason::Interrupted => "length",
     }
 }
 

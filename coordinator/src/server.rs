@@ -105,6 +105,14 @@ impl Default for CoordinatorConfig {
                         .parse()
                         .expect("static multiaddr"),
                 ],
+                // A coordinator is a public server: it relays for nodes behind NAT and
+                // tells them, by dialing back, whether they are reachable.
+                public: true,
+                autonat_server: true,
+                relay: tessera_net::RelayConfig {
+                    serve: true,
+                    ..tessera_net::RelayConfig::default()
+                },
                 ..NetConfig::default()
             },
         }
@@ -284,7 +292,7 @@ impl Coordinator {
             }
             None => None,
         };
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let metrics = Arc::new(crate::metrics::Metrics::with_net(net.net().metrics()));
         let audits = TaskTracker::new();
         let audit_stop = CancellationToken::new();
         let auditor = if config.audit.enabled {

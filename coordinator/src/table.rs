@@ -112,7 +112,9 @@ impl NodeTable {
                     e.rtt = None;
                 }
             }
-            NetEvent::AdvertSubscriber { .. } | NetEvent::Listening(_) => {}
+            NetEvent::AdvertSubscriber { .. }
+            | NetEvent::Listening(_)
+            | NetEvent::DirectUpgrade { .. } => {}
         }
     }
 

@@ -5,7 +5,8 @@ use crate::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, gossipsub, identify, identity::Keypair, kad, mdns, ping, StreamProtocol,
+    autonat, connection_limits, dcutr, gossipsub, identify, identity::Keypair, kad, mdns, ping,
+    relay, upnp, StreamProtocol,
 };
 use std::time::Duration;
 use tessera_protocol::advert::MAX_ADVERT_BYTES;
@@ -18,12 +19,28 @@ pub(crate) struct Behaviour {
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub gossipsub: gossipsub::Behaviour,
-    pub stream: libp2p_stream::Behaviour,
+    pub stream: crate::prefer_direct::PreferDirect,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Reservations on relays and circuits through them (every peer).
+    pub relay_client: relay::client::Behaviour,
+    /// Relay service for peers behind NAT (coordinators, `--relay` nodes).
+    pub relay: Toggle<relay::Behaviour>,
+    /// Hole punching over a relayed connection.
+    pub dcutr: dcutr::Behaviour,
+    /// Asks AutoNAT servers whether our address candidates are reachable.
+    pub autonat: autonat::v2::client::Behaviour,
+    /// Dials peers back for their AutoNAT probes (coordinators).
+    pub autonat_server: Toggle<autonat::v2::server::Behaviour>,
+    /// Port mapping on the home router.
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
 }
 
 impl Behaviour {
-    pub(crate) fn new(key: &Keypair, config: &NetConfig) -> Result<Self, String> {
+    pub(crate) fn new(
+        key: &Keypair,
+        config: &NetConfig,
+        relay_client: relay::client::Behaviour,
+    ) -> Result<Self, String> {
         let peer_id = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
@@ -79,14 +96,38 @@ impl Behaviour {
                 // A TCP and a QUIC connection to the same peer may both be up for a while.
                 .with_max_established_per_peer(Some(4)),
         );
+        let relay = config.relay.serve.then(|| {
+            let r = &config.relay;
+            relay::Behaviour::new(
+                peer_id,
+                relay::Config {
+                    max_reservations: r.max_reservations,
+                    max_reservations_per_peer: 4,
+                    max_circuits: r.max_circuits,
+                    max_circuits_per_peer: r.max_circuits_per_peer,
+                    max_circuit_duration: r.max_circuit_duration,
+                    max_circuit_bytes: r.max_circuit_bytes,
+                    ..relay::Config::default()
+                },
+            )
+        });
         Ok(Self {
             limits,
             identify,
             ping,
             kad,
             gossipsub,
-            stream: libp2p_stream::Behaviour::new(),
+            stream: crate::prefer_direct::PreferDirect::new(),
             mdns: mdns.into(),
+            relay_client,
+            relay: relay.into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::v2::client::Behaviour::default(),
+            autonat_server: config
+                .autonat_server
+                .then(autonat::v2::server::Behaviour::default)
+                .into(),
+            upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
         })
     }
 }

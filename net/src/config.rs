@@ -26,9 +26,64 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
     /// Most connections at once (a peer may hold up to 4); more are refused.
     pub max_connections: u32,
+    /// Advertise private and loopback addresses too (a LAN or one-machine network; mDNS
+    /// implies it). Off: only addresses confirmed reachable from outside are advertised.
+    pub lan: bool,
+    /// Map the listen ports on the home router by UPnP IGD (nodes; `--no-upnp` turns it off).
+    pub upnp: bool,
+    /// Reserve a slot on relays (bootstrap peers that offer one) and advertise the
+    /// `/p2p-circuit` addresses while no direct address is confirmed reachable.
+    pub use_relays: bool,
+    /// The listen addresses are public (a coordinator on a server): they count as confirmed
+    /// external addresses without a probe, so relay and AutoNAT service start at once.
+    pub public: bool,
+    /// Answer AutoNAT v2 requests: dial a peer back to tell it whether it is reachable
+    /// (coordinators).
+    pub autonat_server: bool,
+    /// Circuit relay v2 service for peers behind NAT (`[net.relay]`).
+    pub relay: RelayConfig,
+}
+
+/// A relay's service to peers behind NAT: how many it holds and how much one circuit may
+/// carry. libp2p's defaults (2 minutes, 128 KiB per circuit) would cut a long answer; these
+/// fit one job, and a node ends a job cleanly before a circuit's limit (docs/network.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Serve as a relay (coordinators by default; nodes with `--relay`).
+    pub serve: bool,
+    /// Reservations held at once (each a peer reachable through this relay).
+    pub max_reservations: usize,
+    /// Circuits open at once.
+    pub max_circuits: usize,
+    /// Circuits open at once per peer.
+    pub max_circuits_per_peer: usize,
+    /// Longest a circuit stays open, in seconds.
+    #[serde(with = "secs")]
+    pub max_circuit_duration: Duration,
+    /// Most bytes one circuit carries, both directions together.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            serve: false,
+            max_reservations: 1024,
+            max_circuits: 256,
+            max_circuits_per_peer: 8,
+            max_circuit_duration: Duration::from_secs(30 * 60),
+            max_circuit_bytes: 64 << 20,
+        }
+    }
 }
 
 impl NetConfig {
+    /// Whether private and loopback addresses may be advertised (LAN mode or mDNS).
+    pub fn lan_mode(&self) -> bool {
+        self.lan || self.mdns
+    }
+
     /// Checks ranges once, before the swarm starts.
     pub fn validate(&self) -> Result<(), String> {
         let ping = Duration::from_millis(100)..=Duration::from_secs(60);
@@ -49,6 +104,27 @@ impl NetConfig {
         if self.max_connections == 0 {
             return Err("net.max_connections must be at least 1".into());
         }
+        let r = &self.relay;
+        if r.serve {
+            if r.max_reservations == 0 || r.max_circuits == 0 || r.max_circuits_per_peer == 0 {
+                return Err(
+                    "net.relay: max_reservations, max_circuits and max_circuits_per_peer must be at least 1"
+                        .into(),
+                );
+            }
+            if r.max_circuit_duration < Duration::from_secs(10) {
+                return Err(format!(
+                    "net.relay.max_circuit_duration must be at least 10 seconds, got {:?}",
+                    r.max_circuit_duration
+                ));
+            }
+            if r.max_circuit_bytes < 64 << 10 {
+                return Err(format!(
+                    "net.relay.max_circuit_bytes must be at least 65536, got {}",
+                    r.max_circuit_bytes
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -68,6 +144,12 @@ impl Default for NetConfig {
             ping_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             max_connections: 512,
+            lan: false,
+            upnp: false,
+            use_relays: true,
+            public: false,
+            autonat_server: false,
+            relay: RelayConfig::default(),
         }
     }
 }

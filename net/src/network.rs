@@ -1,21 +1,96 @@
 //! The task that owns the swarm, the handle that talks to it, and the events it reports.
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::circuits::{self, CircuitBudget, RelayedTotals, Unclaimed};
 use crate::config::NetConfig;
+use crate::metrics::NetMetrics;
+use crate::reachability::{is_private, is_relayed, Reachability, UpnpStatus};
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::core::Transport;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
-    gossipsub, identify, identity::Keypair, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
+    autonat, dcutr, gossipsub, identify, identity::Keypair, mdns, noise, ping, relay, tcp, upnp,
+    yamux, Multiaddr, PeerId, Swarm,
 };
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tessera_protocol::{decode_advert, AdvertError, NodeAdvert, ADVERTS_TOPIC};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Commands waiting for the swarm task.
 const COMMAND_BUFFER: usize = 64;
 /// Events waiting for the owner; beyond this the oldest news is dropped, not the swarm.
 const EVENT_BUFFER: usize = 256;
+/// Relays a peer behind NAT holds reservations on at once.
+const MAX_RELAYS: usize = 2;
+/// Circuit limits heard of before their connection is up; beyond this the oldest go.
+const MAX_PENDING_LIMITS: usize = 256;
+/// Observed and unreachable addresses kept for the operator.
+const MAX_NOTED_ADDRS: usize = 4;
+
+/// How a connection to a peer runs.
+#[derive(Clone, Debug)]
+pub enum Path {
+    /// Straight to the peer's address (public, forwarded, or punched through NAT).
+    Direct {
+        /// The peer's address on this connection.
+        remote: Multiaddr,
+        /// Made by hole punching from a relayed connection.
+        upgraded: bool,
+    },
+    /// Through a relay circuit.
+    Relayed {
+        /// The circuit address.
+        remote: Multiaddr,
+        /// What the relay lets the circuit carry (`None`: not known).
+        budget: Option<CircuitBudget>,
+    },
+}
+
+impl Path {
+    /// Whether the connection runs through a relay.
+    pub fn is_relayed(&self) -> bool {
+        matches!(self, Path::Relayed { .. })
+    }
+
+    /// The peer's address on this connection.
+    pub fn remote(&self) -> &Multiaddr {
+        match self {
+            Path::Direct { remote, .. } | Path::Relayed { remote, .. } => remote,
+        }
+    }
+
+    /// `direct`, `upgraded` or `relayed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Path::Direct { upgraded: true, .. } => "upgraded",
+            Path::Direct { .. } => "direct",
+            Path::Relayed { .. } => "relayed",
+        }
+    }
+}
+
+struct ConnInfo {
+    peer: PeerId,
+    remote: Multiaddr,
+    relayed: bool,
+    upgraded: bool,
+    budget: Option<CircuitBudget>,
+}
+
+impl ConnInfo {
+    fn kind(&self) -> &'static str {
+        match (self.relayed, self.upgraded) {
+            (true, _) => "relayed",
+            (false, true) => "upgraded",
+            (false, false) => "direct",
+        }
+    }
+}
 
 /// What the swarm reports to its owner.
 #[derive(Debug, Clone)]
@@ -57,6 +132,13 @@ pub enum NetEvent {
     },
     /// Listening on a new address.
     Listening(Multiaddr),
+    /// Hole punching over a relayed connection to `peer` ended.
+    DirectUpgrade {
+        /// The peer.
+        peer: PeerId,
+        /// Whether a direct connection now exists.
+        succeeded: bool,
+    },
 }
 
 /// Why a network operation failed.
@@ -114,6 +196,14 @@ enum Command {
     Disconnect {
         peer: PeerId,
     },
+    Path {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<Path>>,
+    },
+    Paths {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Path>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -125,6 +215,8 @@ pub struct NetHandle {
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     peer_id: PeerId,
+    reachability: watch::Receiver<Reachability>,
+    metrics: NetMetrics,
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -186,6 +278,27 @@ impl NetHandle {
         self.ask(|reply| Command::ConnectedPeers { reply }).await
     }
 
+    /// The connection a new stream to `peer` would use: a direct one when there is one,
+    /// else a relayed one; `None` when not connected.
+    pub async fn path(&self, peer: PeerId) -> Result<Option<Path>, NetError> {
+        self.ask(|reply| Command::Path { peer, reply }).await
+    }
+
+    /// Every open connection to `peer`.
+    pub async fn paths(&self, peer: PeerId) -> Result<Vec<Path>, NetError> {
+        self.ask(|reply| Command::Paths { peer, reply }).await
+    }
+
+    /// How others reach this peer, kept current by the swarm task.
+    pub fn reachability(&self) -> watch::Receiver<Reachability> {
+        self.reachability.clone()
+    }
+
+    /// The swarm's Prometheus figures.
+    pub fn metrics(&self) -> &NetMetrics {
+        &self.metrics
+    }
+
     /// Closes every connection to `peer`.
     pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
         self.commands
@@ -218,6 +331,12 @@ pub async fn start(
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
     let quic_idle = u32::try_from((config.ping_interval * 3).as_millis()).unwrap_or(u32::MAX);
     let mut behaviour_error = None;
+    // The relay client's transport, with each circuit counted where the relay counts it.
+    let unclaimed = Arc::new(Unclaimed::default());
+    let totals = Arc::new(RelayedTotals::default());
+    let (relay_transport, relay_client) = relay::client::new(key.public().to_peer_id());
+    let mut relay_client = Some(relay_client);
+    let (u, t) = (unclaimed.clone(), totals.clone());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
         .with_tokio()
         .with_tcp(
@@ -232,13 +351,29 @@ pub async fn start(
             c.keep_alive_interval = config.ping_interval;
             c
         })
+        .with_other_transport(move |key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                relay_transport
+                    .map(move |conn, endpoint| circuits::count(conn, endpoint, &u, &t))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()),
+            )
+        })
+        .map_err(|e| build(&e))?
         .with_dns()
         .map_err(|e| build(&e))?
-        .with_behaviour(|key| match Behaviour::new(key, config) {
-            Ok(b) => Ok(b),
-            Err(e) => {
-                behaviour_error = Some(e.clone());
-                Err(e.into())
+        .with_behaviour(|key| {
+            match Behaviour::new(
+                key,
+                config,
+                relay_client.take().expect("the behaviour is built once"),
+            ) {
+                Ok(b) => Ok(b),
+                Err(e) => {
+                    behaviour_error = Some(e.clone());
+                    Err(e.into())
+                }
             }
         })
         .map_err(|e| NetError::Build(behaviour_error.clone().unwrap_or_else(|| e.to_string())))?
@@ -262,10 +397,12 @@ pub async fn start(
     for addr in &config.external {
         swarm.add_external_address(addr.clone());
     }
+    let mut relay_candidates = HashMap::new();
     for addr in &config.bootstrap {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
             return Err(NetError::BootstrapWithoutPeerId(addr.clone()));
         };
+        relay_candidates.insert(peer, addr.clone());
         swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
         if let Err(e) = swarm.dial(addr.clone()) {
             tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
@@ -275,10 +412,22 @@ pub async fn start(
     let control = swarm.behaviour().stream.new_control();
     let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
     let (events, event_rx) = mpsc::channel(EVENT_BUFFER);
+    let reach = Reachability {
+        upnp: if config.upnp {
+            UpnpStatus::Searching
+        } else {
+            UpnpStatus::Off
+        },
+        ..Reachability::default()
+    };
+    let (reach_tx, reach_rx) = watch::channel(reach.clone());
+    let metrics = NetMetrics::default();
     let handle = NetHandle {
         commands,
         control,
         peer_id: *swarm.local_peer_id(),
+        reachability: reach_rx,
+        metrics: metrics.clone(),
     };
     let task = tokio::spawn(
         EventLoop {
@@ -287,6 +436,18 @@ pub async fn start(
             events,
             topic,
             dropped_events: 0,
+            config: config.clone(),
+            conns: HashMap::new(),
+            pending_limits: HashMap::new(),
+            unclaimed,
+            totals,
+            counted: (0, 0),
+            reach,
+            reach_tx,
+            relay_candidates,
+            relay_listeners: HashMap::new(),
+            upgraded_early: Vec::new(),
+            metrics,
         }
         .run(),
     );
@@ -299,13 +460,34 @@ struct EventLoop {
     events: mpsc::Sender<NetEvent>,
     topic: gossipsub::IdentTopic,
     dropped_events: u64,
+    config: NetConfig,
+    /// Open connections (bounded by the connection limit).
+    conns: HashMap<ConnectionId, ConnInfo>,
+    /// Circuit limits granted by relays, by the remote peer (inbound circuits) or the relay
+    /// (outbound), until their connection is up.
+    pending_limits: HashMap<PeerId, (Option<Duration>, Option<u64>, Instant)>,
+    unclaimed: Arc<Unclaimed>,
+    totals: Arc<RelayedTotals>,
+    /// Relayed bytes (read, written) already added to the metrics.
+    counted: (u64, u64),
+    reach: Reachability,
+    reach_tx: watch::Sender<Reachability>,
+    /// Bootstrap peers, which may offer a relay.
+    relay_candidates: HashMap<PeerId, Multiaddr>,
+    /// Relay reservations asked for, by relay.
+    relay_listeners: HashMap<PeerId, ListenerId>,
+    /// Connections hole punching reported before the swarm did (a few at most).
+    upgraded_early: Vec<ConnectionId>,
+    metrics: NetMetrics,
 }
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.count_relayed_bytes(),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown { reply }) => {
                         self.close_all();
@@ -381,6 +563,15 @@ impl EventLoop {
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Command::Path { peer, reply } => {
+                let mut paths = self.paths(peer);
+                // A new stream takes a direct connection when there is one.
+                paths.sort_by_key(Path::is_relayed);
+                let _ = reply.send(paths.into_iter().next());
+            }
+            Command::Paths { peer, reply } => {
+                let _ = reply.send(self.paths(peer));
+            }
             Command::Shutdown { .. } => unreachable!("handled in run"),
         }
     }
@@ -389,15 +580,71 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // A public server's listeners are its external addresses (unless the
+                // operator named others), so it relays and answers AutoNAT at once.
+                if self.config.public && self.config.external.is_empty() && !is_relayed(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.refresh_reachability();
                 self.emit(NetEvent::Listening(address));
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                self.refresh_reachability();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.refresh_reachability();
+            }
+            SwarmEvent::NewExternalAddrCandidate { address } => {
+                tracing::debug!(%address, "external address candidate");
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self
+                    .relay_listeners
+                    .iter()
+                    .find(|(_, id)| **id == listener_id)
+                    .map(|(p, _)| *p)
+                {
+                    tracing::info!(%relay, ?reason, "relay reservation ended");
+                    self.relay_listeners.remove(&relay);
+                    self.metrics
+                        .reservations
+                        .set(self.relay_listeners.len() as i64);
+                }
+                self.refresh_reachability();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
-                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed = endpoint.is_relayed(), "connected");
+                let relayed = endpoint.is_relayed();
+                let budget =
+                    relayed.then(|| self.budget_for(peer_id, endpoint.get_remote_address()));
+                let upgraded = match self.upgraded_early.iter().position(|c| *c == connection_id) {
+                    Some(i) => {
+                        self.upgraded_early.swap_remove(i);
+                        true
+                    }
+                    None => false,
+                };
+                let info = ConnInfo {
+                    peer: peer_id,
+                    remote: endpoint.get_remote_address().clone(),
+                    relayed,
+                    upgraded,
+                    budget,
+                };
+                self.metrics.opened(info.kind());
+                self.conns.insert(connection_id, info);
                 if num_established.get() == 1 {
                     self.emit(NetEvent::Connected {
                         peer: peer_id,
@@ -407,11 +654,15 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                if let Some(info) = self.conns.remove(&connection_id) {
+                    self.metrics.closed(info.kind());
+                }
                 if num_established == 0 {
                     self.emit(NetEvent::Disconnected { peer: peer_id });
                 }
@@ -465,6 +716,16 @@ impl EventLoop {
                 self.emit(NetEvent::AdvertSubscriber { peer: peer_id });
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if !is_relayed(&info.observed_addr)
+                    && !self.reach.observed.contains(&info.observed_addr)
+                    && self.reach.observed.len() < MAX_NOTED_ADDRS
+                {
+                    self.reach.observed.push(info.observed_addr.clone());
+                    self.publish_reachability();
+                }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    self.maybe_reserve(peer_id);
+                }
                 for addr in &info.listen_addrs {
                     self.swarm
                         .behaviour_mut()
@@ -490,6 +751,84 @@ impl EventLoop {
                     self.swarm.close_connection(connection);
                 }
             },
+            BehaviourEvent::RelayClient(event) => self.on_relay_client(event),
+            BehaviourEvent::Relay(event) => self.on_relay_server(event),
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => {
+                let succeeded = match result {
+                    Ok(connection) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punched: direct connection up");
+                        if let Some(info) = self.conns.get_mut(&connection) {
+                            self.metrics.closed(info.kind());
+                            info.upgraded = true;
+                            self.metrics.opened(info.kind());
+                        } else if self.upgraded_early.len() < MAX_NOTED_ADDRS {
+                            // Reported before the swarm told us of the connection.
+                            self.upgraded_early.push(connection);
+                        }
+                        self.reach.upgrades.succeeded += 1;
+                        NetMetrics::outcome(&self.metrics.dcutr, "success");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying on the relay");
+                        self.reach.upgrades.failed += 1;
+                        NetMetrics::outcome(&self.metrics.dcutr, "failure");
+                        false
+                    }
+                };
+                self.publish_reachability();
+                self.emit(NetEvent::DirectUpgrade {
+                    peer: remote_peer_id,
+                    succeeded,
+                });
+            }
+            BehaviourEvent::Autonat(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            }) => match result {
+                Ok(()) => tracing::info!(addr = %tested_addr, %server, "AutoNAT: reachable"),
+                Err(e) => {
+                    tracing::info!(addr = %tested_addr, %server, error = %e, "AutoNAT: not reachable from outside");
+                    if !self.reach.unreachable.contains(&tested_addr)
+                        && self.reach.unreachable.len() < MAX_NOTED_ADDRS
+                    {
+                        self.reach.unreachable.push(tested_addr);
+                        self.publish_reachability();
+                    }
+                }
+            },
+            BehaviourEvent::AutonatServer(autonat::v2::server::Event {
+                tested_addr,
+                client,
+                result,
+                ..
+            }) => {
+                tracing::debug!(addr = %tested_addr, %client, ok = result.is_ok(), "AutoNAT dial-back");
+            }
+            BehaviourEvent::Upnp(event) => {
+                let status = match event {
+                    upnp::Event::NewExternalAddr { external_addr, .. } => {
+                        tracing::info!(addr = %external_addr, "UPnP: port mapped on the router");
+                        UpnpStatus::Mapped
+                    }
+                    upnp::Event::ExpiredExternalAddr { .. } => UpnpStatus::Searching,
+                    upnp::Event::GatewayNotFound => {
+                        tracing::info!("UPnP: no gateway answered");
+                        UpnpStatus::NoGateway
+                    }
+                    upnp::Event::NonRoutableGateway => {
+                        tracing::info!("UPnP: the gateway is itself behind NAT");
+                        UpnpStatus::NonRoutable
+                    }
+                };
+                self.reach.upnp = status;
+                self.publish_reachability();
+            }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     self.swarm
@@ -503,6 +842,224 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+}
+
+impl EventLoop {
+    fn paths(&self, peer: PeerId) -> Vec<Path> {
+        self.conns
+            .values()
+            .filter(|c| c.peer == peer)
+            .map(|c| {
+                if c.relayed {
+                    Path::Relayed {
+                        remote: c.remote.clone(),
+                        budget: c.budget.clone(),
+                    }
+                } else {
+                    Path::Direct {
+                        remote: c.remote.clone(),
+                        upgraded: c.upgraded,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The budget of a relayed connection to `peer` at `remote`: its byte counter and the
+    /// limit its relay granted (heard of by the remote peer for an inbound circuit, by
+    /// the relay for an outbound one).
+    fn budget_for(&mut self, peer: PeerId, remote: &Multiaddr) -> CircuitBudget {
+        let relay = remote.iter().find_map(|p| match p {
+            Protocol::P2p(id) if id != peer => Some(id),
+            _ => None,
+        });
+        let limit = self
+            .pending_limits
+            .remove(&peer)
+            .or_else(|| relay.and_then(|r| self.pending_limits.remove(&r)));
+        let (duration, bytes, opened) = limit.unwrap_or((None, None, Instant::now()));
+        CircuitBudget::new(opened, duration, bytes, self.unclaimed.claim(&peer))
+    }
+
+    fn note_limit(&mut self, peer: PeerId, (duration, bytes): (Option<Duration>, Option<u64>)) {
+        // A circuit whose connection is already up takes the limit now.
+        if let Some(info) = self
+            .conns
+            .values_mut()
+            .filter(|c| c.relayed && c.peer == peer)
+            .find(|c| {
+                c.budget
+                    .as_ref()
+                    .is_none_or(|b| b.duration.is_none() && b.bytes_limit.is_none())
+            })
+        {
+            info.budget = Some(match info.budget.take() {
+                Some(old) => old.with_limits(duration, bytes),
+                None => CircuitBudget::new(Instant::now(), duration, bytes, None),
+            });
+            return;
+        }
+        if self.pending_limits.len() >= MAX_PENDING_LIMITS {
+            if let Some(oldest) = self
+                .pending_limits
+                .iter()
+                .min_by_key(|(_, (_, _, at))| *at)
+                .map(|(p, _)| *p)
+            {
+                self.pending_limits.remove(&oldest);
+            }
+        }
+        self.pending_limits
+            .insert(peer, (duration, bytes, Instant::now()));
+    }
+
+    fn on_relay_client(&mut self, event: relay::client::Event) {
+        match event {
+            relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                limit,
+            } => {
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, ?limit, "relay reservation accepted");
+                }
+                self.metrics
+                    .reservations
+                    .set(self.relay_listeners.len() as i64);
+            }
+            relay::client::Event::OutboundCircuitEstablished {
+                relay_peer_id,
+                limit,
+            } => {
+                tracing::debug!(relay = %relay_peer_id, ?limit, "outbound circuit");
+                let limit = limit.map_or((None, None), |l| (l.duration(), l.data_in_bytes()));
+                self.note_limit(relay_peer_id, limit);
+            }
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
+                tracing::debug!(peer = %src_peer_id, ?limit, "inbound circuit");
+                let limit = limit.map_or((None, None), |l| (l.duration(), l.data_in_bytes()));
+                self.note_limit(src_peer_id, limit);
+            }
+        }
+    }
+
+    #[allow(deprecated)] // matching every variant, the deprecated ones included
+    fn on_relay_server(&mut self, event: relay::Event) {
+        let m = &self.metrics;
+        match event {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                if !renewed {
+                    tracing::info!(peer = %src_peer_id, "relaying for a peer behind NAT");
+                    m.relay_reservations.inc();
+                }
+            }
+            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
+                m.relay_reservations.dec();
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relay circuit opened");
+                NetMetrics::outcome(&m.relay_circuits, "accepted");
+            }
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied");
+                NetMetrics::outcome(&m.relay_circuits, "denied");
+            }
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                error,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay circuit closed");
+                NetMetrics::outcome(&m.relay_circuits, "closed");
+            }
+            other => tracing::debug!(event = ?other, "relay"),
+        }
+    }
+
+    /// Holds a reservation on `relay` (a bootstrap peer offering the relay protocol) while
+    /// no direct address of ours is confirmed reachable.
+    fn maybe_reserve(&mut self, relay: PeerId) {
+        if !self.config.use_relays
+            || !self.reach.public.is_empty()
+            || self.relay_listeners.contains_key(&relay)
+            || self.relay_listeners.len() >= MAX_RELAYS
+        {
+            return;
+        }
+        let Some(addr) = self
+            .relay_candidates
+            .get(&relay)
+            .filter(|a| !is_relayed(a))
+            .cloned()
+        else {
+            return;
+        };
+        let circuit = addr.with(Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                tracing::info!(%circuit, "asking the relay for a reservation");
+                self.relay_listeners.insert(relay, id);
+            }
+            Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen through the relay"),
+        }
+    }
+
+    /// Recomputes the confirmed addresses; a peer that turned out public gives its relay
+    /// reservations back.
+    fn refresh_reachability(&mut self) {
+        let lan = self.config.lan_mode();
+        let (relayed, public): (Vec<Multiaddr>, Vec<Multiaddr>) = self
+            .swarm
+            .external_addresses()
+            .filter(|a| lan || !is_private(a))
+            .cloned()
+            .partition(is_relayed);
+        self.reach.public = public;
+        self.reach.relayed = relayed;
+        if !self.reach.public.is_empty() && !self.relay_listeners.is_empty() && !self.config.public
+        {
+            tracing::info!("publicly reachable: giving relay reservations back");
+            for (_, id) in self.relay_listeners.drain() {
+                self.swarm.remove_listener(id);
+            }
+            self.metrics.reservations.set(0);
+        }
+        self.publish_reachability();
+    }
+
+    fn publish_reachability(&mut self) {
+        let reach = self.reach.clone();
+        self.reach_tx.send_if_modified(|old| {
+            if *old == reach {
+                false
+            } else {
+                *old = reach;
+                true
+            }
+        });
+    }
+
+    /// Moves the relayed byte totals into the metrics.
+    fn count_relayed_bytes(&mut self) {
+        let read = self.totals.read.load(Ordering::Relaxed);
+        let written = self.totals.written.load(Ordering::Relaxed);
+        let m = &self.metrics.relayed_bytes;
+        m.get_or_create(&crate::metrics::DirectionLabels { direction: "in" })
+            .inc_by(read.saturating_sub(self.counted.0));
+        m.get_or_create(&crate::metrics::DirectionLabels { direction: "out" })
+            .inc_by(written.saturating_sub(self.counted.1));
+        self.counted = (read, written);
     }
 }
 

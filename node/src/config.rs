@@ -101,6 +101,8 @@ impl Default for NodeConfig {
                     .parse()
                     .expect("static multiaddr"),
             ],
+            // Most nodes run at home: ask the router for a port mapping.
+            upnp: true,
             ..NetConfig::default()
         };
         Self {

@@ -69,6 +69,13 @@ impl Default for NodeMetrics {
 }
 
 impl NodeMetrics {
+    /// Registers every figure, the swarm's among them (`tessera_node_net_…`).
+    pub fn with_net(net: &tessera_net::NetMetrics) -> Self {
+        let mut m = Self::new();
+        net.register(&mut m.registry);
+        m
+    }
+
     /// Registers every figure.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tessera_node");

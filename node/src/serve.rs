@@ -89,6 +89,35 @@ struct Shared {
 }
 
 impl Shared {
+    /// Where others can dial this node: the addresses confirmed reachable from outside
+    /// (`--external`, UPnP, AutoNAT), the `/p2p-circuit` addresses through relays holding
+    /// a reservation for it, and in LAN mode its listen addresses. No private address
+    /// otherwise: nobody outside could dial it.
+    async fn advertised_addrs(&self) -> Vec<String> {
+        let reach = self.net.reachability().borrow().clone();
+        let mut addrs: Vec<Multiaddr> = self.config.net.external.clone();
+        addrs.extend(reach.public);
+        addrs.extend(reach.relayed);
+        if self.config.net.lan_mode() {
+            if let Ok(listen) = self.net.listen_addrs().await {
+                addrs.extend(
+                    listen
+                        .into_iter()
+                        .filter(|a| !tessera_net::reachability::is_relayed(a)),
+                );
+            }
+        }
+        let mut out: Vec<String> = Vec::new();
+        for a in addrs {
+            let a = a.to_string();
+            if a.len() <= tessera_protocol::advert::MAX_NAME_BYTES && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out.truncate(tessera_protocol::advert::MAX_ADDRS);
+        out
+    }
+
     fn load(&self) -> Load {
         let mut load = Load::default();
         for s in &self.served {
@@ -107,18 +136,7 @@ impl Shared {
     }
 
     async fn advert(&self, status: AdvertStatus) -> Option<Vec<u8>> {
-        let mut addrs: Vec<String> = self
-            .config
-            .net
-            .external
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        if let Ok(listen) = self.net.listen_addrs().await {
-            addrs.extend(listen.iter().map(|a| a.to_string()));
-        }
-        addrs.retain(|a| a.len() <= tessera_protocol::advert::MAX_NAME_BYTES);
-        addrs.truncate(tessera_protocol::advert::MAX_ADDRS);
+        let addrs = self.advertised_addrs().await;
         let advert = NodeAdvert {
             version: PROTOCOL_VERSION,
             node: self.peer_id,
@@ -279,6 +297,7 @@ impl RunningNode {
         let mut incoming = control
             .accept(tessera_net::job_protocol())
             .map_err(|_| NodeError::AlreadyAccepting)?;
+        let metrics = Arc::new(crate::metrics::NodeMetrics::with_net(net.metrics()));
         let shared = Arc::new(Shared {
             key,
             peer_id,
@@ -292,7 +311,7 @@ impl RunningNode {
             publishing: tokio::sync::Mutex::new(()),
             net,
             jobs_served: AtomicU64::new(0),
-            metrics: Arc::new(crate::metrics::NodeMetrics::new()),
+            metrics,
         });
         let jobs = TaskTracker::new();
         let background = TaskTracker::new();
@@ -356,11 +375,15 @@ impl RunningNode {
             });
             background.spawn(async move {
                 let mut tick = tokio::time::interval(shared.config.advert_interval);
+                let mut reach = shared.net.reachability();
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
                         () = shared.load_changed.notified() => {}
                         () = subscriber.notified() => {}
+                        // New addresses (a relay reservation, a confirmed or lost address) go
+                        // out at once, so dialers learn them within about a second.
+                        changed = reach.changed() => if changed.is_err() { break },
                         () = stop.cancelled() => break,
                     }
                     // Once leaving, only the goodbye goes out: an Online advert now would
@@ -392,6 +415,11 @@ impl RunningNode {
     /// Addresses the node listens on.
     pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.shared.net.listen_addrs().await.unwrap_or_default()
+    }
+
+    /// How peers reach this node, kept current (print its summary to the operator).
+    pub fn reachability(&self) -> tokio::sync::watch::Receiver<tessera_net::Reachability> {
+        self.shared.net.reachability()
     }
 
     /// The modules served.
@@ -492,6 +520,8 @@ pub async fn serve_metrics(
 struct Admitted {
     request: JobRequest,
     coordinator: PeerId,
+    /// The peer whose stream carries the job.
+    peer: PeerId,
     module: usize,
     _permit: OwnedSemaphorePermit,
 }
@@ -501,7 +531,7 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> JobError {
 }
 
 /// Checks a request in the order that costs least first; every refusal says why.
-fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobError> {
+fn admit(shared: &Shared, peer: PeerId, signed: Signed<JobRequest>) -> Result<Admitted, JobError> {
     let coordinator = signed
         .verify()
         .map_err(|e| reject(ErrorCode::BadSignature, format!("job request: {e}")))?;
@@ -564,6 +594,7 @@ fn admit(shared: &Shared, signed: Signed<JobRequest>) -> Result<Admitted, JobErr
     Ok(Admitted {
         request,
         coordinator,
+        peer,
         module,
         _permit: permit,
     })
@@ -631,7 +662,7 @@ async fn handle_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) {
     };
     let span = tracing::info_span!("job", job_id = %signed.body.job_id, %peer);
     async move {
-        match admit(&shared, signed) {
+        match admit(&shared, peer, signed) {
             Ok(admitted) => run_job(&shared, admitted, reader, writer).await,
             Err(e) => fail(&mut writer, e).await,
         }
@@ -713,17 +744,33 @@ async fn run_job(
     tokio::pin!(peer_gone);
     let mut cancelling = false;
     let mut first_token: Option<Instant> = None;
+    // A job carried by a relay circuit ends cleanly, with a receipt, before the relay's
+    // time or byte limit would cut it (docs/network.md, "Relay limits").
+    let circuit = relay_budget(shared, job.peer).await;
+    let mut interrupted = false;
+    let mut deltas: u64 = 0;
+    let mut circuit_check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(Ok(GenerateEvent::Delta(text))) => {
                     first_token.get_or_insert_with(Instant::now);
+                    deltas += 1;
                     if !send(&mut writer, &JobEvent::Delta(text)).await {
                         tracing::info!(job_id = %request.job_id, "stream closed by the client; generation stopped");
                         return;
                     }
+                    if !cancelling && circuit.as_ref().is_some_and(|b| b.must_end(Instant::now(), deltas, TRANSCRIPT_BYTES_PER_TOKEN)) {
+                        tracing::warn!(job_id = %request.job_id, tokens = deltas, "the relay circuit is near its limit; ending the job with a receipt for what was sent");
+                        events.stop();
+                        cancelling = true;
+                        interrupted = true;
+                    }
                 }
-                Some(Ok(GenerateEvent::Done(done))) => {
+                Some(Ok(GenerateEvent::Done(mut done))) => {
+                    if interrupted && done.finish_reason == tessera_protocol::FinishReason::Cancelled {
+                        done.finish_reason = tessera_protocol::FinishReason::Interrupted;
+                    }
                     let ttft = first_token.unwrap_or_else(Instant::now).duration_since(started);
                     let usage = Usage {
                         prompt_tokens: done.prompt_tokens,
@@ -743,7 +790,11 @@ async fn run_job(
                     }
                     shared.metrics.job_done(
                         &served.labels,
-                        if done.finish_reason == tessera_protocol::FinishReason::Cancelled { "cancelled" } else { "ok" },
+                        match done.finish_reason {
+                            tessera_protocol::FinishReason::Cancelled => "cancelled",
+                            tessera_protocol::FinishReason::Interrupted => "interrupted",
+                            _ => "ok",
+                        },
                         ttft,
                         tpot_us.filter(|t| *t > 0).map(|t| 1e6 / f64::from(t)),
                         usage.completion_tokens,
@@ -779,6 +830,14 @@ async fn run_job(
             () = &mut deadline => {
                 return fail(&mut writer, reject(ErrorCode::DeadlineExceeded, "deadline reached while generating")).await;
             }
+            _ = circuit_check.tick(), if circuit.is_some() && !cancelling => {
+                if circuit.as_ref().is_some_and(|b| b.must_end(Instant::now(), deltas, TRANSCRIPT_BYTES_PER_TOKEN)) {
+                    tracing::warn!(job_id = %request.job_id, tokens = deltas, "the relay circuit is near its time limit; ending the job with a receipt for what was sent");
+                    events.stop();
+                    cancelling = true;
+                    interrupted = true;
+                }
+            }
             read = &mut peer_gone, if !cancelling => {
                 if matches!(read, Ok(0)) {
                     tracing::info!(job_id = %request.job_id, "cancelled by the client; stopping after this token");
@@ -793,6 +852,21 @@ async fn run_job(
                 return fail(&mut writer, reject(ErrorCode::ShuttingDown, "node shut down before the job finished")).await;
             }
         }
+    }
+}
+
+/// Bytes a generated token adds to the end of a job (its transcript record, framed and
+/// encrypted, with room to spare): kept free on a relay circuit for the transcript.
+const TRANSCRIPT_BYTES_PER_TOKEN: u64 = 128;
+
+/// The limits of the relay circuit carrying `peer`'s stream, when the only connection to
+/// it is relayed and its relay set limits.
+async fn relay_budget(shared: &Shared, peer: PeerId) -> Option<tessera_net::CircuitBudget> {
+    match shared.net.path(peer).await {
+        Ok(Some(tessera_net::Path::Relayed {
+            budget: Some(b), ..
+        })) if b.duration.is_some() || b.bytes_limit.is_some() => Some(b),
+        _ => None,
     }
 }
 

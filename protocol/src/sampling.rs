@@ -87,15 +87,19 @@ pub enum FinishReason {
     /// The coordinator cancelled the job (its caller went away); the receipt covers the
     /// tokens generated until then.
     Cancelled,
+    /// The node ended the job early because the path to the coordinator was about to close
+    /// (a relay circuit at its time or byte limit); the receipt covers the tokens delivered.
+    Interrupted,
 }
 
 impl FinishReason {
-    /// The wire name (`stop`, `length`, `cancelled`).
+    /// The wire name (`stop`, `length`, `cancelled`, `interrupted`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::Cancelled => "cancelled",
+            Self::Interrupted => "interrupted",
         }
     }
 }

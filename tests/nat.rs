@@ -1,0 +1,604 @@
+//! Home nodes behind real NATs. Linux network namespaces make a small internet: a public
+//! segment (203.0.113.0/24) with the coordinator (relay and AutoNAT server), and two home
+//! LANs, each behind its own router namespace doing nftables masquerade, with the WAN
+//! `input` drop a real router has (without it, zero-latency veths turn a cone NAT into a
+//! symmetric one by accident: ../shared/research/nat-traversal.md, 1.4).
+//!
+//! ```text
+//!   lan1 10.1.0.2 -- nat1 [10.1.0.1 | 203.0.113.11] --+
+//!                                                     br0 in pub, 203.0.113.1 (coordinator)
+//!   lan2 10.2.0.2 -- nat2 [10.2.0.1 | 203.0.113.12] --+
+//! ```
+//!
+//! A node in LAN 1 joins through the relay; a peer in LAN 2 (`tessera ask`, which runs a
+//! job the way a second coordinator or an auditor does) reaches it over the relay and is
+//! upgraded to a direct connection by hole punching; behind an endpoint-dependent NAT the
+//! upgrade fails and jobs stay on the relay; a job longer than a circuit allows ends with
+//! a receipt. Needs root (CI runs as root) and `nft` (scripts/test.sh installs it); where
+//! either is missing the test fails with one line saying so. Namespaces and processes are
+//! removed on every path, panics included.
+
+mod common;
+
+use common::smollm2;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const COORD_IP: &str = "203.0.113.1";
+const COORD_P2P: u16 = 7300;
+const NODE_WAN: &str = "203.0.113.11";
+const PAYOUT: &str = "0x00000000000000000000000000000000000000aa";
+/// Seconds one relay circuit may stay open on the coordinator: short, so a long job meets
+/// the limit within the test.
+const CIRCUIT_SECS: u64 = 20;
+
+/// The namespaces, the processes in them, and their logs; all removed when dropped.
+struct Lab {
+    prefix: String,
+    dir: tempfile::TempDir,
+    children: Vec<(String, Child)>,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn must(cmd: &mut Command) {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ip(args: &[&str]) {
+    must(Command::new("ip").args(args));
+}
+
+impl Lab {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Builds the topology, or fails in one line saying what this machine lacks.
+    fn new() -> Self {
+        let prefix = format!("tn{}", std::process::id());
+        let lab = Self {
+            prefix,
+            dir: tempfile::tempdir().expect("tempdir"),
+            children: Vec::new(),
+        };
+        let probe = run(Command::new("ip").args(["netns", "add", &lab.ns("pub")]));
+        assert!(
+            probe.status.success(),
+            "the NAT test needs root to create network namespaces (CI runs as root): ip netns add said: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        );
+        assert!(
+            Command::new("nft").arg("--version").output().is_ok(),
+            "the NAT test needs nft (Debian's nftables package; scripts/test.sh installs it)"
+        );
+        for ns in ["nat1", "nat2", "lan1", "lan2"] {
+            ip(&["netns", "add", &lab.ns(ns)]);
+        }
+        for ns in ["pub", "nat1", "nat2", "lan1", "lan2"] {
+            ip(&["-n", &lab.ns(ns), "link", "set", "lo", "up"]);
+        }
+        let public = lab.ns("pub");
+        ip(&["-n", &public, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &public, "addr", "add", "203.0.113.1/24", "dev", "br0"]);
+        ip(&["-n", &public, "link", "set", "br0", "up"]);
+        for i in 1..=2 {
+            let (nat, lan) = (lab.ns(&format!("nat{i}")), lab.ns(&format!("lan{i}")));
+            let (w, u) = (format!("{}w{i}", lab.prefix), format!("{}u{i}", lab.prefix));
+            let (l, n) = (format!("{}l{i}", lab.prefix), format!("{}n{i}", lab.prefix));
+            ip(&["link", "add", &w, "type", "veth", "peer", "name", &u]);
+            ip(&["link", "set", &w, "netns", &nat, "name", "wan"]);
+            ip(&[
+                "link",
+                "set",
+                &u,
+                "netns",
+                &public,
+                "name",
+                &format!("up{i}"),
+            ]);
+            ip(&[
+                "-n",
+                &public,
+                "link",
+                "set",
+                &format!("up{i}"),
+                "master",
+                "br0",
+            ]);
+            ip(&["-n", &public, "link", "set", &format!("up{i}"), "up"]);
+            ip(&[
+                "-n",
+                &nat,
+                "addr",
+                "add",
+                &format!("203.0.113.1{i}/24"),
+                "dev",
+                "wan",
+            ]);
+            ip(&["-n", &nat, "link", "set", "wan", "up"]);
+            ip(&["link", "add", &l, "type", "veth", "peer", "name", &n]);
+            ip(&["link", "set", &l, "netns", &lan, "name", "eth0"]);
+            ip(&["link", "set", &n, "netns", &nat, "name", "lan"]);
+            ip(&[
+                "-n",
+                &nat,
+                "addr",
+                "add",
+                &format!("10.{i}.0.1/24"),
+                "dev",
+                "lan",
+            ]);
+            ip(&["-n", &nat, "link", "set", "lan", "up"]);
+            ip(&[
+                "-n",
+                &lan,
+                "addr",
+                "add",
+                &format!("10.{i}.0.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &lan, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                &lan,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{i}.0.1"),
+            ]);
+            must(Command::new("ip").args([
+                "netns",
+                "exec",
+                &nat,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]));
+            lab.router(i, false);
+        }
+        lab
+    }
+
+    /// Loads router `i`'s rules: masquerade out of the WAN (port-preserving, or with
+    /// `random` ports per destination: an endpoint-dependent, "symmetric" NAT), forward
+    /// only what the LAN started, and drop new connections arriving on the WAN.
+    fn router(&self, i: u32, random: bool) {
+        let nat = self.ns(&format!("nat{i}"));
+        let rules = format!(
+            "flush ruleset\n\
+             table ip nat {{\n\
+               chain postrouting {{\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+                 oifname \"wan\" masquerade{}\n\
+               }}\n\
+             }}\n\
+             table ip filter {{\n\
+               chain forward {{\n\
+                 type filter hook forward priority filter; policy drop;\n\
+                 ct state established,related accept\n\
+                 iifname \"lan\" oifname \"wan\" accept\n\
+               }}\n\
+               chain input {{\n\
+                 type filter hook input priority filter; policy accept;\n\
+                 iifname \"wan\" ct state new drop\n\
+               }}\n\
+             }}\n",
+            if random { " random" } else { "" }
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &nat, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("write rules");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft in {nat}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// Starts `tessera ARGS` in namespace `ns`, its output in `NAME.log`.
+    fn spawn(&mut self, name: &str, ns: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.log_path(name)).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), env!("CARGO_BIN_EXE_tessera")])
+            .args(args)
+            .env("TESSERA_HOME", self.dir.path().join(format!("{name}-home")))
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tessera");
+        self.children.push((name.to_owned(), child));
+    }
+
+    /// Waits for a line of `name`'s log containing `needle`; returns it.
+    fn wait_for(&self, name: &str, needle: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(line) = self.log(name).lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} from {name} within {secs} s; its log:\n{}",
+                self.log(name)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `cmd` in namespace `ns` to the end.
+    fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .args(cmd))
+    }
+
+    /// `tessera ask --json …` from namespace `ns`: one JSON document per job.
+    fn ask(&self, ns: &str, args: &[&str]) -> Vec<Value> {
+        let mut cmd = vec![env!("CARGO_BIN_EXE_tessera"), "ask", "--json"];
+        cmd.extend_from_slice(args);
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .args(&cmd)
+            .env("RUST_LOG", "info,libp2p=warn"));
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success(),
+            "tessera ask {args:?} failed:\n{stderr}\nnode log:\n{}",
+            self.log("node")
+        );
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// Whether a TCP connection from namespace `ns` to `addr:port` opens within 3 s.
+    fn tcp_connects(&self, ns: &str, addr: &str, port: u16) -> bool {
+        self.exec(
+            ns,
+            &[
+                "timeout",
+                "3",
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{addr}/{port}"),
+            ],
+        )
+        .status
+        .success()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in ["lan1", "lan2", "nat1", "nat2", "pub"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(ns)])
+                .status();
+        }
+        if std::thread::panicking() {
+            for name in ["coordinator", "node"] {
+                eprintln!("--- {name} log ---\n{}", self.log(name));
+            }
+        }
+    }
+}
+
+fn path_of(job: &Value) -> (&str, &str) {
+    (
+        job["path"].as_str().unwrap_or("none"),
+        job["remote"].as_str().unwrap_or(""),
+    )
+}
+
+fn ms(job: &Value, field: &str) -> f64 {
+    job[field].as_f64().unwrap_or(f64::NAN)
+}
+
+/// A coordinator's data directory with an account holding credit and an API key; returns
+/// the key and the coordinator's peer id.
+fn coordinator_dir(dir: &Path) -> (String, String) {
+    use tessera_coordinator::Ledger;
+    std::fs::create_dir_all(dir).expect("coordinator dir");
+    let (key, _) =
+        tessera_net::load_or_create_identity(&dir.join("identity.key")).expect("identity");
+    let ledger = Ledger::open(&dir.join("ledger.redb")).expect("ledger");
+    ledger.create_account("home").expect("account");
+    ledger
+        .credit("home", tessera_protocol::Amount(1_000_000_000))
+        .expect("credit");
+    let api_key = ledger.create_key("home").expect("key").expose().to_owned();
+    (api_key, key.public().to_peer_id().to_string())
+}
+
+#[test]
+fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching() {
+    let mut lab = Lab::new();
+    let coord_dir = lab.dir.path().join("coordinator");
+    let (api_key, coord) = coordinator_dir(&coord_dir);
+    let circuit_secs = CIRCUIT_SECS.to_string();
+    lab.spawn(
+        "coordinator",
+        "pub",
+        &[
+            "coordinator",
+            "--http",
+            &format!("{COORD_IP}:8080"),
+            "--data-dir",
+            coord_dir.to_str().expect("utf-8"),
+            "--listen",
+            &format!("/ip4/{COORD_IP}/tcp/{COORD_P2P}"),
+            "--listen",
+            &format!("/ip4/{COORD_IP}/udp/{COORD_P2P}/quic-v1"),
+            "--relay-circuit-secs",
+            &circuit_secs,
+        ],
+    );
+    lab.wait_for("coordinator", "OpenAI-compatible API", 60);
+    let relay = format!("/ip4/{COORD_IP}/tcp/{COORD_P2P}/p2p/{coord}");
+
+    // 1. The node joins from LAN 1 and learns that it is behind NAT, reached through the
+    // coordinator's relay.
+    let node_dir = lab.dir.path().join("node-data");
+    let (node_key, _) =
+        tessera_net::load_or_create_identity(&node_dir.join("identity.key")).expect("identity");
+    let node = node_key.public().to_peer_id().to_string();
+    let model = smollm2();
+    let started = Instant::now();
+    lab.spawn(
+        "node",
+        "lan1",
+        &[
+            "--threads",
+            "1",
+            "node",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--data-dir",
+            node_dir.to_str().expect("utf-8"),
+            "--listen",
+            "/ip4/0.0.0.0/tcp/7400",
+            "--listen",
+            "/ip4/0.0.0.0/udp/7400/quic-v1",
+            "--bootstrap",
+            &relay,
+            "--advert-interval",
+            "1",
+            "--advert-ttl",
+            "10",
+            "--payout",
+            PAYOUT,
+        ],
+    );
+    let line = lab.wait_for("node", "reachability:", 120);
+    let to_reachable = started.elapsed();
+    assert!(
+        line.contains(&format!("behind NAT, reached through relay {relay}")),
+        "{line}"
+    );
+    // The NAT is real: nothing outside opens a connection to the node's router or LAN.
+    assert!(
+        !lab.tcp_connects("pub", NODE_WAN, 7400),
+        "the router let in an unsolicited connection"
+    );
+    assert!(
+        !lab.tcp_connects("pub", "10.1.0.2", 7400),
+        "LAN 1 is routable from outside"
+    );
+    assert!(
+        lab.tcp_connects("lan1", COORD_IP, 8080),
+        "LAN 1 reaches the public side"
+    );
+
+    // 2. A job from the coordinator reaches the node over the node's own connection and
+    // settles with a verified receipt.
+    let body = r#"{"model":"smollm2-135m-instruct","max_tokens":16,"messages":[{"role":"user","content":"Name the capital of France."}]}"#;
+    let base = format!("http://{COORD_IP}:8080/v1");
+    let auth = format!("Authorization: Bearer {api_key}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply: Value = loop {
+        let out = lab.exec(
+            "pub",
+            &[
+                "curl",
+                "-s",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                &format!("{base}/chat/completions"),
+            ],
+        );
+        let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if reply["choices"].is_array() {
+            break reply;
+        }
+        // 503 until the node's advert reaches the coordinator's table.
+        assert!(Instant::now() < deadline, "no completion: {reply}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let first_job = started.elapsed();
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("Paris"), "{reply}");
+    assert_eq!(reply["tessera"]["node"], node.as_str(), "{reply}");
+    let receipt_id = reply["tessera"]["receipt"].as_str().expect("receipt id");
+    let out = lab.exec(
+        "pub",
+        &[
+            "curl",
+            "-s",
+            "-H",
+            &auth,
+            &format!("{base}/receipts/{receipt_id}"),
+        ],
+    );
+    let receipt: Value = serde_json::from_slice(&out.stdout).expect("receipt json");
+    assert_eq!(receipt["signature_valid"], true, "{receipt}");
+
+    // 3. A peer in LAN 2 reaches the node through the relay, hole punching upgrades the
+    // connection, and the next job runs on the direct connection.
+    let circuit = format!("{relay}/p2p-circuit/p2p/{node}");
+    let ask = [
+        "--node",
+        circuit.as_str(),
+        "--max-tokens",
+        "16",
+        "--jobs",
+        "2",
+        "--wait-direct",
+        "15",
+        "Name the capital of France.",
+    ];
+    let jobs = lab.ask("lan2", &ask);
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let advert: Vec<&str> = jobs[0]["advert_addrs"]
+        .as_array()
+        .expect("advert addresses")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        advert
+            .iter()
+            .any(|a| a.starts_with(&format!("{relay}/p2p-circuit"))),
+        "the advert carries the relayed address: {advert:?}"
+    );
+    assert!(
+        advert
+            .iter()
+            .all(|a| !a.contains("/ip4/10.") && !a.contains("/ip4/127.")),
+        "no private address in the advert: {advert:?}"
+    );
+    for job in &jobs {
+        assert_eq!(job["receipt_verified"], true, "{job}");
+        assert!(
+            job["text"].as_str().unwrap_or_default().contains("Paris"),
+            "{job}"
+        );
+    }
+    // The peer never dialed the node's router itself (the advert names only the relay):
+    // a direct connection there was punched.
+    let (kind, remote) = path_of(&jobs[1]);
+    assert!(
+        kind == "upgraded" || kind == "direct",
+        "the second job runs on the punched connection: {jobs:?}"
+    );
+    assert!(
+        remote.starts_with(&format!("/ip4/{NODE_WAN}/")) && !remote.contains("p2p-circuit"),
+        "{remote}"
+    );
+    let first_path = path_of(&jobs[0]).0.to_owned();
+    let upgraded_jobs = jobs.clone();
+    lab.wait_for("node", "direct upgrade: yes", 10);
+
+    // 4. Behind an endpoint-dependent NAT hole punching fails, as it must, and jobs still
+    // complete over the relay.
+    lab.router(2, true);
+    let ask = [
+        "--node",
+        circuit.as_str(),
+        "--max-tokens",
+        "16",
+        "--jobs",
+        "2",
+        "--wait-direct",
+        "8",
+        "Name the capital of France.",
+    ];
+    let relayed = lab.ask("lan2", &ask);
+    assert_eq!(relayed.len(), 2, "{relayed:?}");
+    for job in &relayed {
+        assert_eq!(path_of(job).0, "relayed", "{relayed:?}");
+        assert!(path_of(job).1.contains("/p2p-circuit"), "{job}");
+        assert_eq!(job["receipt_verified"], true, "{job}");
+        assert!(
+            job["text"].as_str().unwrap_or_default().contains("Paris"),
+            "{job}"
+        );
+    }
+    lab.wait_for("node", "hole punching failed", 10);
+
+    // 5. A job longer than a circuit allows ends before the relay cuts it, with a receipt
+    // for what was delivered.
+    let long = lab.ask(
+        "lan2",
+        &[
+            "--node",
+            circuit.as_str(),
+            "--raw",
+            "--max-tokens",
+            "6000",
+            "Count from 1 to 10000: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        ],
+    );
+    let cut = &long[0];
+    assert_eq!(path_of(cut).0, "relayed", "{cut}");
+    assert_eq!(cut["finish_reason"], "interrupted", "{cut}");
+    assert_eq!(cut["receipt_verified"], true, "{cut}");
+    let tokens = cut["completion_tokens"].as_u64().unwrap_or(0);
+    assert!(tokens > 0 && tokens < 6000, "{cut}");
+    assert!(
+        ms(cut, "total_ms") < (CIRCUIT_SECS * 1000) as f64,
+        "ended inside the {CIRCUIT_SECS} s circuit: {cut}"
+    );
+
+    eprintln!(
+        "figures: reachable {:.1} s after start (model load included), first job {:.1} s after start; \
+         LAN 2 job 1 over {first_path}: {:.0} ms (ttft {:.0} ms), job 2 over the punched connection: {:.0} ms (ttft {:.0} ms); \
+         relayed jobs behind a symmetric NAT: {:.0} / {:.0} ms; a {CIRCUIT_SECS} s circuit ended a job after {tokens} tokens in {:.1} s",
+        to_reachable.as_secs_f64(),
+        first_job.as_secs_f64(),
+        ms(&upgraded_jobs[0], "total_ms"),
+        ms(&upgraded_jobs[0], "ttft_ms"),
+        ms(&upgraded_jobs[1], "total_ms"),
+        ms(&upgraded_jobs[1], "ttft_ms"),
+        ms(&relayed[0], "total_ms"),
+        ms(&relayed[1], "total_ms"),
+        ms(cut, "total_ms") / 1e3,
+    );
+}
