@@ -272,7 +272,11 @@ pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> 
             // Give the listeners a moment to bind before printing where they are.
             tokio::time::sleep(Duration::from_millis(100)).await;
             for addr in node.listen_addrs().await {
-                eprintln!("listening on {addr}/p2p/{id}");
+                if addr.iter().last() == Some(Protocol::P2p(id)) {
+                    eprintln!("listening on {addr}");
+                } else {
+                    eprintln!("listening on {addr}/p2p/{id}");
+                }
             }
             let stop = tokio_util::sync::CancellationToken::new();
             if let Some(addr) = metrics {

@@ -108,7 +108,12 @@ impl Shared {
             }
         }
         let mut out: Vec<String> = Vec::new();
-        for a in addrs {
+        for mut a in addrs {
+            // The advert names the node already; without its id a relayed address fits
+            // the 128-byte bound.
+            if a.iter().last() == Some(tessera_net::Protocol::P2p(self.peer_id)) {
+                a.pop();
+            }
             let a = a.to_string();
             if a.len() <= tessera_protocol::advert::MAX_NAME_BYTES && !out.contains(&a) {
                 out.push(a);
