@@ -296,7 +296,14 @@ impl Lab {
     fn spawn_ask(&mut self, name: &str, ns: &str, args: &[&str]) -> AskRun {
         let log = std::fs::File::create(self.log_path(name)).expect("log");
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(ns), env!("CARGO_BIN_EXE_tessera"), "ask", "--json"])
+            .args([
+                "netns",
+                "exec",
+                &self.ns(ns),
+                env!("CARGO_BIN_EXE_tessera"),
+                "ask",
+                "--json",
+            ])
             .args(args)
             .env("RUST_LOG", "info,libp2p=warn")
             .stdin(Stdio::null())
@@ -328,8 +335,19 @@ impl Lab {
         self.router(2, false);
         if block {
             must(Command::new("ip").args([
-                "netns", "exec", &self.ns("nat2"), "nft", "insert", "rule", "ip", "filter",
-                "forward", "ip", "daddr", NODE_WAN, "drop",
+                "netns",
+                "exec",
+                &self.ns("nat2"),
+                "nft",
+                "insert",
+                "rule",
+                "ip",
+                "filter",
+                "forward",
+                "ip",
+                "daddr",
+                NODE_WAN,
+                "drop",
             ]));
         }
     }
@@ -586,19 +604,29 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         .filter_map(Value::as_str)
         .collect();
     assert!(
-        advert.iter().any(|a| a.starts_with(&format!("{relay}/p2p-circuit"))),
+        advert
+            .iter()
+            .any(|a| a.starts_with(&format!("{relay}/p2p-circuit"))),
         "the advert carries the relayed address: {advert:?}"
     );
     assert!(
-        advert.iter().all(|a| !a.contains("/ip4/10.") && !a.contains("/ip4/127.")),
+        advert
+            .iter()
+            .all(|a| !a.contains("/ip4/10.") && !a.contains("/ip4/127.")),
         "no private address in the advert: {advert:?}"
     );
     for job in &jobs {
         assert_eq!(job["receipt_verified"], true, "{job}");
-        assert!(job["text"].as_str().unwrap_or_default().contains("Paris"), "{job}");
+        assert!(
+            job["text"].as_str().unwrap_or_default().contains("Paris"),
+            "{job}"
+        );
     }
     let (kind, remote) = path_of(&jobs[0]);
-    assert_eq!(kind, "relayed", "the first job runs over the relay: {jobs:?}");
+    assert_eq!(
+        kind, "relayed",
+        "the first job runs over the relay: {jobs:?}"
+    );
     assert!(remote.contains("/p2p-circuit"), "{remote}");
     // The peer never dialed the node's router itself (the advert names only the relay):
     // a direct connection there was punched.
@@ -638,7 +666,10 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         assert_eq!(path_of(job).0, "relayed", "{relayed:?}");
         assert!(path_of(job).1.contains("/p2p-circuit"), "{job}");
         assert_eq!(job["receipt_verified"], true, "{job}");
-        assert!(job["text"].as_str().unwrap_or_default().contains("Paris"), "{job}");
+        assert!(
+            job["text"].as_str().unwrap_or_default().contains("Paris"),
+            "{job}"
+        );
     }
     let failed = lab.wait_for("node", "hole punching failed", 30);
     assert!(failed.contains("staying on the relay"), "{failed}");
