@@ -467,6 +467,67 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     lab.wait_for("coordinator", "OpenAI-compatible API", 60);
     let relay = format!("/ip4/{COORD_IP}/tcp/{COORD_P2P}/p2p/{coord}");
 
+    // 0. `tessera node --check` tells a home node's owner how it is reached and what to
+    // change, and a public one that nothing needs doing.
+    let check = |ns: &str, listen: &str, dir: &str, extra: &[&str]| {
+        let dir = lab.dir.path().join(dir);
+        let mut cmd = vec![
+            env!("CARGO_BIN_EXE_tessera"),
+            "node",
+            "--check",
+            "--check-secs",
+            "30",
+            "--listen",
+            listen,
+            "--bootstrap",
+            &relay,
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+        ];
+        cmd.extend_from_slice(extra);
+        let out = lab.exec(ns, &cmd);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Another port than the node's: the check's connections linger in TIME_WAIT.
+    let (ok, home) = check("lan1", "/ip4/0.0.0.0/tcp/7401", "check-home", &[]);
+    eprintln!("tessera node --check behind NAT:\n{home}");
+    assert!(ok, "{home}");
+    assert!(
+        home.contains("result: behind NAT, reached through relay"),
+        "{home}"
+    );
+    assert!(
+        home.contains(&format!(
+            "AutoNAT: /ip4/{NODE_WAN}/tcp/7401 is not reachable"
+        )),
+        "{home}"
+    );
+    assert!(
+        home.contains("peers see this node as /ip4/203.0.113.11/tcp/7401"),
+        "{home}"
+    );
+    assert!(home.contains("UPnP: no gateway answered"), "{home}");
+    assert!(
+        home.contains("enable UPnP on your router, or forward TCP and UDP 7401"),
+        "{home}"
+    );
+    let (ok, public) = check(
+        "pub",
+        &format!("/ip4/{COORD_IP}/tcp/7500"),
+        "check-public",
+        &["--no-upnp"],
+    );
+    eprintln!("tessera node --check on the public side:\n{public}");
+    assert!(ok, "{public}");
+    assert!(
+        public.contains(&format!("result: public at /ip4/{COORD_IP}/tcp/7500")),
+        "{public}"
+    );
+    assert!(public.contains("what to do: nothing"), "{public}");
+
     // 1. The node joins from LAN 1 and learns that it is behind NAT, reached through the
     // coordinator's relay.
     let node_dir = lab.dir.path().join("node-data");
@@ -498,6 +559,8 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
             "10",
             "--payout",
             PAYOUT,
+            "--metrics",
+            "127.0.0.1:9101",
         ],
     );
     let line = lab.wait_for("node", "reachability:", 120);
@@ -699,6 +762,80 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         "ended inside the {CIRCUIT_SECS} s circuit: {cut}"
     );
     lab.wait_for("node", "the relay circuit is near its limit", 5);
+
+    // The figures on /metrics: connections by kind, hole punching by outcome, relayed bytes,
+    // reservations held by the node and on the coordinator's relay.
+    let node_metrics = String::from_utf8_lossy(
+        &lab.exec("lan1", &["curl", "-s", "http://127.0.0.1:9101/metrics"])
+            .stdout,
+    )
+    .into_owned();
+    let figure = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(
+        figure(
+            &node_metrics,
+            "tessera_node_net_connections_opened_total{kind=\"relayed\"}"
+        ) >= 3.0,
+        "{node_metrics}"
+    );
+    assert!(
+        figure(
+            &node_metrics,
+            "tessera_node_net_connections_opened_total{kind=\"upgraded\"}"
+        ) >= 1.0,
+        "{node_metrics}"
+    );
+    assert!(
+        figure(
+            &node_metrics,
+            "tessera_node_net_dcutr_attempts_total{outcome=\"success\"}"
+        ) >= 1.0,
+        "{node_metrics}"
+    );
+    assert!(
+        figure(
+            &node_metrics,
+            "tessera_node_net_dcutr_attempts_total{outcome=\"failure\"}"
+        ) >= 1.0,
+        "{node_metrics}"
+    );
+    assert!(
+        figure(
+            &node_metrics,
+            "tessera_node_net_relayed_bytes_total{direction=\"out\"}"
+        ) > 100_000.0,
+        "{node_metrics}"
+    );
+    assert_eq!(
+        figure(&node_metrics, "tessera_node_net_reservations "),
+        1.0,
+        "{node_metrics}"
+    );
+    let coord_metrics = String::from_utf8_lossy(
+        &lab.exec(
+            "pub",
+            &["curl", "-s", &format!("http://{COORD_IP}:8080/metrics")],
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        figure(&coord_metrics, "tessera_net_relay_reservations ") >= 1.0,
+        "{coord_metrics}"
+    );
+    assert!(
+        figure(
+            &coord_metrics,
+            "tessera_net_relay_circuits_total{outcome=\"accepted\"}"
+        ) >= 3.0,
+        "{coord_metrics}"
+    );
 
     eprintln!(
         "figures: reachable {:.1} s after start (model load included), first job {:.1} s after start; \

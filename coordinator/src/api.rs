@@ -1446,6 +1446,185 @@ mod tests {
         }
     }
 
+    /// A node on a real swarm that answers every job with "Paris" and ends it
+    /// `interrupted`, with a valid receipt, as a node does before its relay circuit closes.
+    async fn interrupting_node(f: &Fixture, price: Price) -> tessera_net::NetHandle {
+        use futures::{AsyncWriteExt, StreamExt};
+        use tessera_protocol::job::{MAX_EVENT_FRAME, MAX_REQUEST_FRAME};
+        use tessera_protocol::transcript::{Fingerprint, FINGERPRINT_TOP_K};
+        use tessera_protocol::wire::{read_frame, write_frame};
+        use tessera_protocol::{
+            FinishReason, JobEvent, JobRequest, JobResult, Receipt, Signed, TokenRecord,
+            TranscriptCommitment, Usage,
+        };
+        let coordinator = f._net.peer_id();
+        let addr = loop {
+            if let Some(a) = f._net.listen_addrs().await.into_iter().next() {
+                break a.with(tessera_net::Protocol::P2p(coordinator));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let key = Keypair::generate_ed25519();
+        let config = NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            bootstrap: vec![addr],
+            ..NetConfig::default()
+        };
+        let (net, _events, _task) = tessera_net::start(key.clone(), &config)
+            .await
+            .expect("node swarm");
+        let mut incoming = net
+            .control()
+            .accept(tessera_net::job_protocol())
+            .expect("accept");
+        tokio::spawn(async move {
+            while let Some((_, stream)) = incoming.next().await {
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = futures::AsyncReadExt::split(stream);
+                    let Ok(Some(signed)) =
+                        read_frame::<_, Signed<JobRequest>>(&mut r, MAX_REQUEST_FRAME).await
+                    else {
+                        return;
+                    };
+                    let Ok(coordinator) = signed.verify() else {
+                        return;
+                    };
+                    let req = signed.body;
+                    let records = vec![TokenRecord {
+                        position: 30,
+                        token: 42,
+                        fingerprint: Fingerprint {
+                            ids: [0; FINGERPRINT_TOP_K],
+                            logits: [0; FINGERPRINT_TOP_K],
+                        },
+                    }];
+                    let commitment = TranscriptCommitment::from_records(&records);
+                    let usage = Usage {
+                        prompt_tokens: 30,
+                        completion_tokens: 1,
+                    };
+                    let receipt = Receipt {
+                        job_id: req.job_id,
+                        node: key.public().to_peer_id(),
+                        coordinator,
+                        payer: req.payer.clone(),
+                        module: req.module.clone(),
+                        input_hash: req.input.hash(),
+                        sampling: req.sampling.clone(),
+                        usage,
+                        finish_reason: FinishReason::Interrupted,
+                        price,
+                        cost: price.cost(30, 1).expect("cost"),
+                        commitment,
+                        started_ms: tessera_protocol::now_ms(),
+                        finished_ms: tessera_protocol::now_ms(),
+                        verdict: None,
+                    };
+                    let receipt = Signed::sign(receipt, &key).expect("sign");
+                    for event in [
+                        JobEvent::Accepted { queued: 0 },
+                        JobEvent::Delta("Paris".into()),
+                        JobEvent::Transcript(records),
+                        JobEvent::Result(Box::new(JobResult {
+                            usage,
+                            finish_reason: FinishReason::Interrupted,
+                            commitment,
+                            ttft_ms: 1,
+                            decode_ms: 1,
+                            receipt,
+                        })),
+                    ] {
+                        if write_frame(&mut w, &event, MAX_EVENT_FRAME).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = w.close().await;
+                });
+            }
+        });
+        let node = net.peer_id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f
+            ._net
+            .net()
+            .connected_peers()
+            .await
+            .expect("peers")
+            .contains(&node)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the node never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut advert = crate::table::tests::advert(node, 1, AdvertStatus::Online);
+        advert.modules = vec![ModuleOffer {
+            module: crate::table::tests::module(3),
+            alias: MODEL.into(),
+            price,
+            latency: LatencyStats::default(),
+            numerics: "tessera-tiles-2".into(),
+        }];
+        f.state.table.write().expect("table").apply(
+            &NetEvent::Advert(Box::new(advert)),
+            std::time::Instant::now(),
+        );
+        net
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_by_a_relay_limit_is_billed_and_says_so() {
+        let f = fixture(&[], RateLimits::default(), false).await;
+        let price = Price {
+            per_1k_input: Amount(1000),
+            per_1k_output: Amount(4000),
+        };
+        let _node = interrupting_node(&f, price).await;
+        let chat = "/v1/chat/completions";
+        // Whole: the text delivered, finish_reason "length", and why in `tessera`.
+        let (status, _, body) = call(
+            f.app.clone(),
+            post_req(chat, Some(&f.key), chat_body(MODEL)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "Paris", "{body}");
+        assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+        let why = body["tessera"]["interrupted"].as_str().expect("why");
+        assert!(
+            why.contains("relay circuit") && why.contains("are billed"),
+            "{why}"
+        );
+        assert_eq!(
+            body["tessera"]["cost"], "34",
+            "30 prompt + 1 generated token"
+        );
+        let receipt = body["tessera"]["receipt"]
+            .as_str()
+            .expect("receipt")
+            .to_owned();
+        let (status, _, r) = call(
+            f.app.clone(),
+            get_req(&format!("/v1/receipts/{receipt}"), Some(&f.key)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(r["charged"], "34", "{r}");
+        assert_eq!(r["receipt"]["body"]["finish_reason"], "interrupted", "{r}");
+        // Streamed: the text, then an error event that names the bill, and no [DONE].
+        let mut streamed = chat_body(MODEL);
+        streamed["stream"] = json!(true);
+        let (status, _, body) = call(f.app.clone(), post_req(chat, Some(&f.key), streamed)).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = body.as_str().expect("SSE text");
+        assert!(text.contains("Paris"), "{text}");
+        assert!(text.contains("\"code\":\"node_interrupted\""), "{text}");
+        assert!(text.contains("are billed"), "{text}");
+        assert!(!text.contains("[DONE]"), "{text}");
+    }
+
     #[tokio::test]
     async fn receipts_and_accounts_need_the_owner_key() {
         let f = fixture(&[], RateLimits::default(), false).await;

@@ -224,7 +224,7 @@ mod tests {
         );
         bytes.store(800 << 10, Ordering::Relaxed);
         assert!(!b.must_end(t0, 10, 128));
-        assert!(b.must_end(t0, 600, 128), "the transcript would not fit");
+        assert!(b.must_end(t0, 1000, 128), "the transcript would not fit");
         let unlimited = CircuitBudget::new(t0, None, None, None);
         assert!(!unlimited.must_end(t0 + Duration::from_secs(86_400), 1 << 20, 128));
     }

@@ -182,3 +182,80 @@ impl NetworkBehaviour for PreferDirect {
         self.inner.poll(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn established(b: &mut PreferDirect, peer: PeerId, id: usize, endpoint: &ConnectedPoint) {
+        b.on_swarm_event(FromSwarm::ConnectionEstablished(ConnectionEstablished {
+            peer_id: peer,
+            connection_id: ConnectionId::new_unchecked(id),
+            endpoint,
+            failed_addresses: &[],
+            other_established: 0,
+        }));
+    }
+
+    fn closed(b: &mut PreferDirect, peer: PeerId, id: usize, endpoint: &ConnectedPoint) {
+        b.on_swarm_event(FromSwarm::ConnectionClosed(ConnectionClosed {
+            peer_id: peer,
+            connection_id: ConnectionId::new_unchecked(id),
+            endpoint,
+            cause: None,
+            remaining_established: 0,
+        }));
+    }
+
+    fn shown(b: &PreferDirect, peer: &PeerId) -> Vec<(bool, bool)> {
+        b.conns
+            .get(peer)
+            .map(|v| v.iter().map(|c| (c.relayed, c.shown)).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn new_streams_see_relayed_connections_only_while_no_direct_one_is_up() {
+        let mut b = PreferDirect::new();
+        let peer = PeerId::random();
+        let relayed = ConnectedPoint::Listener {
+            local_addr: "/ip4/203.0.113.1/tcp/7300/p2p/12D3KooWQYV9dGMFoRzNStwpXztXaBUjtPqi6aU76ZgUriHhKust/p2p-circuit"
+                .parse()
+                .expect("addr"),
+            send_back_addr: Multiaddr::empty().with(libp2p::multiaddr::Protocol::P2p(peer)),
+        };
+        let direct = ConnectedPoint::Dialer {
+            address: "/ip4/203.0.113.11/tcp/7400".parse().expect("addr"),
+            role_override: Endpoint::Listener,
+            port_use: PortUse::Reuse,
+        };
+        assert!(relayed.is_relayed() && !direct.is_relayed());
+        established(&mut b, peer, 1, &relayed);
+        assert_eq!(
+            shown(&b, &peer),
+            [(true, true)],
+            "alone, the relay carries streams"
+        );
+        established(&mut b, peer, 2, &direct);
+        assert_eq!(
+            shown(&b, &peer),
+            [(true, false), (false, true)],
+            "a punched connection takes the new streams"
+        );
+        established(&mut b, peer, 3, &relayed);
+        assert_eq!(
+            shown(&b, &peer)[2],
+            (true, false),
+            "a later circuit stays hidden"
+        );
+        closed(&mut b, peer, 2, &direct);
+        assert_eq!(
+            shown(&b, &peer),
+            [(true, true), (true, true)],
+            "without a direct connection the relayed ones carry streams again"
+        );
+        closed(&mut b, peer, 1, &relayed);
+        closed(&mut b, peer, 3, &relayed);
+        assert!(b.conns.is_empty(), "nothing kept for a peer that is gone");
+    }
+}
