@@ -64,7 +64,7 @@ pub async fn check(config: NodeConfig, wait: Duration) -> Result<()> {
     }
     let r = reach.borrow().clone();
     for addr in &r.observed {
-        eprintln!("  peers see this node as {addr}");
+        eprintln!("  peers see this node come from {addr}");
     }
     for addr in &r.public {
         eprintln!("  reachable from outside at {addr}");

@@ -506,7 +506,11 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         "{home}"
     );
     assert!(
-        home.contains("peers see this node as /ip4/203.0.113.11/tcp/7401"),
+        home.contains("peers see this node come from /ip4/203.0.113.11/tcp/7401"),
+        "{home}"
+    );
+    assert!(
+        home.contains("your public IP, as peers see it: 203.0.113.11"),
         "{home}"
     );
     assert!(home.contains("UPnP: no gateway answered"), "{home}");
@@ -569,20 +573,6 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         line.contains(&format!("behind NAT, reached through relay {relay}")),
         "{line}"
     );
-    // The NAT is real: nothing outside opens a connection to the node's router or LAN.
-    assert!(
-        !lab.tcp_connects("pub", NODE_WAN, 7400),
-        "the router let in an unsolicited connection"
-    );
-    assert!(
-        !lab.tcp_connects("pub", "10.1.0.2", 7400),
-        "LAN 1 is routable from outside"
-    );
-    assert!(
-        lab.tcp_connects("lan1", COORD_IP, 8080),
-        "LAN 1 reaches the public side"
-    );
-
     // 2. A job from the coordinator reaches the node over the node's own connection and
     // settles with a verified receipt.
     let body = r#"{"model":"smollm2-135m-instruct","max_tokens":16,"temperature":0,"messages":[{"role":"user","content":"Name the capital of France."}]}"#;
@@ -631,6 +621,20 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     );
     let receipt: Value = serde_json::from_slice(&out.stdout).expect("receipt json");
     assert_eq!(receipt["signature_valid"], true, "{receipt}");
+
+    // The NAT is real: nothing outside opens a connection to the node's router or LAN.
+    assert!(
+        !lab.tcp_connects("pub", NODE_WAN, 7400),
+        "the router let in an unsolicited connection"
+    );
+    assert!(
+        !lab.tcp_connects("pub", "10.1.0.2", 7400),
+        "LAN 1 is routable from outside"
+    );
+    assert!(
+        lab.tcp_connects("lan1", COORD_IP, 8080),
+        "LAN 1 reaches the public side"
+    );
 
     // 3. A peer in LAN 2 reaches the node through the relay and completes a job while its
     // router drops what it sends straight to the node's, so the first punch fails; then

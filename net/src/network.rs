@@ -378,6 +378,15 @@ pub async fn start(
         })
         .map_err(|e| NetError::Build(behaviour_error.clone().unwrap_or_else(|| e.to_string())))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        // An AutoNAT server must see a dial-back fail before the client's and its own
+        // 10 s request timeouts: behind a NAT that drops unsolicited packets (most), a
+        // dial only ends at this timeout, and at libp2p's 10 s the client never hears
+        // "unreachable", only a timeout.
+        .with_connection_timeout(if config.autonat_server {
+            Duration::from_secs(7)
+        } else {
+            Duration::from_secs(10)
+        })
         .build();
 
     let topic = gossipsub::IdentTopic::new(ADVERTS_TOPIC);
@@ -404,9 +413,6 @@ pub async fn start(
         };
         relay_candidates.insert(peer, addr.clone());
         swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-        if let Err(e) = swarm.dial(addr.clone()) {
-            tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
-        }
     }
 
     let control = swarm.behaviour().stream.new_control();
@@ -447,6 +453,8 @@ pub async fn start(
             relay_candidates,
             relay_listeners: HashMap::new(),
             upgraded_early: Vec::new(),
+            bootstrap: config.bootstrap.clone(),
+            served_reservations: Default::default(),
             metrics,
         }
         .run(),
@@ -478,16 +486,28 @@ struct EventLoop {
     relay_listeners: HashMap<PeerId, ListenerId>,
     /// Connections hole punching reported before the swarm did (a few at most).
     upgraded_early: Vec<ConnectionId>,
+    /// Peers holding a reservation on this relay.
+    served_reservations: std::collections::HashSet<PeerId>,
+    /// Bootstrap peers not dialed yet: they are dialed once a listener is up, so the
+    /// connection leaves from the listen port (what a NAT then maps, and what peers see).
+    bootstrap: Vec<Multiaddr>,
     metrics: NetMetrics,
 }
 
 impl EventLoop {
     async fn run(mut self) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                _ = tick.tick() => self.count_relayed_bytes(),
+                _ = tick.tick() => {
+                    // No listener came up within a tick: dial from any port.
+                    self.dial_bootstrap();
+                    self.count_relayed_bytes();
+                }
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown { reply }) => {
                         self.close_all();
@@ -586,6 +606,7 @@ impl EventLoop {
                     self.swarm.add_external_address(address.clone());
                 }
                 self.refresh_reachability();
+                self.dial_bootstrap();
                 self.emit(NetEvent::Listening(address));
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
@@ -846,6 +867,14 @@ impl EventLoop {
 }
 
 impl EventLoop {
+    fn dial_bootstrap(&mut self) {
+        for addr in std::mem::take(&mut self.bootstrap) {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+    }
+
     fn paths(&self, peer: PeerId) -> Vec<Path> {
         self.conns
             .values()
@@ -954,11 +983,17 @@ impl EventLoop {
             } => {
                 if !renewed {
                     tracing::info!(peer = %src_peer_id, "relaying for a peer behind NAT");
-                    m.relay_reservations.inc();
                 }
+                // Bounded by the relay's max_reservations.
+                self.served_reservations.insert(src_peer_id);
+                m.relay_reservations
+                    .set(self.served_reservations.len() as i64);
             }
-            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
-                m.relay_reservations.dec();
+            relay::Event::ReservationClosed { src_peer_id }
+            | relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.served_reservations.remove(&src_peer_id);
+                m.relay_reservations
+                    .set(self.served_reservations.len() as i64);
             }
             relay::Event::CircuitReqAccepted {
                 src_peer_id,
@@ -972,7 +1007,7 @@ impl EventLoop {
                 dst_peer_id,
                 status,
             } => {
-                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied");
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied");
                 NetMetrics::outcome(&m.relay_circuits, "denied");
             }
             relay::Event::CircuitClosed {

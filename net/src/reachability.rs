@@ -94,20 +94,28 @@ impl Reachability {
                 .join(", ")
         };
         let mut out = Vec::new();
+        let ip = self.observed.first().and_then(public_ip);
+        let external = format!(
+            "--external /ip4/{}/tcp/{}",
+            ip.as_deref().unwrap_or("YOUR_PUBLIC_IP"),
+            listen_ports
+                .first()
+                .map_or_else(|| "PORT".to_owned(), u16::to_string)
+        );
         match self.upnp {
             UpnpStatus::NoGateway | UpnpStatus::Searching => out.push(format!(
-                "enable UPnP on your router, or forward {ports} to this machine and start the node with --external /ip4/YOUR_PUBLIC_IP/tcp/PORT"
+                "enable UPnP on your router, or forward {ports} to this machine and start the node with {external}"
             )),
             UpnpStatus::NonRoutable => out.push(
                 "your router is itself behind another NAT (carrier-grade NAT): port forwarding cannot help; the relay carries your jobs".to_owned(),
             ),
             UpnpStatus::Off => out.push(format!(
-                "forward {ports} on your router to this machine and start the node with --external /ip4/YOUR_PUBLIC_IP/tcp/PORT (or drop --no-upnp)"
+                "forward {ports} on your router to this machine and start the node with {external} (or drop --no-upnp)"
             )),
             UpnpStatus::Mapped => {}
         }
-        if let Some(seen) = self.observed.first() {
-            out.push(format!("peers see you as {seen}"));
+        if let Some(ip) = self.observed.first().and_then(public_ip) {
+            out.push(format!("your public IP, as peers see it: {ip}"));
         }
         if self.relayed.is_empty() {
             out.push(
@@ -117,6 +125,15 @@ impl Reachability {
             out.push("hole punching failed: jobs keep working over the relay, more slowly; forwarding a port removes the relay".to_owned());
         }
         out
+    }
+}
+
+/// The IP of an address (`/ip4/…` or `/ip6/…`), for the operator.
+pub fn public_ip(addr: &Multiaddr) -> Option<String> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.to_string()),
+        Protocol::Ip6(ip) => Some(ip.to_string()),
+        _ => None,
     }
 }
 
