@@ -157,7 +157,8 @@ impl CoordinatorConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self, StartError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StartError::Config(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
+        tessera_net::config::from_toml_over(&Self::default(), &text)
+            .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
     }
 
     /// Checks ranges once, before anything starts.
@@ -428,6 +429,10 @@ mod tests {
         assert_eq!(c.queue_timeout, Duration::from_millis(2500));
         assert_eq!(c.max_attempts, 2);
         assert_eq!(c.requests_per_minute, 600, "defaults kept");
+        assert!(
+            c.net.relay.serve && c.net.public && c.net.autonat_server,
+            "a [net] table keeps the coordinator's own defaults"
+        );
         c.validate().expect("valid");
         std::fs::write(&path, "[settlement]\nbatch_interval = 2.5\n").expect("write");
         let c = CoordinatorConfig::from_toml_file(&path).expect("parse");

@@ -1,6 +1,7 @@
 //! Network settings shared by nodes and coordinators.
 
 use libp2p::Multiaddr;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -129,6 +130,40 @@ impl NetConfig {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_naming_one_key_of_a_table_keeps_the_owners_other_defaults() {
+        let owner = NetConfig {
+            public: true,
+            upnp: true,
+            relay: RelayConfig {
+                serve: true,
+                ..RelayConfig::default()
+            },
+            ..NetConfig::default()
+        };
+        let text = "listen = [\"/ip4/0.0.0.0/tcp/9000\"]\n[relay]\nmax_circuits = 7\n";
+        let c = from_toml_over(&owner, text).expect("parse");
+        assert_eq!(
+            c.listen,
+            vec!["/ip4/0.0.0.0/tcp/9000".parse::<Multiaddr>().expect("addr")]
+        );
+        assert!(
+            c.public && c.upnp && c.relay.serve,
+            "the owner's defaults stay"
+        );
+        assert_eq!(c.relay.max_circuits, 7);
+        assert_eq!(c.ping_interval, Duration::from_secs(1));
+        let err = from_toml_over(&owner, "publik = true").unwrap_err();
+        assert!(err.contains("publik"), "{err}");
+        let err = from_toml_over(&owner, "[relay]\nserve = 3").unwrap_err();
+        assert!(err.contains("serve"), "{err}");
+    }
+}
+
 impl Default for NetConfig {
     fn default() -> Self {
         Self {
@@ -151,6 +186,36 @@ impl Default for NetConfig {
             autonat_server: false,
             relay: RelayConfig::default(),
         }
+    }
+}
+
+/// Reads a TOML document over `defaults`: a key the file leaves out keeps its default, in
+/// nested tables too. Serde's own defaults would rebuild a `[net]` table the file names from
+/// `NetConfig::default()`, dropping what the owner set (a coordinator's `public = true`, a
+/// node's `upnp = true`) as soon as the file sets `listen`. Arrays are replaced whole.
+pub fn from_toml_over<T: Serialize + DeserializeOwned>(
+    defaults: &T,
+    text: &str,
+) -> Result<T, String> {
+    let mut base = toml::Value::try_from(defaults).map_err(|e| format!("defaults: {e}"))?;
+    let over: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    merge(&mut base, toml::Value::Table(over));
+    base.try_into().map_err(|e: toml::de::Error| e.to_string())
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(old) => merge(old, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
     }
 }
 

@@ -152,9 +152,11 @@ impl NodeConfig {
             path: path.to_owned(),
             cause,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            cause: e.to_string(),
+        tessera_net::config::from_toml_over(&Self::default(), &text).map_err(|cause| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                cause,
+            }
         })
     }
 
@@ -240,6 +242,25 @@ mod tests {
             "nested default kept"
         );
         c.validate().expect("valid");
+    }
+
+    #[test]
+    fn a_file_with_a_net_table_keeps_the_nodes_network_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "[[models]]\nmodel = \"smollm2-135m-instruct\"\n[net]\nlisten = [\"/ip4/0.0.0.0/tcp/9000\"]\n",
+        )
+        .expect("write");
+        let c = NodeConfig::from_toml_file(&path).expect("parse");
+        assert!(c.net.upnp, "UPnP stays on for a node");
+        assert_eq!(c.net.listen.len(), 1);
+        assert_eq!(c.max_jobs, 16);
+        c.validate().expect("valid");
+        std::fs::write(&path, "max_job = 3").expect("write");
+        let err = NodeConfig::from_toml_file(&path).unwrap_err().to_string();
+        assert!(err.contains("max_job"), "{err}");
     }
 
     #[test]
