@@ -307,17 +307,27 @@ pub fn node(home: &Path, args: NodeArgs, fetch: impl Fn(&str) -> Result<()>) -> 
             let mut reach = node.reachability();
             let reach_task = tokio::spawn(async move {
                 let mut last = String::new();
+                // Not knowing after this long is itself the answer, and it needs a fix.
+                let give_up = tokio::time::sleep(Duration::from_secs(30));
+                tokio::pin!(give_up);
+                let mut waiting = true;
                 loop {
                     let line = {
                         let r = reach.borrow_and_update();
-                        r.known().then(|| r.summary())
+                        (r.known() || !waiting).then(|| r.summary())
                     };
                     if let Some(line) = line.filter(|l| *l != last) {
-                        eprintln!("reachability: {line}");
+                        let hint = if line.starts_with("not reachable") {
+                            " (run `tessera node --check` for what to change)"
+                        } else {
+                            ""
+                        };
+                        eprintln!("reachability: {line}{hint}");
                         last = line;
                     }
-                    if reach.changed().await.is_err() {
-                        break;
+                    tokio::select! {
+                        changed = reach.changed() => if changed.is_err() { break },
+                        () = &mut give_up, if waiting => waiting = false,
                     }
                 }
             });

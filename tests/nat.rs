@@ -641,22 +641,20 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     // the router lets it through, hole punching upgrades the connection on a retry, and
     // the next job runs on the direct connection.
     let circuit = format!("{relay}/p2p-circuit/p2p/{node}");
+    // Two jobs; before the second, wait up to 40 s for a direct connection.
+    let two_jobs = [
+        "--node",
+        circuit.as_str(),
+        "--max-tokens",
+        "16",
+        "--jobs",
+        "2",
+        "--wait-direct",
+        "40",
+        "Name the capital of France.",
+    ];
     lab.block_lan2_to_node(true);
-    let ask = lab.spawn_ask(
-        "ask-upgrade",
-        "lan2",
-        &[
-            "--node",
-            circuit.as_str(),
-            "--max-tokens",
-            "16",
-            "--jobs",
-            "2",
-            "--wait-direct",
-            "40",
-            "Name the capital of France.",
-        ],
-    );
+    let ask = lab.spawn_ask("ask-upgrade", "lan2", &two_jobs);
     let first = ask.next(&lab, 60);
     lab.block_lan2_to_node(false);
     let unblocked = Instant::now();
@@ -712,21 +710,7 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     // 4. Behind an endpoint-dependent NAT hole punching fails, as it must (three attempts),
     // and jobs still complete over the relay.
     lab.router(2, true);
-    let ask = lab.spawn_ask(
-        "ask-symmetric",
-        "lan2",
-        &[
-            "--node",
-            circuit.as_str(),
-            "--max-tokens",
-            "16",
-            "--jobs",
-            "2",
-            "--wait-direct",
-            "40",
-            "Name the capital of France.",
-        ],
-    );
+    let ask = lab.spawn_ask("ask-symmetric", "lan2", &two_jobs);
     let relayed = vec![ask.next(&lab, 60), ask.next(&lab, 60)];
     eprintln!("LAN 2, endpoint-dependent NAT: {relayed:?}");
     for job in &relayed {
