@@ -245,6 +245,23 @@ impl Lab {
         self.children.push((name.to_owned(), child));
     }
 
+    /// Kills process `name` (SIGKILL: a crash, not a goodbye).
+    fn kill(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.swap_remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// How many lines of `name`'s log contain `needle`.
+    fn count(&self, name: &str, needle: &str) -> usize {
+        self.log(name)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Waits for a line of `name`'s log containing `needle`; returns it.
     fn wait_for(&self, name: &str, needle: &str, secs: u64) -> String {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -445,25 +462,27 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     let coord_dir = lab.dir.path().join("coordinator");
     let (api_key, coord) = coordinator_dir(&coord_dir);
     let (circuit_secs, circuit_bytes) = (CIRCUIT_SECS.to_string(), CIRCUIT_BYTES.to_string());
-    lab.spawn(
-        "coordinator",
-        "pub",
-        &[
-            "coordinator",
-            "--http",
-            &format!("{COORD_IP}:8080"),
-            "--data-dir",
-            coord_dir.to_str().expect("utf-8"),
-            "--listen",
-            &format!("/ip4/{COORD_IP}/tcp/{COORD_P2P}"),
-            "--listen",
-            &format!("/ip4/{COORD_IP}/udp/{COORD_P2P}/quic-v1"),
-            "--relay-circuit-secs",
-            &circuit_secs,
-            "--relay-circuit-bytes",
-            &circuit_bytes,
-        ],
+    let http = format!("{COORD_IP}:8080");
+    let (tcp, quic) = (
+        format!("/ip4/{COORD_IP}/tcp/{COORD_P2P}"),
+        format!("/ip4/{COORD_IP}/udp/{COORD_P2P}/quic-v1"),
     );
+    let coordinator_args = [
+        "coordinator",
+        "--http",
+        &http,
+        "--data-dir",
+        coord_dir.to_str().expect("utf-8"),
+        "--listen",
+        &tcp,
+        "--listen",
+        &quic,
+        "--relay-circuit-secs",
+        &circuit_secs,
+        "--relay-circuit-bytes",
+        &circuit_bytes,
+    ];
+    lab.spawn("coordinator", "pub", &coordinator_args);
     lab.wait_for("coordinator", "OpenAI-compatible API", 60);
     let relay = format!("/ip4/{COORD_IP}/tcp/{COORD_P2P}/p2p/{coord}");
 
@@ -825,10 +844,31 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         "{coord_metrics}"
     );
 
+    // 7. The coordinator crashes and comes back: the node, which nobody outside can dial,
+    // dials it again by itself and is reachable through its relay within seconds.
+    let reservations = lab.count("node", "relay reservation accepted");
+    lab.kill("coordinator");
+    let crashed = Instant::now();
+    lab.spawn("coordinator-again", "pub", &coordinator_args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab.count("node", "relay reservation accepted") <= reservations {
+        assert!(
+            Instant::now() < deadline,
+            "the node never came back to the relay; its log:\n{}",
+            lab.log("node")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let back = crashed.elapsed();
+    assert!(lab
+        .log("node")
+        .contains("dialing a lost bootstrap peer again"));
+
     eprintln!(
         "figures: reachable {:.1} s after start (model load included), first job {:.1} s after start; \
          LAN 2 job 1 over the relay: {:.0} ms (ttft {:.0} ms), job 2 over the punched connection {:.1} s after the router let it through: {:.0} ms (ttft {:.0} ms); \
-         relayed jobs behind a symmetric NAT: {:.0} / {:.0} ms; a circuit of {CIRCUIT_BYTES} bytes ended a job after {tokens} tokens in {:.1} s",
+         relayed jobs behind a symmetric NAT: {:.0} / {:.0} ms; a circuit of {CIRCUIT_BYTES} bytes ended a job after {tokens} tokens in {:.1} s; \
+         back on the relay {:.1} s after the coordinator crashed and restarted",
         to_reachable.as_secs_f64(),
         first_job.as_secs_f64(),
         ms(&upgraded_jobs[0], "total_ms"),
@@ -839,5 +879,6 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         ms(&relayed[0], "total_ms"),
         ms(&relayed[1], "total_ms"),
         ms(cut, "total_ms") / 1e3,
+        back.as_secs_f64(),
     );
 }

@@ -455,6 +455,7 @@ pub async fn start(
             upgraded_early: Vec::new(),
             bootstrap: config.bootstrap.clone(),
             served_reservations: Default::default(),
+            redials: HashMap::new(),
             metrics,
         }
         .run(),
@@ -486,6 +487,10 @@ struct EventLoop {
     relay_listeners: HashMap<PeerId, ListenerId>,
     /// Connections hole punching reported before the swarm did (a few at most).
     upgraded_early: Vec<ConnectionId>,
+    /// Bootstrap peers lost, with when to dial them again and how many tries so far: a
+    /// peer behind NAT cannot be dialed back, so it must come back by itself (to its relay
+    /// above all). At most one entry per bootstrap peer.
+    redials: HashMap<PeerId, (Instant, u32)>,
     /// Peers holding a reservation on this relay.
     served_reservations: std::collections::HashSet<PeerId>,
     /// Bootstrap peers not dialed yet: they are dialed once a listener is up, so the
@@ -506,6 +511,7 @@ impl EventLoop {
                 _ = tick.tick() => {
                     // No listener came up within a tick: dial from any port.
                     self.dial_bootstrap();
+                    self.redial_due();
                     self.count_relayed_bytes();
                 }
                 command = self.commands.recv() => match command {
@@ -666,6 +672,7 @@ impl EventLoop {
                 };
                 self.metrics.opened(info.kind());
                 self.conns.insert(connection_id, info);
+                self.redials.remove(&peer_id);
                 if num_established.get() == 1 {
                     self.emit(NetEvent::Connected {
                         peer: peer_id,
@@ -685,11 +692,15 @@ impl EventLoop {
                     self.metrics.closed(info.kind());
                 }
                 if num_established == 0 {
+                    self.redial_later(peer_id);
                     self.emit(NetEvent::Disconnected { peer: peer_id });
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "dial failed");
+                if let Some(peer) = peer_id.filter(|p| !self.swarm.is_connected(p)) {
+                    self.redial_later(peer);
+                }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
@@ -867,6 +878,39 @@ impl EventLoop {
 }
 
 impl EventLoop {
+    /// Schedules the next dial of `peer` if it is a bootstrap peer, backing off.
+    fn redial_later(&mut self, peer: PeerId) {
+        if !self.relay_candidates.contains_key(&peer) {
+            return;
+        }
+        let tries = self.redials.get(&peer).map_or(0, |(_, n)| *n);
+        let at = Instant::now() + redial_backoff(tries);
+        self.redials.insert(peer, (at, tries + 1));
+    }
+
+    /// Dials the bootstrap peers whose time has come.
+    fn redial_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .redials
+            .iter()
+            .filter(|(p, (at, _))| *at <= now && !self.swarm.is_connected(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            if let Some(addr) = self.relay_candidates.get(&peer).cloned() {
+                tracing::info!(%addr, "dialing a lost bootstrap peer again");
+                if let Err(e) = self.swarm.dial(addr) {
+                    tracing::debug!(%peer, error = %e, "redial refused");
+                }
+                // The next try is scheduled by its failure (or cleared by its success).
+                if let Some(entry) = self.redials.get_mut(&peer) {
+                    entry.0 = now + redial_backoff(entry.1);
+                }
+            }
+        }
+    }
+
     fn dial_bootstrap(&mut self) {
         for addr in std::mem::take(&mut self.bootstrap) {
             if let Err(e) = self.swarm.dial(addr.clone()) {
@@ -1095,6 +1139,24 @@ impl EventLoop {
         m.get_or_create(&crate::metrics::DirectionLabels { direction: "out" })
             .inc_by(written.saturating_sub(self.counted.1));
         self.counted = (read, written);
+    }
+}
+
+/// Wait before the next dial of a lost bootstrap peer: 1 s, doubling, at most a minute.
+fn redial_backoff(tries: u32) -> Duration {
+    Duration::from_secs(1u64 << tries.min(6)).min(Duration::from_secs(60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redial_backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn lost_bootstrap_peers_are_dialed_again_backing_off_to_a_minute() {
+        let waits: Vec<u64> = (0..9).map(|n| redial_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(redial_backoff(u32::MAX), Duration::from_secs(60));
     }
 }
 
