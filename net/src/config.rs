@@ -113,9 +113,11 @@ impl NetConfig {
                         .into(),
                 );
             }
-            if r.max_circuit_duration < Duration::from_secs(10) {
+            if r.max_circuit_duration < Duration::from_secs(10)
+                || r.max_circuit_duration > Duration::from_secs(86_400)
+            {
                 return Err(format!(
-                    "net.relay.max_circuit_duration must be at least 10 seconds, got {:?}",
+                    "net.relay.max_circuit_duration must be 10..=86400 seconds, got {:?}",
                     r.max_circuit_duration
                 ));
             }

@@ -7,7 +7,7 @@ use crate::metrics::NetMetrics;
 use crate::reachability::{is_private, is_relayed, Reachability, UpnpStatus};
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
-use libp2p::core::Transport;
+use libp2p::core::{ConnectedPoint, Transport};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
@@ -29,6 +29,8 @@ const EVENT_BUFFER: usize = 256;
 const MAX_RELAYS: usize = 2;
 /// Circuit limits heard of before their connection is up; beyond this the oldest go.
 const MAX_PENDING_LIMITS: usize = 256;
+/// How long a circuit's limit waits for its connection before it is taken for stale.
+const PENDING_LIMIT_TTL: Duration = Duration::from_secs(10);
 /// Observed and unreachable addresses kept for the operator.
 const MAX_NOTED_ADDRS: usize = 4;
 
@@ -204,6 +206,9 @@ enum Command {
         peer: PeerId,
         reply: oneshot::Sender<Vec<Path>>,
     },
+    CloseSpentCircuits {
+        peer: PeerId,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -287,6 +292,15 @@ impl NetHandle {
     /// Every open connection to `peer`.
     pub async fn paths(&self, peer: PeerId) -> Result<Vec<Path>, NetError> {
         self.ask(|reply| Command::Paths { peer, reply }).await
+    }
+
+    /// Closes the relayed connections to `peer` whose circuit is too close to its limit to
+    /// carry another job: the next stream then takes a fresh circuit or a direct connection.
+    pub async fn close_spent_circuits(&self, peer: PeerId) -> Result<(), NetError> {
+        self.commands
+            .send(Command::CloseSpentCircuits { peer })
+            .await
+            .map_err(|_| NetError::Stopped)
     }
 
     /// How others reach this peer, kept current by the swarm task.
@@ -452,9 +466,10 @@ pub async fn start(
             reach_tx,
             relay_candidates,
             relay_listeners: HashMap::new(),
-            upgraded_early: Vec::new(),
             bootstrap: config.bootstrap.clone(),
             served_reservations: Default::default(),
+            reserved: Default::default(),
+            offers_relay: Default::default(),
             redials: HashMap::new(),
             metrics,
         }
@@ -485,12 +500,14 @@ struct EventLoop {
     relay_candidates: HashMap<PeerId, Multiaddr>,
     /// Relay reservations asked for, by relay.
     relay_listeners: HashMap<PeerId, ListenerId>,
-    /// Connections hole punching reported before the swarm did (a few at most).
-    upgraded_early: Vec<ConnectionId>,
     /// Bootstrap peers lost, with when to dial them again and how many tries so far: a
     /// peer behind NAT cannot be dialed back, so it must come back by itself (to its relay
     /// above all). At most one entry per bootstrap peer.
     redials: HashMap<PeerId, (Instant, u32)>,
+    /// Relays that accepted our reservation.
+    reserved: std::collections::HashSet<PeerId>,
+    /// Bootstrap peers that offer a relay.
+    offers_relay: std::collections::HashSet<PeerId>,
     /// Peers holding a reservation on this relay.
     served_reservations: std::collections::HashSet<PeerId>,
     /// Bootstrap peers not dialed yet: they are dialed once a listener is up, so the
@@ -598,6 +615,21 @@ impl EventLoop {
             Command::Paths { peer, reply } => {
                 let _ = reply.send(self.paths(peer));
             }
+            Command::CloseSpentCircuits { peer } => {
+                let now = Instant::now();
+                let spent: Vec<ConnectionId> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.peer == peer && c.budget.as_ref().is_some_and(|b| b.must_end(now, 0, 0))
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in spent {
+                    tracing::info!(%peer, "closing a spent relay circuit");
+                    self.swarm.close_connection(id);
+                }
+            }
             Command::Shutdown { .. } => unreachable!("handled in run"),
         }
     }
@@ -654,20 +686,12 @@ impl EventLoop {
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed = endpoint.is_relayed(), "connected");
                 let relayed = endpoint.is_relayed();
-                let budget =
-                    relayed.then(|| self.budget_for(peer_id, endpoint.get_remote_address()));
-                let upgraded = match self.upgraded_early.iter().position(|c| *c == connection_id) {
-                    Some(i) => {
-                        self.upgraded_early.swap_remove(i);
-                        true
-                    }
-                    None => false,
-                };
+                let budget = relayed.then(|| self.budget_for(peer_id, &endpoint));
                 let info = ConnInfo {
                     peer: peer_id,
                     remote: endpoint.get_remote_address().clone(),
                     relayed,
-                    upgraded,
+                    upgraded: false,
                     budget,
                 };
                 self.metrics.opened(info.kind());
@@ -755,7 +779,11 @@ impl EventLoop {
                     self.reach.observed.push(info.observed_addr.clone());
                     self.publish_reachability();
                 }
-                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+                    && self.relay_candidates.contains_key(&peer_id)
+                {
+                    // Bounded by the bootstrap list.
+                    self.offers_relay.insert(peer_id);
                     self.maybe_reserve(peer_id);
                 }
                 for addr in &info.listen_addrs {
@@ -792,13 +820,11 @@ impl EventLoop {
                 let succeeded = match result {
                     Ok(connection) => {
                         tracing::info!(peer = %remote_peer_id, "hole punched: direct connection up");
+                        // DCUtR reports after the swarm did: the connection is known.
                         if let Some(info) = self.conns.get_mut(&connection) {
                             self.metrics.closed(info.kind());
                             info.upgraded = true;
                             self.metrics.opened(info.kind());
-                        } else if self.upgraded_early.len() < MAX_NOTED_ADDRS {
-                            // Reported before the swarm told us of the connection.
-                            self.upgraded_early.push(connection);
                         }
                         self.reach.upgrades.succeeded += 1;
                         NetMetrics::outcome(&self.metrics.dcutr, "success");
@@ -942,16 +968,24 @@ impl EventLoop {
     /// The budget of a relayed connection to `peer` at `remote`: its byte counter and the
     /// limit its relay granted (heard of by the remote peer for an inbound circuit, by
     /// the relay for an outbound one).
-    fn budget_for(&mut self, peer: PeerId, remote: &Multiaddr) -> CircuitBudget {
-        let relay = remote.iter().find_map(|p| match p {
-            Protocol::P2p(id) if id != peer => Some(id),
-            _ => None,
-        });
-        let limit = self
-            .pending_limits
-            .remove(&peer)
-            .or_else(|| relay.and_then(|r| self.pending_limits.remove(&r)));
-        let (duration, bytes, opened) = limit.unwrap_or((None, None, Instant::now()));
+    fn budget_for(&mut self, peer: PeerId, endpoint: &ConnectedPoint) -> CircuitBudget {
+        // An accepted circuit's limit was heard of under its source, a dialed one's under
+        // its relay (the peer before `/p2p-circuit`).
+        let key = match endpoint {
+            ConnectedPoint::Listener { .. } => Some(peer),
+            ConnectedPoint::Dialer { address, .. } => crate::reachability::relay_part(address)
+                .iter()
+                .fold(None, |last, p| match p {
+                    Protocol::P2p(id) => Some(id),
+                    _ => last,
+                }),
+        };
+        let now = Instant::now();
+        let limit = key
+            .and_then(|k| self.pending_limits.remove(&k))
+            // A limit heard of long ago belongs to a circuit that never became a connection.
+            .filter(|(_, _, at)| now.duration_since(*at) < PENDING_LIMIT_TTL);
+        let (duration, bytes, opened) = limit.unwrap_or((None, None, now));
         CircuitBudget::new(opened, duration, bytes, self.unclaimed.claim(&peer))
     }
 
@@ -1112,7 +1146,20 @@ impl EventLoop {
             for (_, id) in self.relay_listeners.drain() {
                 self.swarm.remove_listener(id);
             }
+            self.reserved.clear();
             self.metrics.reservations.set(0);
+        }
+        if self.reach.public.is_empty() && self.relay_listeners.is_empty() {
+            // Not (or no longer) reachable directly: take a slot on every connected relay.
+            let relays: Vec<PeerId> = self
+                .offers_relay
+                .iter()
+                .copied()
+                .filter(|r| self.swarm.is_connected(r))
+                .collect();
+            for relay in relays {
+                self.maybe_reserve(relay);
+            }
         }
         self.publish_reachability();
     }
@@ -1147,6 +1194,18 @@ fn redial_backoff(tries: u32) -> Duration {
     Duration::from_secs(1u64 << tries.min(6)).min(Duration::from_secs(60))
 }
 
+trait AddAddressList {
+    fn add_address_list(&mut self, peer: PeerId, addrs: &[String]);
+}
+
+impl AddAddressList for libp2p::kad::Behaviour<libp2p::kad::store::MemoryStore> {
+    fn add_address_list(&mut self, peer: PeerId, addrs: &[String]) {
+        for addr in addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            self.add_address(&peer, addr);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::redial_backoff;
@@ -1157,17 +1216,5 @@ mod tests {
         let waits: Vec<u64> = (0..9).map(|n| redial_backoff(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(redial_backoff(u32::MAX), Duration::from_secs(60));
-    }
-}
-
-trait AddAddressList {
-    fn add_address_list(&mut self, peer: PeerId, addrs: &[String]);
-}
-
-impl AddAddressList for libp2p::kad::Behaviour<libp2p::kad::store::MemoryStore> {
-    fn add_address_list(&mut self, peer: PeerId, addrs: &[String]) {
-        for addr in addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
-            self.add_address(&peer, addr);
-        }
     }
 }

@@ -631,6 +631,8 @@ async fn fail(writer: &mut WriteHalf<Stream>, error: JobError) {
 }
 
 async fn handle_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) {
+    // Which path carries the stream is best told the moment it arrives.
+    let circuit = relay_budget(&shared, peer).await;
     let (mut reader, mut writer) = stream.split();
     if shared.shutting_down.load(Ordering::SeqCst) {
         // No need to read the request to answer it.
@@ -668,7 +670,7 @@ async fn handle_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) {
     let span = tracing::info_span!("job", job_id = %signed.body.job_id, %peer);
     async move {
         match admit(&shared, peer, signed) {
-            Ok(admitted) => run_job(&shared, admitted, reader, writer).await,
+            Ok(admitted) => run_job(&shared, admitted, circuit, reader, writer).await,
             Err(e) => fail(&mut writer, e).await,
         }
     }
@@ -693,6 +695,7 @@ fn engine_error(e: GenerateError) -> JobError {
 async fn run_job(
     shared: &Shared,
     job: Admitted,
+    circuit: Option<tessera_net::CircuitBudget>,
     mut reader: ReadHalf<Stream>,
     mut writer: WriteHalf<Stream>,
 ) {
@@ -704,6 +707,20 @@ async fn run_job(
         JobInput::Text(t) => Prompt::Text(t.clone()),
         JobInput::Chat(m) => Prompt::Chat(m.clone()),
     };
+    if circuit
+        .as_ref()
+        .is_some_and(|b| b.must_end(Instant::now(), 0, TRANSCRIPT_BYTES_PER_TOKEN))
+    {
+        close_spent_circuits_soon(shared, job.peer);
+        return fail(
+            &mut writer,
+            reject(
+                ErrorCode::Busy,
+                "the relay circuit carrying this job is nearly spent; send it again (it will take a new circuit or a direct connection)",
+            ),
+        )
+        .await;
+    }
     if let Some(claim) = &request.replay {
         return run_replay(shared, &job, prompt, claim.clone(), writer).await;
     }
@@ -751,10 +768,12 @@ async fn run_job(
     let mut first_token: Option<Instant> = None;
     // A job carried by a relay circuit ends cleanly, with a receipt, before the relay's
     // time or byte limit would cut it (docs/network.md, "Relay limits").
-    let circuit = relay_budget(shared, job.peer).await;
     let mut interrupted = false;
     let mut deltas: u64 = 0;
-    let mut circuit_check = tokio::time::interval(Duration::from_millis(500));
+    let mut circuit_check = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(500),
+        Duration::from_millis(500),
+    );
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -775,6 +794,9 @@ async fn run_job(
                 Some(Ok(GenerateEvent::Done(mut done))) => {
                     if interrupted && done.finish_reason == tessera_protocol::FinishReason::Cancelled {
                         done.finish_reason = tessera_protocol::FinishReason::Interrupted;
+                    }
+                    if interrupted {
+                        close_spent_circuits_soon(shared, job.peer);
                     }
                     let ttft = first_token.unwrap_or_else(Instant::now).duration_since(started);
                     let usage = Usage {
@@ -823,6 +845,12 @@ async fn run_job(
                     }
                     return;
                 }
+                Some(Err(GenerateError::Cancelled)) if interrupted => {
+                    // Stopped before its first token: nothing to bill, and worth sending again.
+                    shared.metrics.outcome(&served.alias, "interrupted");
+                    close_spent_circuits_soon(shared, job.peer);
+                    return fail(&mut writer, reject(ErrorCode::Busy, "the relay circuit carrying this job ran out before its first token; send it again")).await;
+                }
                 Some(Err(e)) => {
                     shared.metrics.outcome(&served.alias, "failed");
                     return fail(&mut writer, engine_error(e)).await;
@@ -864,15 +892,38 @@ async fn run_job(
 /// encrypted, with room to spare): kept free on a relay circuit for the transcript.
 const TRANSCRIPT_BYTES_PER_TOKEN: u64 = 128;
 
-/// The limits of the relay circuit carrying `peer`'s stream, when the only connection to
-/// it is relayed and its relay set limits.
+/// The limits of the relay circuit carrying `peer`'s stream, asked as the stream arrives:
+/// none when a direct connection is up (openers put new streams on it), else the tightest
+/// of the relayed connections whose relay set limits.
 async fn relay_budget(shared: &Shared, peer: PeerId) -> Option<tessera_net::CircuitBudget> {
-    match shared.net.path(peer).await {
-        Ok(Some(tessera_net::Path::Relayed {
-            budget: Some(b), ..
-        })) if b.duration.is_some() || b.bytes_limit.is_some() => Some(b),
-        _ => None,
+    let paths = shared.net.paths(peer).await.ok()?;
+    if paths.iter().any(|p| !p.is_relayed()) {
+        return None;
     }
+    let now = Instant::now();
+    paths
+        .into_iter()
+        .filter_map(|p| match p {
+            tessera_net::Path::Relayed {
+                budget: Some(b), ..
+            } if b.duration.is_some() || b.bytes_limit.is_some() => Some(b),
+            _ => None,
+        })
+        .min_by_key(|b| {
+            (
+                b.bytes_left().unwrap_or(u64::MAX),
+                b.time_left(now).unwrap_or(Duration::MAX),
+            )
+        })
+}
+
+/// Closes `peer`'s spent circuits once the last frames of a job have left.
+fn close_spent_circuits_soon(shared: &Shared, peer: PeerId) {
+    let net = shared.net.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = net.close_spent_circuits(peer).await;
+    });
 }
 
 /// The node-signed receipt of a finished job or audit: its price applied to `usage`.
