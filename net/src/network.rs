@@ -786,7 +786,11 @@ impl EventLoop {
                     self.offers_relay.insert(peer_id);
                     self.maybe_reserve(peer_id);
                 }
-                for addr in &info.listen_addrs {
+                // A peer's private listen addresses are only dialable from its own LAN;
+                // elsewhere the same IP may be another host. Its adverts carry what is
+                // reachable from outside.
+                let lan = self.config.lan_mode();
+                for addr in info.listen_addrs.iter().filter(|a| lan || !is_private(a)) {
                     self.swarm
                         .behaviour_mut()
                         .kad
