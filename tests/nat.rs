@@ -285,6 +285,13 @@ impl Lab {
             .args(cmd))
     }
 
+    /// `curl -s ARGS` from namespace `ns`: the body.
+    fn curl(&self, ns: &str, args: &[&str]) -> String {
+        let mut cmd = vec!["curl", "-s"];
+        cmd.extend_from_slice(args);
+        String::from_utf8_lossy(&self.exec(ns, &cmd).stdout).into_owned()
+    }
+
     /// `tessera ask --json …` from namespace `ns`: one JSON document per job.
     fn ask(&self, ns: &str, args: &[&str]) -> Vec<Value> {
         let mut cmd = vec![env!("CARGO_BIN_EXE_tessera"), "ask", "--json"];
@@ -599,11 +606,9 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     let auth = format!("Authorization: Bearer {api_key}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let reply: Value = loop {
-        let out = lab.exec(
+        let out = lab.curl(
             "pub",
             &[
-                "curl",
-                "-s",
                 "-H",
                 &auth,
                 "-H",
@@ -613,7 +618,7 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
                 &format!("{base}/chat/completions"),
             ],
         );
-        let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let reply: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         if reply["choices"].is_array() {
             break reply;
         }
@@ -628,17 +633,11 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
     assert!(text.contains("Paris"), "{reply}");
     assert_eq!(reply["tessera"]["node"], node.as_str(), "{reply}");
     let receipt_id = reply["tessera"]["receipt"].as_str().expect("receipt id");
-    let out = lab.exec(
+    let out = lab.curl(
         "pub",
-        &[
-            "curl",
-            "-s",
-            "-H",
-            &auth,
-            &format!("{base}/receipts/{receipt_id}"),
-        ],
+        &["-H", &auth, &format!("{base}/receipts/{receipt_id}")],
     );
-    let receipt: Value = serde_json::from_slice(&out.stdout).expect("receipt json");
+    let receipt: Value = serde_json::from_str(&out).expect("receipt json");
     assert_eq!(receipt["signature_valid"], true, "{receipt}");
 
     // The NAT is real: nothing outside opens a connection to the node's router or LAN.
@@ -772,11 +771,7 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
 
     // The figures on /metrics: connections by kind, hole punching by outcome, relayed bytes,
     // reservations held by the node and on the coordinator's relay.
-    let node_metrics = String::from_utf8_lossy(
-        &lab.exec("lan1", &["curl", "-s", "http://127.0.0.1:9101/metrics"])
-            .stdout,
-    )
-    .into_owned();
+    let node_metrics = lab.curl("lan1", &["http://127.0.0.1:9101/metrics"]);
     let figure = |text: &str, name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -824,14 +819,7 @@ fn a_node_behind_nat_is_reached_through_the_relay_and_upgraded_by_hole_punching(
         1.0,
         "{node_metrics}"
     );
-    let coord_metrics = String::from_utf8_lossy(
-        &lab.exec(
-            "pub",
-            &["curl", "-s", &format!("http://{COORD_IP}:8080/metrics")],
-        )
-        .stdout,
-    )
-    .into_owned();
+    let coord_metrics = lab.curl("pub", &[&format!("http://{COORD_IP}:8080/metrics")]);
     assert!(
         figure(&coord_metrics, "tessera_net_relay_reservations ") >= 1.0,
         "{coord_metrics}"

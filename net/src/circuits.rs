@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 /// is forgotten (its connection then has no byte count).
 const MAX_UNCLAIMED: usize = 64;
 
-/// Relayed bytes over the process's life, for the metrics.
-#[derive(Default, Debug)]
+/// The metrics' relayed-byte counters (shared: a clone counts into the same figure).
+#[derive(Clone, Debug)]
 pub(crate) struct RelayedTotals {
-    pub read: AtomicU64,
-    pub written: AtomicU64,
+    pub read: prometheus_client::metrics::counter::Counter,
+    pub written: prometheus_client::metrics::counter::Counter,
 }
 
 /// Byte counters of circuits the transport opened, waiting for the swarm task to match
@@ -53,7 +53,7 @@ pub(crate) fn count<C>(
     conn: C,
     endpoint: ConnectedPoint,
     unclaimed: &Arc<Unclaimed>,
-    totals: &Arc<RelayedTotals>,
+    totals: &RelayedTotals,
 ) -> Counted<C> {
     let bytes = Arc::new(AtomicU64::new(0));
     // The remote peer ends both a dialed circuit (`…/p2p-circuit/p2p/DST`) and an
@@ -79,7 +79,7 @@ pub(crate) fn count<C>(
 pub(crate) struct Counted<C> {
     inner: C,
     bytes: Arc<AtomicU64>,
-    totals: Arc<RelayedTotals>,
+    totals: RelayedTotals,
 }
 
 impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
@@ -92,7 +92,7 @@ impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
             this.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            this.totals.read.fetch_add(n as u64, Ordering::Relaxed);
+            this.totals.read.inc_by(n as u64);
         }
         poll
     }
@@ -108,7 +108,7 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
         let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
             this.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            this.totals.written.fetch_add(n as u64, Ordering::Relaxed);
+            this.totals.written.inc_by(n as u64);
         }
         poll
     }

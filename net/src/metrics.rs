@@ -88,6 +88,19 @@ impl NetMetrics {
         self.connections.get_or_create(&KindLabels { kind }).dec();
     }
 
+    /// The relayed-byte counters the relay transport adds to.
+    pub(crate) fn relayed_totals(&self) -> crate::circuits::RelayedTotals {
+        let counter = |direction| {
+            self.relayed_bytes
+                .get_or_create(&DirectionLabels { direction })
+                .clone()
+        };
+        crate::circuits::RelayedTotals {
+            read: counter("in"),
+            written: counter("out"),
+        }
+    }
+
     pub(crate) fn outcome(family: &Family<OutcomeLabels, Counter>, outcome: &'static str) {
         family.get_or_create(&OutcomeLabels { outcome }).inc();
     }

@@ -1,7 +1,7 @@
 //! The task that owns the swarm, the handle that talks to it, and the events it reports.
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::circuits::{self, CircuitBudget, RelayedTotals, Unclaimed};
+use crate::circuits::{self, CircuitBudget, Unclaimed};
 use crate::config::NetConfig;
 use crate::metrics::NetMetrics;
 use crate::reachability::{is_private, is_relayed, Reachability, UpnpStatus};
@@ -15,7 +15,6 @@ use libp2p::{
     yamux, Multiaddr, PeerId, Swarm,
 };
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_protocol::{decode_advert, AdvertError, NodeAdvert, ADVERTS_TOPIC};
@@ -82,7 +81,12 @@ struct ConnInfo {
     relayed: bool,
     upgraded: bool,
     budget: Option<CircuitBudget>,
+    /// When a spent circuit is closed (once the last frames of its job have left).
+    retire_at: Option<Instant>,
 }
+
+/// How long a spent circuit stays open for the last frames of its job.
+const RETIRE_GRACE: Duration = Duration::from_secs(2);
 
 impl ConnInfo {
     fn kind(&self) -> &'static str {
@@ -294,8 +298,9 @@ impl NetHandle {
         self.ask(|reply| Command::Paths { peer, reply }).await
     }
 
-    /// Closes the relayed connections to `peer` whose circuit is too close to its limit to
-    /// carry another job: the next stream then takes a fresh circuit or a direct connection.
+    /// Closes, after a grace for the frames in flight, the relayed connections to `peer`
+    /// whose circuit is too close to its limit to carry another job: the next stream then
+    /// takes a fresh circuit or a direct connection.
     pub async fn close_spent_circuits(&self, peer: PeerId) -> Result<(), NetError> {
         self.commands
             .send(Command::CloseSpentCircuits { peer })
@@ -347,10 +352,10 @@ pub async fn start(
     let mut behaviour_error = None;
     // The relay client's transport, with each circuit counted where the relay counts it.
     let unclaimed = Arc::new(Unclaimed::default());
-    let totals = Arc::new(RelayedTotals::default());
+    let metrics = NetMetrics::default();
     let (relay_transport, relay_client) = relay::client::new(key.public().to_peer_id());
     let mut relay_client = Some(relay_client);
-    let (u, t) = (unclaimed.clone(), totals.clone());
+    let (u, t) = (unclaimed.clone(), metrics.relayed_totals());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
         .with_tokio()
         .with_tcp(
@@ -441,7 +446,6 @@ pub async fn start(
         ..Reachability::default()
     };
     let (reach_tx, reach_rx) = watch::channel(reach.clone());
-    let metrics = NetMetrics::default();
     let handle = NetHandle {
         commands,
         control,
@@ -460,15 +464,12 @@ pub async fn start(
             conns: HashMap::new(),
             pending_limits: HashMap::new(),
             unclaimed,
-            totals,
-            counted: (0, 0),
             reach,
             reach_tx,
             relay_candidates,
             relay_listeners: HashMap::new(),
             bootstrap: config.bootstrap.clone(),
             served_reservations: Default::default(),
-            reserved: Default::default(),
             offers_relay: Default::default(),
             redials: HashMap::new(),
             metrics,
@@ -491,21 +492,16 @@ struct EventLoop {
     /// (outbound), until their connection is up.
     pending_limits: HashMap<PeerId, (Option<Duration>, Option<u64>, Instant)>,
     unclaimed: Arc<Unclaimed>,
-    totals: Arc<RelayedTotals>,
-    /// Relayed bytes (read, written) already added to the metrics.
-    counted: (u64, u64),
     reach: Reachability,
     reach_tx: watch::Sender<Reachability>,
     /// Bootstrap peers, which may offer a relay.
     relay_candidates: HashMap<PeerId, Multiaddr>,
-    /// Relay reservations asked for, by relay.
-    relay_listeners: HashMap<PeerId, ListenerId>,
+    /// Relay reservations asked for, by relay, and whether the relay accepted.
+    relay_listeners: HashMap<PeerId, (ListenerId, bool)>,
     /// Bootstrap peers lost, with when to dial them again and how many tries so far: a
     /// peer behind NAT cannot be dialed back, so it must come back by itself (to its relay
     /// above all). At most one entry per bootstrap peer.
     redials: HashMap<PeerId, (Instant, u32)>,
-    /// Relays that accepted our reservation.
-    reserved: std::collections::HashSet<PeerId>,
     /// Bootstrap peers that offer a relay.
     offers_relay: std::collections::HashSet<PeerId>,
     /// Peers holding a reservation on this relay.
@@ -529,7 +525,7 @@ impl EventLoop {
                     // No listener came up within a tick: dial from any port.
                     self.dial_bootstrap();
                     self.redial_due();
-                    self.count_relayed_bytes();
+                    self.retire_spent_circuits();
                 }
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown { reply }) => {
@@ -617,17 +613,10 @@ impl EventLoop {
             }
             Command::CloseSpentCircuits { peer } => {
                 let now = Instant::now();
-                let spent: Vec<ConnectionId> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| {
-                        c.peer == peer && c.budget.as_ref().is_some_and(|b| b.must_end(now, 0, 0))
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in spent {
-                    tracing::info!(%peer, "closing a spent relay circuit");
-                    self.swarm.close_connection(id);
+                for c in self.conns.values_mut().filter(|c| {
+                    c.peer == peer && c.budget.as_ref().is_some_and(|b| b.must_end(now, 0, 0))
+                }) {
+                    c.retire_at.get_or_insert(now + RETIRE_GRACE);
                 }
             }
             Command::Shutdown { .. } => unreachable!("handled in run"),
@@ -666,14 +655,17 @@ impl EventLoop {
                 if let Some(relay) = self
                     .relay_listeners
                     .iter()
-                    .find(|(_, id)| **id == listener_id)
+                    .find(|(_, (id, _))| *id == listener_id)
                     .map(|(p, _)| *p)
                 {
                     tracing::info!(%relay, ?reason, "relay reservation ended");
                     self.relay_listeners.remove(&relay);
-                    self.metrics
-                        .reservations
-                        .set(self.relay_listeners.len() as i64);
+                    self.count_reservations();
+                    // Denied or closed while the relay is still connected: ask again (a
+                    // lost relay is asked again once it is dialed back and identified).
+                    if self.swarm.is_connected(&relay) {
+                        self.maybe_reserve(relay);
+                    }
                 }
                 self.refresh_reachability();
             }
@@ -693,6 +685,7 @@ impl EventLoop {
                     relayed,
                     upgraded: false,
                     budget,
+                    retire_at: None,
                 };
                 self.metrics.opened(info.kind());
                 self.conns.insert(connection_id, info);
@@ -1035,9 +1028,10 @@ impl EventLoop {
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, ?limit, "relay reservation accepted");
                 }
-                self.metrics
-                    .reservations
-                    .set(self.relay_listeners.len() as i64);
+                if let Some((_, accepted)) = self.relay_listeners.get_mut(&relay_peer_id) {
+                    *accepted = true;
+                }
+                self.count_reservations();
             }
             relay::client::Event::OutboundCircuitEstablished {
                 relay_peer_id,
@@ -1057,6 +1051,7 @@ impl EventLoop {
 
     #[allow(deprecated)] // matching every variant, the deprecated ones included
     fn on_relay_server(&mut self, event: relay::Event) {
+        tracing::debug!(?event, "relay");
         let m = &self.metrics;
         match event {
             relay::Event::ReservationReqAccepted {
@@ -1077,30 +1072,14 @@ impl EventLoop {
                 m.relay_reservations
                     .set(self.served_reservations.len() as i64);
             }
-            relay::Event::CircuitReqAccepted {
-                src_peer_id,
-                dst_peer_id,
-            } => {
-                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relay circuit opened");
-                NetMetrics::outcome(&m.relay_circuits, "accepted");
+            relay::Event::CircuitReqAccepted { .. } => {
+                NetMetrics::outcome(&m.relay_circuits, "accepted")
             }
-            relay::Event::CircuitReqDenied {
-                src_peer_id,
-                dst_peer_id,
-                status,
-            } => {
-                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied");
-                NetMetrics::outcome(&m.relay_circuits, "denied");
+            relay::Event::CircuitReqDenied { .. } => {
+                NetMetrics::outcome(&m.relay_circuits, "denied")
             }
-            relay::Event::CircuitClosed {
-                src_peer_id,
-                dst_peer_id,
-                error,
-            } => {
-                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay circuit closed");
-                NetMetrics::outcome(&m.relay_circuits, "closed");
-            }
-            other => tracing::debug!(event = ?other, "relay"),
+            relay::Event::CircuitClosed { .. } => NetMetrics::outcome(&m.relay_circuits, "closed"),
+            _ => {}
         }
     }
 
@@ -1126,7 +1105,7 @@ impl EventLoop {
         match self.swarm.listen_on(circuit.clone()) {
             Ok(id) => {
                 tracing::info!(%circuit, "asking the relay for a reservation");
-                self.relay_listeners.insert(relay, id);
+                self.relay_listeners.insert(relay, (id, false));
             }
             Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen through the relay"),
         }
@@ -1147,11 +1126,10 @@ impl EventLoop {
         if !self.reach.public.is_empty() && !self.relay_listeners.is_empty() && !self.config.public
         {
             tracing::info!("publicly reachable: giving relay reservations back");
-            for (_, id) in self.relay_listeners.drain() {
+            for (_, (id, _)) in self.relay_listeners.drain() {
                 self.swarm.remove_listener(id);
             }
-            self.reserved.clear();
-            self.metrics.reservations.set(0);
+            self.count_reservations();
         }
         if self.reach.public.is_empty() && self.relay_listeners.is_empty() {
             // Not (or no longer) reachable directly: take a slot on every connected relay.
@@ -1180,16 +1158,25 @@ impl EventLoop {
         });
     }
 
-    /// Moves the relayed byte totals into the metrics.
-    fn count_relayed_bytes(&mut self) {
-        let read = self.totals.read.load(Ordering::Relaxed);
-        let written = self.totals.written.load(Ordering::Relaxed);
-        let m = &self.metrics.relayed_bytes;
-        m.get_or_create(&crate::metrics::DirectionLabels { direction: "in" })
-            .inc_by(read.saturating_sub(self.counted.0));
-        m.get_or_create(&crate::metrics::DirectionLabels { direction: "out" })
-            .inc_by(written.saturating_sub(self.counted.1));
-        self.counted = (read, written);
+    /// Closes the spent circuits whose grace is over.
+    fn retire_spent_circuits(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(ConnectionId, PeerId)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.retire_at.is_some_and(|at| at <= now))
+            .map(|(id, c)| (*id, c.peer))
+            .collect();
+        for (id, peer) in due {
+            tracing::info!(%peer, "closing a spent relay circuit");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// Sets the gauge of reservations relays accepted.
+    fn count_reservations(&self) {
+        let held = self.relay_listeners.values().filter(|(_, ok)| *ok).count();
+        self.metrics.reservations.set(held as i64);
     }
 }
 

@@ -52,7 +52,7 @@ pub struct Reachability {
 }
 
 impl Reachability {
-    /// Whether anything is known yet: a confirmed address, a relay, or a failed probe.
+    /// Whether the peer is reachable at all: a confirmed direct address or a relay.
     pub fn known(&self) -> bool {
         !self.public.is_empty() || !self.relayed.is_empty()
     }
