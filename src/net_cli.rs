@@ -393,7 +393,7 @@ pub struct AskArgs {
 
 /// Sends one job to a node and streams its answer.
 pub fn ask(args: AskArgs) -> Result<()> {
-    let mut out = args_out(&args);
+    let (json, receipt) = (args.json, args.receipt);
     let Some(Protocol::P2p(peer)) = args.node.iter().last() else {
         bail!("--node {} must end in /p2p/<peer id>", args.node);
     };
@@ -446,7 +446,11 @@ pub fn ask(args: AskArgs) -> Result<()> {
             )
         })?
         .clone();
-        out.advert_addrs = entry.advert.addrs.clone();
+        let out = AskOutput {
+            json,
+            receipt,
+            advert_addrs: entry.advert.addrs.clone(),
+        };
         let input = if args.raw {
             JobInput::Text(args.prompt)
         } else {
@@ -493,14 +497,6 @@ struct AskOutput {
     receipt: bool,
     /// The node's advertised addresses (in the JSON lines).
     advert_addrs: Vec<String>,
-}
-
-fn args_out(args: &AskArgs) -> AskOutput {
-    AskOutput {
-        json: args.json,
-        receipt: args.receipt,
-        advert_addrs: Vec::new(),
-    }
 }
 
 /// Runs one job and prints it: the text as it streams (or one JSON line with `--json`).
